@@ -1,0 +1,9 @@
+"""mtbi_kernels: Triton kernels and their launchers for mtbi-fast.
+
+Installed under the import name ``mtbi_kernels`` (the source folder is ``kernels/``). This package
+imports torch and triton only, never ``mtbi_fast``.
+"""
+
+from .fused_linear_kl import fused_linear_kl, triton_available
+
+__all__ = ["fused_linear_kl", "triton_available"]

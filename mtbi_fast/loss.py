@@ -1,0 +1,438 @@
+"""The MTBI imitation loss: KL(teacher || student) through the LM head, optionally plus CE.
+
+    loss = kl_weight * T^2 * mean_rows KL(softmax(z_t / T) || softmax(z_s / T))
+         + ce_weight * mean_rows CE(z_s, target)
+
+with ``z_s = h_s W^T (+ b)`` and ``z_t = h_t W_t^T (+ b_t)``; rows whose target is
+``ignore_index`` do not count. Use it as a module::
+
+    loss_fn = mtbi_fast.ImitationLoss(temperature=1.0, ce_weight=0.5)
+    loss = loss_fn(student_hidden, teacher_hidden, llm.lm_head.weight, target_ids=labels)
+
+Backends (one signature, see ``_chunked_linear_kl``):
+
+- ``"triton"``: fused kernels in ``mtbi_kernels.fused_linear_kl`` (CUDA, or the CPU interpreter
+  with ``TRITON_INTERPRET=1``); never forms a rows x vocab buffer.
+- ``"chunked"``: plain PyTorch over chunks of rows, at most ``chunk_size`` x V logits at a time;
+  the default on CPU.
+- ``"eager"``: ``mtbi_fast.reference.eager_row_losses``, everything materialized through autograd.
+
+The fused backends compute the gradients in the forward pass (the loss is the last op of a step)
+and only scale them in backward, so the head weight is not needed after the call. That is what
+lets a DeepSpeed ZeRO-3 partitioned head be gathered just for the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .reference import eager_row_losses
+
+BACKENDS = ("auto", "triton", "chunked", "eager")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def imitation_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    target_ids: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    teacher_lm_head_weight: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Imitation loss of student hidden states against teacher hidden states (module docstring).
+
+    ``student_hidden`` [N, H] or [B, T, H]; ``teacher_hidden`` with the same leading shape and
+    hidden size H_t; ``lm_head_weight`` [V, H]; ``target_ids`` with the leading shape (int);
+    ``lm_head_bias`` [V] (shared by both sides unless ``teacher_lm_head_weight`` [V, H_t] is given).
+    Returns a scalar (``reduction`` "mean" or "sum") or per-row losses with the leading shape
+    ("none"). The loss is float32 whatever the input dtype.
+    """
+    _check_options(temperature, ce_weight, target_ids, reduction, backend)
+    lead = _check_inputs(student_hidden, teacher_hidden, lm_head_weight, target_ids, lm_head_bias,
+                         teacher_lm_head_weight, ignore_index)
+    hidden = student_hidden.shape[-1]
+    h_s = student_hidden.reshape(-1, hidden)
+    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    target = target_ids.reshape(-1).to(torch.int64) if target_ids is not None else None
+    options = dict(temperature=float(temperature), kl_weight=float(kl_weight),
+                   ce_weight=float(ce_weight), ignore_index=int(ignore_index))
+
+    with _gathered(lm_head_weight, lm_head_bias, teacher_lm_head_weight):
+        weight = lm_head_weight
+        if teacher_lm_head_weight is None:
+            teacher_weight, teacher_bias = weight.detach(), _detach(lm_head_bias)
+        else:
+            teacher_weight, teacher_bias = teacher_lm_head_weight.detach(), None
+        name = _resolve_backend(backend, h_s)
+        if name == "eager":
+            rows = eager_row_losses(h_s, h_t, weight, teacher_weight, lm_head_bias, teacher_bias,
+                                    target, **options)
+            loss = _reduce(rows, target, ignore_index, reduction)
+        else:
+            impl = _triton_impl() if name == "triton" else _chunked_linear_kl
+            if name == "chunked" and chunk_size is not None:
+                options["chunk_size"] = int(chunk_size)
+            loss = _FusedImitation.apply(h_s, h_t, weight, teacher_weight, lm_head_bias,
+                                         teacher_bias, target, reduction, impl, options)
+    return loss.reshape(lead) if reduction == "none" else loss
+
+
+class ImitationLoss(nn.Module):
+    """Drop-in module for :func:`imitation_loss` (same arguments, fixed at construction)."""
+
+    def __init__(self, temperature: float = 1.0, kl_weight: float = 1.0, ce_weight: float = 0.0,
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
+                 chunk_size: int | None = None):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.temperature = temperature
+        self.kl_weight = kl_weight
+        self.ce_weight = ce_weight
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+        self.chunk_size = chunk_size
+
+    def forward(self, student_hidden, teacher_hidden, lm_head_weight, target_ids=None,
+                lm_head_bias=None, teacher_lm_head_weight=None):
+        return imitation_loss(
+            student_hidden, teacher_hidden, lm_head_weight, target_ids, lm_head_bias,
+            teacher_lm_head_weight, temperature=self.temperature, kl_weight=self.kl_weight,
+            ce_weight=self.ce_weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            backend=self.backend, chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, kl_weight={self.kl_weight}, "
+                f"ce_weight={self.ce_weight}, reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class _FusedImitation(torch.autograd.Function):
+    """Runs a fused backend once: row losses plus the gradients for the requested inputs."""
+
+    @staticmethod
+    def forward(ctx, h_s, h_t, weight, teacher_weight, bias, teacher_bias, target, reduction,
+                impl, options):
+        need_h = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[2]
+        need_b = bias is not None and ctx.needs_input_grad[4]
+        n_counted = h_s.shape[0] if target is None else int((target != options["ignore_index"]).sum())
+        scale = 1.0 / max(n_counted, 1) if reduction == "mean" else 1.0
+        acc_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+        row_scale = torch.full((h_s.shape[0],), scale, device=h_s.device, dtype=acc_dtype)
+        # Per-row weights are unknown until backward for reduction="none", so the weight and bias
+        # gradients are formed there (recomputing); the hidden gradient is per row either way.
+        defer = reduction == "none" and (need_w or need_b)
+        rows, grad_h, grad_w, grad_b = impl(
+            h_s, h_t, weight, teacher_weight, bias, teacher_bias, target, row_scale,
+            need_grad_hidden=need_h, need_grad_weight=need_w and not defer,
+            need_grad_bias=need_b and not defer, **options)
+        ctx.reduction = reduction
+        ctx.dtypes = (h_s.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.impl, ctx.options, ctx.defer = impl, options, defer
+        ctx.need = (need_h, need_w, need_b)
+        if defer:
+            if _is_partitioned(weight) or weight.numel() == 0:
+                raise NotImplementedError("reduction='none' with a trainable ZeRO-3 partitioned head")
+            ctx.save_for_backward(grad_h, h_s, h_t, weight, teacher_weight, bias, teacher_bias,
+                                  target)
+        else:
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+        if reduction == "none":
+            return rows
+        return rows.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need_h, need_w, need_b = ctx.need
+        dtype_h, dtype_w, dtype_b = ctx.dtypes
+        grad_out = grad_out.to(torch.float64 if dtype_h == torch.float64 else torch.float32)
+        per_row = grad_out[:, None] if ctx.reduction == "none" else grad_out
+        d_h = d_w = d_b = None
+        if ctx.defer:
+            grad_h, h_s, h_t, weight, teacher_weight, bias, teacher_bias, target = ctx.saved_tensors
+            _, _, grad_w, grad_b = ctx.impl(
+                h_s, h_t, weight, teacher_weight, bias, teacher_bias, target, grad_out,
+                need_grad_hidden=False, need_grad_weight=need_w, need_grad_bias=need_b,
+                **ctx.options)
+            if need_w:
+                d_w = grad_w.to(dtype_w)
+            if need_b:
+                d_b = grad_b.to(dtype_b)
+        else:
+            grad_h, grad_w, grad_b = ctx.saved_tensors
+            if need_w:
+                d_w = (grad_w * grad_out).to(dtype_w)
+            if need_b:
+                d_b = (grad_b * grad_out).to(dtype_b)
+        if need_h:
+            d_h = (grad_h * per_row).to(dtype_h)
+        return d_h, None, d_w, None, d_b, None, None, None, None, None
+
+
+def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, target, row_scale, *,
+                       temperature=1.0, kl_weight=1.0, ce_weight=0.0, ignore_index=-100,
+                       need_grad_hidden=True, need_grad_weight=False, need_grad_bias=False,
+                       chunk_size=None):
+    """Plain-PyTorch fused backend with the signature of ``mtbi_kernels.fused_linear_kl``.
+
+    Works on ``chunk_size`` rows at a time (default: about 8M logits per chunk), holding three
+    chunk x V fp32 buffers at most (four with CE at T != 1; float64 inputs compute in float64, for
+    gradcheck), and computes the row losses and the
+    gradients of ``sum(row_scale * row_loss)`` in one pass: three GEMMs per chunk (student logits,
+    teacher logits, gradient), the same GEMMs the eager path needs.
+    """
+    n, hidden = h_s.shape
+    vocab = weight.shape[0]
+    if chunk_size is None:
+        chunk_size = max(16, min(4096, (1 << 23) // max(vocab, 1)))
+    dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    w = weight.detach().to(dtype)
+    w_t = teacher_weight.detach().to(dtype)
+    b = bias.detach().to(dtype) if bias is not None else None
+    b_t = teacher_bias.detach().to(dtype) if teacher_bias is not None else None
+    inv_t = 1.0 / temperature
+    kl_g = kl_weight * temperature  # d(kl_weight T^2 KL)/dz_s = kl_weight T (p_s - p_t)
+    do_ce = ce_weight != 0.0
+    need_grad = need_grad_hidden or need_grad_weight or need_grad_bias
+
+    zeros = lambda *shape: torch.zeros(shape, device=h_s.device, dtype=dtype)  # noqa: E731
+    rows = zeros(n)
+    grad_h = zeros(n, hidden) if need_grad_hidden else None
+    grad_w = zeros(vocab, hidden) if need_grad_weight else None
+    grad_b = zeros(vocab) if need_grad_bias else None
+
+    for r0 in range(0, n, chunk_size):
+        sl = slice(r0, min(r0 + chunk_size, n))
+        if target is not None:
+            valid = target[sl] != ignore_index
+            if not bool(valid.any()):
+                continue
+            weight_rows = row_scale[sl] * valid
+        else:
+            valid = None
+            weight_rows = row_scale[sl]
+        x = h_s[sl].detach().to(dtype)
+        z_s = _linear(x, w, b)
+        z_t = _linear(h_t[sl].to(dtype), w_t, b_t)
+        if do_ce:
+            tgt = torch.where(valid, target[sl], 0)[:, None]
+            ce = -z_s.gather(1, tgt).squeeze(1)  # minus the target logit; + lse_c below
+        separate_ce = do_ce and inv_t != 1.0
+        if separate_ce:
+            lse_c = torch.logsumexp(z_s, dim=1)
+            ce += lse_c
+            s = z_s * inv_t
+        else:
+            s = z_s.mul_(inv_t) if inv_t != 1.0 else z_s
+        lse_s = torch.logsumexp(s, dim=1)
+        if do_ce and not separate_ce:
+            ce += lse_s
+        log_p_t = z_t.mul_(inv_t) if inv_t != 1.0 else z_t
+        log_p_t -= torch.logsumexp(log_p_t, dim=1, keepdim=True)
+        p_t = torch.exp(log_p_t)
+        # KL = sum p_t (log p_t - s) + lse_s, since sum p_t = 1
+        kl = torch.linalg.vecdot(p_t, log_p_t.sub_(s)) + lse_s
+        del log_p_t, z_t
+        loss = (kl_weight * temperature**2) * kl
+        if do_ce:
+            loss += ce_weight * ce
+        if valid is not None:
+            loss = torch.where(valid, loss, 0.0)
+        rows[sl] = loss
+        if not need_grad:
+            continue
+
+        p_s = s.sub_(lse_s[:, None]).exp_()
+        if do_ce and not separate_ce:  # T == 1: the CE softmax is p_s itself
+            g = p_s.mul_(kl_g + ce_weight).sub_(p_t, alpha=kl_g)
+        else:
+            g = p_s.sub_(p_t).mul_(kl_g)
+            if do_ce:
+                g.add_(z_s.sub_(lse_c[:, None]).exp_(), alpha=ce_weight)
+        del p_t
+        if do_ce:
+            g.scatter_add_(1, tgt, torch.full_like(tgt, -ce_weight, dtype=g.dtype))
+        g.mul_(weight_rows[:, None])
+        if need_grad_hidden:
+            torch.mm(g, w, out=grad_h[sl])
+        if need_grad_weight:
+            grad_w.addmm_(g.t(), x)
+        if need_grad_bias:
+            grad_b += g.sum(dim=0)
+    return rows, grad_h, grad_w, grad_b
+
+
+def _linear(x, w, b):
+    return torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
+
+
+def _triton_impl():
+    from mtbi_kernels import fused_linear_kl  # imported lazily: triton import is slow
+
+    return fused_linear_kl
+
+
+def _resolve_backend(backend: str, h_s: torch.Tensor) -> str:
+    if backend == "auto":
+        return "triton" if h_s.is_cuda else "chunked"
+    if backend == "triton":
+        from mtbi_kernels.fused_linear_kl import interpreter_enabled
+
+        if not h_s.is_cuda and not interpreter_enabled():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, but student_hidden is on {h_s.device}; "
+                "set TRITON_INTERPRET=1 before importing triton to run the kernels in the CPU "
+                "interpreter (slow, for tests), or use backend='chunked' or 'auto'")
+    return backend
+
+
+def _reduce(rows, target, ignore_index, reduction):
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    n_counted = rows.shape[0] if target is None else int((target != ignore_index).sum())
+    return rows.sum() / max(n_counted, 1)
+
+
+def _detach(t):
+    return t.detach() if t is not None else None
+
+
+def _is_partitioned(param) -> bool:
+    """A DeepSpeed ZeRO-3 parameter whose data lives on other ranks right now."""
+    return hasattr(param, "ds_id") and param.data.numel() == 0
+
+
+@contextlib.contextmanager
+def _gathered(*params):
+    """Gather ZeRO-3 partitioned head parameters for the duration of the call (no-op otherwise).
+
+    Inside a DeepSpeed engine's forward a parent module's weight is already gathered (full shape),
+    and gathering it again would fail at exit, so only parameters whose data is empty are gathered.
+    Nothing of them is kept for backward by the fused backends.
+    """
+    partitioned = [p for p in params if p is not None and _is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    if any(p.requires_grad for p in partitioned):
+        raise NotImplementedError(
+            "lm_head_weight is a trainable ZeRO-3 partitioned parameter outside the engine's "
+            "forward; call the loss inside the DeepSpeed engine's forward (where the weight is "
+            "gathered automatically) or freeze the head")
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+def _check_options(temperature, ce_weight, target_ids, reduction, backend):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if target_ids is None and ce_weight != 0.0:
+        raise ValueError(f"ce_weight={ce_weight} needs target_ids (the teacher's response tokens)")
+
+
+def _check_inputs(h_s, h_t, weight, target, bias, teacher_weight, ignore_index):
+    """Validate shapes, dtypes and devices; return the leading (row) shape."""
+    tensors = dict(student_hidden=h_s, teacher_hidden=h_t, lm_head_weight=weight,
+                   target_ids=target, lm_head_bias=bias, teacher_lm_head_weight=teacher_weight)
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if h_s.dim() < 2:
+        raise ValueError(f"student_hidden must be [N, H] or [B, T, H], got shape {tuple(h_s.shape)}")
+    lead = tuple(h_s.shape[:-1])
+    hidden = h_s.shape[-1]
+    if tuple(h_t.shape[:-1]) != lead:
+        dim = _first_mismatch(h_t.shape[:-1], lead)
+        raise ValueError(
+            f"teacher_hidden has shape {tuple(h_t.shape)} but student_hidden has {tuple(h_s.shape)}: "
+            f"they must agree in every dimension but the last (mismatch at dim {dim})")
+    weight_full = _full_shape(weight)
+    if len(weight_full) != 2:
+        raise ValueError(f"lm_head_weight must be [V, H], got shape {weight_full}")
+    vocab = weight_full[0]
+    if weight_full[1] != hidden:
+        raise ValueError(f"lm_head_weight has shape {weight_full}: dim 1 ({weight_full[1]}) must "
+                         f"equal student_hidden's last dim ({hidden})")
+    if teacher_weight is not None:
+        tw = _full_shape(teacher_weight)
+        if len(tw) != 2 or tw[0] != vocab:
+            raise ValueError(f"teacher_lm_head_weight has shape {tw}: dim 0 must equal the vocabulary "
+                             f"size of lm_head_weight ({vocab})")
+        if tw[1] != h_t.shape[-1]:
+            raise ValueError(f"teacher_lm_head_weight has shape {tw}: dim 1 ({tw[1]}) must equal "
+                             f"teacher_hidden's last dim ({h_t.shape[-1]})")
+    elif h_t.shape[-1] != hidden:
+        raise ValueError(
+            f"teacher_hidden's last dim ({h_t.shape[-1]}) differs from student_hidden's ({hidden}); "
+            "pass teacher_lm_head_weight for a teacher with another hidden size")
+    if bias is not None and _full_shape(bias) != (vocab,):
+        raise ValueError(f"lm_head_bias has shape {_full_shape(bias)}, expected ({vocab},)")
+    for name, t in (("student_hidden", h_s), ("teacher_hidden", h_t)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if h_s.dtype != weight.dtype:
+        raise ValueError(f"student_hidden dtype {h_s.dtype} differs from lm_head_weight dtype "
+                         f"{weight.dtype}; cast one of them")
+    t_weight = teacher_weight if teacher_weight is not None else weight
+    t_name = "teacher_lm_head_weight" if teacher_weight is not None else "lm_head_weight"
+    if h_t.dtype != t_weight.dtype:
+        raise ValueError(f"teacher_hidden dtype {h_t.dtype} differs from {t_name} dtype "
+                         f"{t_weight.dtype}; cast one of them")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise ValueError(f"lm_head_bias dtype {bias.dtype} differs from lm_head_weight dtype "
+                         f"{weight.dtype}")
+    for name, t in tensors.items():
+        if t is not None and t.device != h_s.device:
+            raise ValueError(f"{name} is on {t.device} but student_hidden is on {h_s.device}")
+    if target is not None:
+        if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
+            raise ValueError(f"target_ids must be an integer tensor, got {target.dtype}")
+        if tuple(target.shape) != lead:
+            raise ValueError(f"target_ids has shape {tuple(target.shape)} but student_hidden has "
+                             f"leading shape {lead} (mismatch at dim "
+                             f"{_first_mismatch(target.shape, lead)})")
+        bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+        if bool(bad.any()):
+            pos = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"target_ids{list(pos)} = {int(target[pos])} is outside the "
+                             f"vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})")
+    return lead
+
+
+def _full_shape(t) -> tuple:
+    """Shape of a tensor, or the full shape of a ZeRO-3 partitioned parameter."""
+    if _is_partitioned(t) and hasattr(t, "ds_shape"):
+        return tuple(t.ds_shape)
+    return tuple(t.shape)
+
+
+def _first_mismatch(a, b) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))

@@ -1,0 +1,48 @@
+"""Eager reference implementations: obvious, fully materialized, used by tests and benchmarks.
+
+Nothing here is clever on purpose. Each function has the same meaning as its fast counterpart and
+is what the fast paths are measured against (in float64 by the tests, at the input precision by
+the benchmarks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def eager_row_losses(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    target: torch.Tensor | None,
+    *,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Per-row imitation losses [N], differentiable through autograd.
+
+    ``student_hidden`` [N, H], ``teacher_hidden`` [N, Ht], ``weight`` [V, H], ``teacher_weight``
+    [V, Ht]. The logits are formed at the input precision (what plain PyTorch does), then the
+    softmax math runs in float32 (or float64 for float64 inputs). Ignored rows give 0.
+    """
+    compute = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    z_s = F.linear(student_hidden, weight, bias).to(compute)
+    with torch.no_grad():
+        z_t = F.linear(teacher_hidden, teacher_weight, teacher_bias).to(compute)
+    log_p_s = torch.log_softmax(z_s / temperature, dim=-1)
+    log_p_t = torch.log_softmax(z_t / temperature, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+    rows = kl_weight * temperature**2 * kl
+    if target is None:
+        return rows
+    valid = target != ignore_index
+    if ce_weight != 0.0:
+        ce = F.cross_entropy(z_s, target, ignore_index=ignore_index, reduction="none")
+        rows = rows + ce_weight * ce
+    return torch.where(valid, rows, torch.zeros_like(rows))

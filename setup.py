@@ -1,0 +1,46 @@
+"""mtbi-fast: kernel-backed MTBI trainer for speech LLMs.
+
+The Triton kernels live in ``kernels/`` and install under the import name ``mtbi_kernels`` (a
+top-level ``kernels`` package would shadow the PyPI package of that name, which transformers probes).
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+here = Path(__file__).parent
+version = {}
+exec((here / "mtbi_fast" / "version.py").read_text(), version)
+
+setup(
+    name="mtbi-fast",
+    version=version["__version__"],
+    description="Multi-task behavior imitation (MTBI) for speech LLMs, with fused Triton kernels "
+                "and DeepSpeed ZeRO-3",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["mtbi_fast", "mtbi_kernels"],
+    package_dir={"mtbi_fast": "mtbi_fast", "mtbi_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "torchaudio>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=5,<6",
+        "deepspeed>=0.19,<0.20",
+        "numpy",
+        "soundfile",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "psutil"],
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["mtbi-fast = mtbi_fast.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
