@@ -192,22 +192,27 @@ def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, tar
                        chunk_size=None):
     """Plain-PyTorch fused backend with the signature of ``mtbi_kernels.fused_linear_kl``.
 
-    Works on ``chunk_size`` rows at a time (default: about 8M logits per chunk), holding three
-    chunk x V fp32 buffers at most (four with CE at T != 1; float64 inputs compute in float64, for
-    gradcheck), and computes the row losses and the
-    gradients of ``sum(row_scale * row_loss)`` in one pass: three GEMMs per chunk (student logits,
-    teacher logits, gradient), the same GEMMs the eager path needs.
+    Works on ``chunk_size`` rows at a time (default: about 16M logits per chunk) and computes the
+    row losses and the gradients of ``sum(row_scale * row_loss)`` in one pass: three GEMMs per chunk
+    (student logits, teacher logits, gradient), the GEMMs the eager path needs too. It holds three
+    chunk x V buffers at most (four with CE at T != 1). The softmax math is arranged to touch each
+    buffer as few times as possible (elementwise passes, not the GEMMs, decide the time left over
+    on a CPU): with ``s' = s - max s`` and ``t' = t - max t`` (tempered logits),
+    ``KL = sum(e^t' (t' - s')) / sum(e^t') - log sum(e^t') + log sum(e^s')`` and the logit gradient
+    is ``e^s' * a_s - e^t' * a_t`` with per-row coefficients. fp32 for half inputs; float64 inputs
+    compute in float64 (for gradcheck).
     """
     n, hidden = h_s.shape
     vocab = weight.shape[0]
     if chunk_size is None:
-        chunk_size = max(16, min(4096, (1 << 23) // max(vocab, 1)))
+        chunk_size = max(16, min(4096, (1 << 24) // max(vocab, 1)))
     dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    inv_t = 1.0 / temperature
     w = weight.detach().to(dtype)
     w_t = teacher_weight.detach().to(dtype)
-    b = bias.detach().to(dtype) if bias is not None else None
-    b_t = teacher_bias.detach().to(dtype) if teacher_bias is not None else None
-    inv_t = 1.0 / temperature
+    # Temper inside the GEMM by scaling the small operands: s = (x / T) W^T + b / T.
+    b = bias.detach().to(dtype) * inv_t if bias is not None else None
+    b_t = teacher_bias.detach().to(dtype) * inv_t if teacher_bias is not None else None
     kl_g = kl_weight * temperature  # d(kl_weight T^2 KL)/dz_s = kl_weight T (p_s - p_t)
     do_ce = ce_weight != 0.0
     need_grad = need_grad_hidden or need_grad_weight or need_grad_bias
@@ -217,59 +222,69 @@ def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, tar
     grad_h = zeros(n, hidden) if need_grad_hidden else None
     grad_w = zeros(vocab, hidden) if need_grad_weight else None
     grad_b = zeros(vocab) if need_grad_bias else None
+    if n == 0:
+        return rows, grad_h, grad_w, grad_b
+
+    # Equal chunks, and chunk buffers allocated once: a fresh large buffer per chunk costs page
+    # faults on every first touch (about 3x the time of the exp that fills it, measured).
+    n_chunks = -(-n // chunk_size)
+    chunk_size = -(-n // n_chunks)
+    n_bufs = 4 if (do_ce and inv_t != 1.0) else 3
+    bufs = torch.empty(n_bufs, chunk_size, vocab, device=h_s.device, dtype=dtype)
 
     for r0 in range(0, n, chunk_size):
         sl = slice(r0, min(r0 + chunk_size, n))
+        n_rows = sl.stop - sl.start
         if target is not None:
             valid = target[sl] != ignore_index
             if not bool(valid.any()):
                 continue
-            weight_rows = row_scale[sl] * valid
+            row_w = row_scale[sl].to(dtype) * valid
         else:
             valid = None
-            weight_rows = row_scale[sl]
+            row_w = row_scale[sl].to(dtype)
+        s, t, e_t = (buf[:n_rows] for buf in bufs[:3])
         x = h_s[sl].detach().to(dtype)
-        z_s = _linear(x, w, b)
-        z_t = _linear(h_t[sl].to(dtype), w_t, b_t)
+        x_t = h_t[sl].to(dtype)
+        _linear(x * inv_t if inv_t != 1.0 else x, w, b, out=s)
+        _linear(x_t * inv_t if inv_t != 1.0 else x_t, w_t, b_t, out=t)
+        m_s = s.amax(dim=1, keepdim=True)
+        m_t = t.amax(dim=1, keepdim=True)
+        s -= m_s
+        t -= m_t
+        torch.exp(t, out=e_t)
+        l_t = e_t.sum(dim=1)
+        kl = _rowdot(e_t, t.sub_(s)) / l_t - torch.log(l_t)
         if do_ce:
             tgt = torch.where(valid, target[sl], 0)[:, None]
-            ce = -z_s.gather(1, tgt).squeeze(1)  # minus the target logit; + lse_c below
-        separate_ce = do_ce and inv_t != 1.0
-        if separate_ce:
-            lse_c = torch.logsumexp(z_s, dim=1)
-            ce += lse_c
-            s = z_s * inv_t
-        else:
-            s = z_s.mul_(inv_t) if inv_t != 1.0 else z_s
-        lse_s = torch.logsumexp(s, dim=1)
-        if do_ce and not separate_ce:
-            ce += lse_s
-        log_p_t = z_t.mul_(inv_t) if inv_t != 1.0 else z_t
-        log_p_t -= torch.logsumexp(log_p_t, dim=1, keepdim=True)
-        p_t = torch.exp(log_p_t)
-        # KL = sum p_t (log p_t - s) + lse_s, since sum p_t = 1
-        kl = torch.linalg.vecdot(p_t, log_p_t.sub_(s)) + lse_s
-        del log_p_t, z_t
+            z_tgt = temperature * (s.gather(1, tgt).squeeze(1) + m_s.squeeze(1))
+            if inv_t != 1.0:  # CE uses the untempered logits z = T s: softmax(T s')
+                e_c = torch.mul(s, temperature, out=bufs[3, :n_rows]).exp_()
+                l_c = e_c.sum(dim=1)
+                lse_c = temperature * m_s.squeeze(1) + torch.log(l_c)
+        e_s = s.exp_()
+        l_s = e_s.sum(dim=1)
+        kl += torch.log(l_s)
         loss = (kl_weight * temperature**2) * kl
         if do_ce:
-            loss += ce_weight * ce
+            if inv_t == 1.0:
+                lse_c = m_s.squeeze(1) + torch.log(l_s)
+            loss += ce_weight * (lse_c - z_tgt)
         if valid is not None:
             loss = torch.where(valid, loss, 0.0)
         rows[sl] = loss
         if not need_grad:
             continue
 
-        p_s = s.sub_(lse_s[:, None]).exp_()
-        if do_ce and not separate_ce:  # T == 1: the CE softmax is p_s itself
-            g = p_s.mul_(kl_g + ce_weight).sub_(p_t, alpha=kl_g)
-        else:
-            g = p_s.sub_(p_t).mul_(kl_g)
-            if do_ce:
-                g.add_(z_s.sub_(lse_c[:, None]).exp_(), alpha=ce_weight)
-        del p_t
+        # logit gradient: row_w * (kl_g (p_s - p_t) + ce_weight (p_c - onehot)), p = e / l
+        a_s = kl_g * row_w / l_s
+        if do_ce and inv_t == 1.0:  # T == 1: the CE softmax is p_s itself
+            a_s += ce_weight * row_w / l_s
+        g = e_s.mul_(a_s[:, None]).addcmul_(e_t, (-kl_g * row_w / l_t)[:, None])
         if do_ce:
-            g.scatter_add_(1, tgt, torch.full_like(tgt, -ce_weight, dtype=g.dtype))
-        g.mul_(weight_rows[:, None])
+            if inv_t != 1.0:
+                g.addcmul_(e_c, (ce_weight * row_w / l_c)[:, None])
+            g.scatter_add_(1, tgt, (-ce_weight * row_w)[:, None])
         if need_grad_hidden:
             torch.mm(g, w, out=grad_h[sl])
         if need_grad_weight:
@@ -279,8 +294,13 @@ def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, tar
     return rows, grad_h, grad_w, grad_b
 
 
-def _linear(x, w, b):
-    return torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
+def _linear(x, w, b, out):
+    return torch.addmm(b, x, w.t(), out=out) if b is not None else torch.mm(x, w.t(), out=out)
+
+
+def _rowdot(a, b):
+    """Row-wise dot product of two [R, V] matrices (a batched GEMV: no [R, V] temporary)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
 
 
 def _triton_impl():

@@ -1,0 +1,108 @@
+"""Shapes and inputs of the imitation-loss benchmark, shared by the benchmark and its memory probe.
+
+Run as a script, it is the memory probe: it builds one case in a fresh process, runs forward and
+backward once, and prints the peak memory the step added (JSON on stdout). On the CPU that is the
+process's peak resident set (VmHWM, reset to the current RSS through /proc/self/clear_refs just
+before the step) minus the resident set before it. A fresh process per measurement keeps the
+allocator free of earlier cases' caches. (ru_maxrss is no use here: Linux carries the parent's
+peak into a child across fork and exec.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+# (name, N, H, V, dtype, device)
+CPU_CASES = [
+    ("smollm2-N1024", 1024, 576, 49152, "float32", "cpu"),
+    ("smollm2-N4096", 4096, 576, 49152, "float32", "cpu"),
+]
+CUDA_CASES = [
+    ("llama3-8b-N8192", 8192, 4096, 128256, "bfloat16", "cuda"),
+    ("qwen2.5-7b-N8192", 8192, 3584, 151936, "bfloat16", "cuda"),
+]
+
+
+def make_case(n, h, v, dtype, device, seed=0):
+    """Student/teacher hidden states as MTBI sees them (teacher = student + noise), a frozen head,
+    and response targets with 5% of positions ignored."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dt = getattr(torch, dtype)
+    hs = torch.randn(n, h, generator=g, device=device, dtype=dt)
+    ht = (hs.float() + 0.5 * torch.randn(n, h, generator=g, device=device)).to(dt)
+    w = (torch.randn(v, h, generator=g, device=device) * h**-0.5).to(dt)
+    target = torch.randint(0, v, (n,), generator=g, device=device)
+    target[torch.rand(n, generator=g, device=device) < 0.05] = -100
+    return hs, ht, w, target
+
+
+def step_fn(backend, hs, ht, w, target):
+    """A closure running forward + backward of one backend on fresh leaf student states."""
+    if backend == "liger":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        liger = LigerFusedLinearJSD(jsd_beta=0.0)  # beta 0: forward KL(teacher || student)
+
+        def step():
+            x = hs.detach().requires_grad_()
+            liger(x, w, ht, w, target).backward()
+            return x.grad
+        return step
+
+    from mtbi_fast import imitation_loss
+
+    def step():
+        x = hs.detach().requires_grad_()
+        imitation_loss(x, ht, w, target, ce_weight=0.5, backend=backend).backward()
+        return x.grad
+    return step
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """Current (VmRSS) or peak (VmHWM) resident set of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def reset_peak_rss():
+    """Make VmHWM restart from the current resident set (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("backend")
+    p.add_argument("n", type=int)
+    p.add_argument("h", type=int)
+    p.add_argument("v", type=int)
+    p.add_argument("dtype")
+    p.add_argument("device")
+    a = p.parse_args(argv)
+    inputs = make_case(a.n, a.h, a.v, a.dtype, a.device)
+    step = step_fn(a.backend, *inputs)
+    if a.device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+    else:
+        reset_peak_rss()
+        before = rss_bytes()
+        step()
+        extra = rss_bytes("VmHWM") - before
+    json.dump({"extra_bytes": max(extra, 0)}, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
