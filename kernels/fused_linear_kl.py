@@ -1,4 +1,4 @@
-"""Fused linear + KL imitation loss in Triton: logits are never materialized.
+"""Fused linear + KL imitation loss in Triton: the logits are never materialized.
 
 For student rows ``h_s`` [N, H], teacher rows ``h_t`` [N, Ht], head weights ``W`` [V, H] and
 ``W_t`` [V, Ht] (optional biases), temperature ``T``, and integer targets with an ignore index::
@@ -11,22 +11,23 @@ and, in the same call, the gradients of ``sum_i row_scale[i] * row_loss[i]`` wit
 ``h_s``, ``W`` and ``b`` (the loss is the last op of a step, so they are formed in the forward and
 only scaled in backward; the head weight is not needed again after this call).
 
-Two kernels, both tiled over rows (BLOCK_M) and vocabulary (BLOCK_V), with the hidden dimension
-reduced in BLOCK_K chunks by ``tl.dot`` with fp32 accumulation:
+1. ``_stats_kernel``, grid (row blocks, vocabulary splits). Each program walks its share of the
+   vocabulary in BLOCK_V tiles, forming both logit tiles with ``tl.dot`` (fp32 accumulation over
+   BLOCK_K slices of the hidden size), and keeps per row the running max and sum of exp of both
+   tempered distributions, the running sum of ``exp(t - m_t) * (t - s)`` (rescaled with the teacher
+   sum whenever the teacher max moves), and for cross-entropy the running log-sum-exp of the
+   untempered student logits and the target logit. Splits are merged on the host (O(N) floats):
+   ``KL = acc / l_t - lse_t + lse_s`` after rescaling to common maxima.
+2. The gradient, over vocabulary chunks of at most ``grad_chunk`` columns: ``_grad_kernel``
+   recomputes the logit tiles and writes the logit gradient
+   ``G = row_scale * (kl_weight * T * (p_s - p_t) + ce_weight * (softmax(z_s) - onehot))`` of the
+   chunk ([N, chunk], input precision on GPU); then ``G @ W_chunk`` is added to the fp32 hidden
+   gradient and ``G^T @ h_s`` is the fp32 weight gradient of the chunk, both by cuBLAS with fp32
+   output. Atomics are avoided entirely, and the extra memory is one [N, chunk] buffer.
 
-1. ``_stats_kernel`` (grid: row blocks). One pass over V keeps, per row, the running max and sum of
-   exp for both tempered distributions, the running sum of ``exp(z_t/T - m_t) * (z_t - z_s)/T``
-   (rescaled like the sums whenever the teacher max moves), and for cross-entropy the running
-   log-sum-exp of the untempered student logits and the target logit. At the end
-   ``KL = acc / l_t - lse_t + lse_s``. Only O(N) floats are written.
-2. ``_grad_kernel`` (grid: row blocks x vocabulary blocks). Recomputes the two logit tiles, forms
-   ``G = row_scale * (kl_weight * T * (p_s - p_t) + ce_weight * (softmax(z_s) - onehot))`` for the
-   tile and adds ``G @ W`` into the fp32 hidden gradient, ``G^T @ h_s`` into the fp32 weight
-   gradient and the column sums of ``G`` into the bias gradient with atomic adds.
-
-All logits and softmax arithmetic are fp32 whatever the input dtype. Under the Triton interpreter
-(``TRITON_INTERPRET=1``, used by the CPU tests) half-precision tiles are upcast to fp32 right after
-loading, since the interpreter's bf16 arithmetic is unreliable.
+All logits and softmax arithmetic are fp32 whatever the input dtype (bf16 tiles are never rounded
+after the dot). Under the Triton interpreter (``TRITON_INTERPRET=1``, the CPU tests) half-precision
+tiles are upcast to fp32 right after loading, since the interpreter's bf16 arithmetic is unreliable.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ import os
 
 import torch
 
-try:  # triton is a hard dependency of the package, but keep the import failure readable
+try:  # triton is a dependency on Linux; keep a failed import readable elsewhere
     import triton
     import triton.language as tl
 
     _TRITON_IMPORT_ERROR = None
-except Exception as exc:  # pragma: no cover - exercised only on machines without triton
+except Exception as exc:  # pragma: no cover - only on machines without triton
     triton = None
     tl = None
     _TRITON_IMPORT_ERROR = exc
@@ -55,8 +56,7 @@ def triton_available(device: torch.device | str | None = None) -> bool:
     """Whether the Triton kernels can run on tensors of ``device``."""
     if triton is None:
         return False
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda":
+    if device is not None and torch.device(device).type == "cuda":
         return True
     return interpreter_enabled()
 
@@ -81,12 +81,16 @@ def fused_linear_kl(
     block_m: int | None = None,
     block_v: int | None = None,
     block_k: int | None = None,
+    vocab_splits: int | None = None,
+    grad_chunk: int | None = None,
 ):
     """Row losses and gradients of ``sum(row_scale * row_loss)`` (see the module docstring).
 
     Shapes: ``student_hidden`` [N, H], ``teacher_hidden`` [N, Ht], ``weight`` [V, H],
-    ``teacher_weight`` [V, Ht], biases [V], ``target`` [N] (int) or None, ``row_scale`` [N] fp32.
-    Inputs are assumed validated by the caller (``mtbi_fast.loss``).
+    ``teacher_weight`` [V, Ht], biases [V], ``target`` [N] (int) or None, ``row_scale`` [N].
+    Inputs are assumed validated by the caller (``mtbi_fast.loss``). Tuning knobs: tile sizes,
+    ``vocab_splits`` (programs per row block in the statistics pass) and ``grad_chunk``
+    (vocabulary columns per gradient chunk, bounding the extra memory to N x grad_chunk).
 
     Returns ``(row_loss [N] fp32, grad_hidden [N, H] fp32 | None, grad_weight [V, H] fp32 | None,
     grad_bias [V] fp32 | None)``.
@@ -94,78 +98,119 @@ def fused_linear_kl(
     if triton is None:
         raise RuntimeError(f"triton could not be imported: {_TRITON_IMPORT_ERROR!r}")
     device = student_hidden.device
-    if device.type != "cuda" and not interpreter_enabled():
-        raise RuntimeError(
-            "the triton backend needs CUDA tensors (got tensors on "
-            f"{device.type!r}); set TRITON_INTERPRET=1 before importing triton to run the kernels "
-            "on the CPU interpreter, or use backend='chunked'"
-        )
     interpret = device.type != "cuda"
+    if interpret and not interpreter_enabled():
+        raise RuntimeError(
+            f"the triton backend needs CUDA tensors (got tensors on {device.type!r}); set "
+            "TRITON_INTERPRET=1 before importing triton to run the kernels in the CPU "
+            "interpreter, or use backend='chunked'")
 
-    h_s = student_hidden.contiguous()
-    h_t = teacher_hidden.contiguous()
-    w = weight.contiguous()
-    w_t = teacher_weight.contiguous()
+    h_s, h_t = student_hidden.contiguous(), teacher_hidden.contiguous()
+    w, w_t = weight.contiguous(), teacher_weight.contiguous()
     n, hidden = h_s.shape
-    vocab = w.shape[0]
-    hidden_t = h_t.shape[1]
-    has_target = target is not None
-    tgt = target.contiguous().to(torch.int64) if has_target else h_s.new_empty(1, dtype=torch.int64)
-    row_scale = row_scale.contiguous().to(torch.float32)
-    dummy = h_s.new_empty(1, dtype=torch.float32)
+    vocab, hidden_t = w.shape[0], h_t.shape[1]
+    f32 = dict(device=device, dtype=torch.float32)
+    dummy = torch.empty(1, **f32)
     b = bias.contiguous() if bias is not None else dummy
     b_t = teacher_bias.contiguous() if teacher_bias is not None else dummy
+    has_target = target is not None
+    tgt = target.contiguous().to(torch.int64) if has_target else torch.empty(1, device=device, dtype=torch.int64)
 
     # fp32 inputs: exact fp32 dots (no TF32). Half inputs on GPU: tensor-core dots, fp32 accumulate.
     fp32_dots = interpret or h_s.dtype == torch.float32
-    if block_m is None:
-        block_m = 32 if interpret else 64
-    if block_v is None:
-        block_v = 64 if interpret else 128
-    if block_k is None:
-        block_k = 32 if interpret else 64
-
-    row_loss = torch.empty(n, device=device, dtype=torch.float32)
-    lse_s = torch.empty(n, device=device, dtype=torch.float32)
-    lse_t = torch.empty(n, device=device, dtype=torch.float32)
-    lse_c = torch.empty(n, device=device, dtype=torch.float32)
-    if n == 0:
-        return (row_loss, h_s.new_zeros(0, hidden, dtype=torch.float32) if need_grad_hidden else None,
-                w.new_zeros(vocab, hidden, dtype=torch.float32) if need_grad_weight else None,
-                w.new_zeros(vocab, dtype=torch.float32) if need_grad_bias else None)
+    block_m = block_m or (32 if interpret else 64)
+    block_v = block_v or (64 if interpret else 128)
+    block_k = block_k or (32 if interpret else 64)
+    row_blocks = triton.cdiv(max(n, 1), block_m)
+    if vocab_splits is None:  # enough programs to fill the GPU when there are few rows
+        vocab_splits = 1 if interpret else max(1, min(triton.cdiv(vocab, 8 * block_v),
+                                                      triton.cdiv(2 * _sm_count(device), row_blocks)))
+    tiles_per_split = triton.cdiv(triton.cdiv(vocab, block_v), vocab_splits)
+    vocab_splits = triton.cdiv(triton.cdiv(vocab, block_v), tiles_per_split)
 
     inv_t = 1.0 / float(temperature)
-    separate_ce = ce_weight != 0.0 and inv_t != 1.0
-    common = dict(
-        HAS_BIAS=bias is not None, HAS_T_BIAS=teacher_bias is not None, HAS_TARGET=has_target,
-        DO_CE=ce_weight != 0.0, SEPARATE_CE=separate_ce, FP32_DOTS=fp32_dots,
-        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
-    )
-    _stats_kernel[(triton.cdiv(n, block_m),)](
-        h_s, h_t, w, w_t, b, b_t, tgt, row_loss, lse_s, lse_t, lse_c,
-        n, vocab, hidden, hidden_t,
-        h_s.stride(0), h_t.stride(0), w.stride(0), w_t.stride(0),
-        inv_t, kl_weight * float(temperature) ** 2, ce_weight, ignore_index,
-        **common,
-    )
+    do_ce = ce_weight != 0.0
+    separate_ce = do_ce and inv_t != 1.0
+    flags = dict(HAS_BIAS=bias is not None, HAS_T_BIAS=teacher_bias is not None,
+                 HAS_TARGET=has_target, FP32_DOTS=fp32_dots,
+                 BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k)
 
-    grad_hidden = grad_weight = grad_bias = None
-    if need_grad_hidden or need_grad_weight or need_grad_bias:
-        gh = torch.zeros(n, hidden, device=device, dtype=torch.float32) if need_grad_hidden else dummy
-        gw = torch.zeros(vocab, hidden, device=device, dtype=torch.float32) if need_grad_weight else dummy
-        gb = torch.zeros(vocab, device=device, dtype=torch.float32) if need_grad_bias else dummy
-        _grad_kernel[(triton.cdiv(n, block_m), triton.cdiv(vocab, block_v))](
-            h_s, h_t, w, w_t, b, b_t, tgt, row_scale, lse_s, lse_t, lse_c, gh, gw, gb,
-            n, vocab, hidden, hidden_t,
+    # 1. per-row statistics, one partial set per vocabulary split: m_s l_s m_t l_t acc m_c l_c z_tgt
+    part = torch.empty(8, vocab_splits, n, **f32)
+    if n > 0:
+        _stats_kernel[(row_blocks, vocab_splits)](
+            h_s, h_t, w, w_t, b, b_t, tgt, part,
+            n, vocab, hidden, hidden_t, tiles_per_split,
+            h_s.stride(0), h_t.stride(0), w.stride(0), w_t.stride(0), inv_t,
+            DO_CE=do_ce, SEPARATE_CE=separate_ce, **flags)
+    m_s, l_s, m_t, l_t, acc, m_c, l_c, z_tgt = part.unbind(0)
+    lse_s = _merge_lse(m_s, l_s)[0]
+    lse_t, l_t_all, scale_t = _merge_lse(m_t, l_t)
+    kl = (acc * scale_t).sum(0) / l_t_all - lse_t + lse_s  # acc holds unshifted t - s
+    row_loss = (kl_weight * float(temperature) ** 2) * kl
+    if do_ce:
+        lse_c = _merge_lse(m_c, l_c)[0] if separate_ce else lse_s  # T == 1: same softmax
+        row_loss = row_loss + ce_weight * (lse_c - z_tgt.sum(0))
+    else:
+        lse_c = lse_s
+    valid = (tgt != ignore_index) if has_target else torch.ones(n, device=device, dtype=torch.bool)
+    row_loss = torch.where(valid, row_loss, 0.0)
+
+    # 2. gradients, one vocabulary chunk at a time
+    grad_hidden = torch.zeros(n, hidden, **f32) if need_grad_hidden else None
+    grad_weight = torch.zeros(vocab, hidden, **f32) if need_grad_weight else None
+    grad_bias = torch.zeros(vocab, **f32) if need_grad_bias else None
+    if n == 0 or not (need_grad_hidden or need_grad_weight or need_grad_bias):
+        return row_loss, grad_hidden, grad_weight, grad_bias
+    scale = torch.where(valid, row_scale.to(torch.float32), 0.0).contiguous()
+    g_dtype = torch.float32 if fp32_dots else h_s.dtype
+    if grad_chunk is None:  # about 256 MiB of logit gradient at a time
+        grad_chunk = max(block_v, (256 * 2**20 // (n * torch.finfo(g_dtype).bits // 8)) // block_v * block_v)
+    grad_chunk = min(grad_chunk, triton.cdiv(vocab, block_v) * block_v)
+    g_buf = torch.empty(n, grad_chunk, device=device, dtype=g_dtype)
+    for v0 in range(0, vocab, grad_chunk):
+        v1 = min(v0 + grad_chunk, vocab)
+        g = g_buf[:, : v1 - v0]
+        _grad_kernel[(row_blocks, triton.cdiv(v1 - v0, block_v))](
+            h_s, h_t, w, w_t, b, b_t, tgt, scale, lse_s, lse_t, lse_c, g,
+            n, v0, v1, hidden, hidden_t, g.stride(0),
             h_s.stride(0), h_t.stride(0), w.stride(0), w_t.stride(0),
-            inv_t, kl_weight * float(temperature), ce_weight, ignore_index,
-            GRAD_H=need_grad_hidden, GRAD_W=need_grad_weight, GRAD_B=need_grad_bias,
-            **common,
-        )
-        grad_hidden = gh if need_grad_hidden else None
-        grad_weight = gw if need_grad_weight else None
-        grad_bias = gb if need_grad_bias else None
+            inv_t, kl_weight * float(temperature), ce_weight,
+            DO_CE=do_ce, **flags)
+        if need_grad_hidden:
+            grad_hidden += _mm_fp32(g, w[v0:v1])
+        if need_grad_weight:
+            grad_weight[v0:v1] = _mm_fp32(g.t(), h_s)
+        if need_grad_bias:
+            grad_bias[v0:v1] = g.sum(0, dtype=torch.float32)
     return row_loss, grad_hidden, grad_weight, grad_bias
+
+
+def _merge_lse(m, l):
+    """Merge per-split (max, sum of exp) pairs [S, N]: (log-sum-exp, sum at the common max, the
+    per-split rescaling factors)."""
+    m_all = m.amax(0)
+    scale = torch.exp(m - m_all)
+    l_all = (l * scale).sum(0)
+    return m_all + torch.log(l_all), l_all, scale
+
+
+def _mm_fp32(a, b):
+    """a @ b with fp32 output: half inputs stay half on CUDA (fp32 accumulate), upcast elsewhere."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
+            pass
+    return a.float() @ b.float()
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 if triton is not None:
@@ -190,16 +235,33 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _tempered_tiles(HS, HT, W, WT, B, BT, offs_m, offs_v, mask_m, mask_v,
+                        n_hidden, n_hidden_t, stride_hs, stride_ht, stride_w, stride_wt, inv_t,
+                        HAS_BIAS: tl.constexpr, HAS_T_BIAS: tl.constexpr, FP32_DOTS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Student and teacher logit tiles (with biases), untempered, fp32."""
+        zs = _logits_tile(HS, W, offs_m, offs_v, mask_m, mask_v, n_hidden, stride_hs, stride_w,
+                          FP32_DOTS, BLOCK_M, BLOCK_V, BLOCK_K)
+        zt = _logits_tile(HT, WT, offs_m, offs_v, mask_m, mask_v, n_hidden_t, stride_ht, stride_wt,
+                          FP32_DOTS, BLOCK_M, BLOCK_V, BLOCK_K)
+        if HAS_BIAS:
+            zs += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        if HAS_T_BIAS:
+            zt += tl.load(BT + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        return zs, zt
+
+    @triton.jit
     def _stats_kernel(
-        HS, HT, W, WT, B, BT, TGT, ROW_LOSS, LSE_S, LSE_T, LSE_C,
-        n_rows, n_vocab, n_hidden, n_hidden_t,
-        stride_hs, stride_ht, stride_w, stride_wt,
-        inv_t, kl_scale, ce_weight, ignore_index,
+        HS, HT, W, WT, B, BT, TGT, PART,
+        n_rows, n_vocab, n_hidden, n_hidden_t, tiles_per_split,
+        stride_hs, stride_ht, stride_w, stride_wt, inv_t,
+        DO_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_T_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr,
-        DO_CE: tl.constexpr, SEPARATE_CE: tl.constexpr, FP32_DOTS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        FP32_DOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
+        split = tl.program_id(1)
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = offs_m < n_rows
         neg_inf = float("-inf")
@@ -212,21 +274,19 @@ if triton is not None:
         l_c = tl.zeros((BLOCK_M,), tl.float32)
         z_tgt = tl.zeros((BLOCK_M,), tl.float32)
         if HAS_TARGET:
-            tgt = tl.load(TGT + offs_m, mask=mask_m, other=ignore_index)
+            tgt = tl.load(TGT + offs_m, mask=mask_m, other=-1)
         else:
             tgt = tl.full((BLOCK_M,), -1, tl.int64)
 
-        for v0 in range(0, n_vocab, BLOCK_V):
+        v_start = split * tiles_per_split * BLOCK_V
+        v_stop = tl.minimum(v_start + tiles_per_split * BLOCK_V, n_vocab)
+        for v0 in range(v_start, v_stop, BLOCK_V):
             offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-            mask_v = offs_v < n_vocab
-            zs = _logits_tile(HS, W, offs_m, offs_v, mask_m, mask_v, n_hidden, stride_hs, stride_w,
-                              FP32_DOTS, BLOCK_M, BLOCK_V, BLOCK_K)
-            zt = _logits_tile(HT, WT, offs_m, offs_v, mask_m, mask_v, n_hidden_t, stride_ht,
-                              stride_wt, FP32_DOTS, BLOCK_M, BLOCK_V, BLOCK_K)
-            if HAS_BIAS:
-                zs += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-            if HAS_T_BIAS:
-                zt += tl.load(BT + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+            mask_v = offs_v < v_stop
+            zs, zt = _tempered_tiles(HS, HT, W, WT, B, BT, offs_m, offs_v, mask_m, mask_v,
+                                     n_hidden, n_hidden_t, stride_hs, stride_ht, stride_w,
+                                     stride_wt, inv_t, HAS_BIAS, HAS_T_BIAS, FP32_DOTS,
+                                     BLOCK_M, BLOCK_V, BLOCK_K)
             s = tl.where(mask_v[None, :], zs * inv_t, neg_inf)
             t = tl.where(mask_v[None, :], zt * inv_t, neg_inf)
 
@@ -236,10 +296,9 @@ if triton is not None:
 
             m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
             alpha_t = tl.exp(m_t - m_t_new)
-            e_t = tl.exp(t - m_t_new[:, None])
-            diff = (zt - zs) * inv_t  # finite everywhere; e_t is 0 on padded columns
+            e_t = tl.exp(t - m_t_new[:, None])  # 0 on padded columns
             l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
-            acc = acc * alpha_t + tl.sum(e_t * diff, axis=1)
+            acc = acc * alpha_t + tl.sum(e_t * ((zt - zs) * inv_t), axis=1)
             m_t = m_t_new
 
             if DO_CE:
@@ -251,92 +310,52 @@ if triton is not None:
                 hit = offs_v[None, :] == tgt[:, None]
                 z_tgt += tl.sum(tl.where(hit, zs, 0.0), axis=1)
 
-        lse_s = m_s + tl.log(l_s)
-        lse_t = m_t + tl.log(l_t)
-        kl = acc / l_t - lse_t + lse_s
-        loss = kl_scale * kl
-        if DO_CE:
-            if SEPARATE_CE:
-                lse_c = m_c + tl.log(l_c)
-            else:
-                lse_c = lse_s
-            loss += ce_weight * (lse_c - z_tgt)
-            tl.store(LSE_C + offs_m, lse_c, mask=mask_m)
-        valid = mask_m
-        if HAS_TARGET:
-            valid = valid & (tgt != ignore_index)
-        loss = tl.where(valid, loss, 0.0)
-        tl.store(ROW_LOSS + offs_m, loss, mask=mask_m)
-        tl.store(LSE_S + offs_m, lse_s, mask=mask_m)
-        tl.store(LSE_T + offs_m, lse_t, mask=mask_m)
+        stride_part = tl.num_programs(1) * n_rows
+        out = PART + split * n_rows + offs_m
+        tl.store(out, m_s, mask=mask_m)
+        tl.store(out + stride_part, l_s, mask=mask_m)
+        tl.store(out + 2 * stride_part, m_t, mask=mask_m)
+        tl.store(out + 3 * stride_part, l_t, mask=mask_m)
+        tl.store(out + 4 * stride_part, acc, mask=mask_m)
+        tl.store(out + 5 * stride_part, m_c, mask=mask_m)
+        tl.store(out + 6 * stride_part, l_c, mask=mask_m)
+        tl.store(out + 7 * stride_part, z_tgt, mask=mask_m)
 
     @triton.jit
     def _grad_kernel(
-        HS, HT, W, WT, B, BT, TGT, ROW_SCALE, LSE_S, LSE_T, LSE_C, GH, GW, GB,
-        n_rows, n_vocab, n_hidden, n_hidden_t,
+        HS, HT, W, WT, B, BT, TGT, SCALE, LSE_S, LSE_T, LSE_C, G,
+        n_rows, v_begin, v_end, n_hidden, n_hidden_t, stride_g,
         stride_hs, stride_ht, stride_w, stride_wt,
-        inv_t, kl_grad_scale, ce_weight, ignore_index,
+        inv_t, kl_grad_scale, ce_weight,
+        DO_CE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_T_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr,
-        DO_CE: tl.constexpr, SEPARATE_CE: tl.constexpr, FP32_DOTS: tl.constexpr,
-        GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        FP32_DOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_v = tl.program_id(1)
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        offs_v = (v_begin + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         mask_m = offs_m < n_rows
-        mask_v = offs_v < n_vocab
-        scale = tl.load(ROW_SCALE + offs_m, mask=mask_m, other=0.0)
-        if HAS_TARGET:
-            tgt = tl.load(TGT + offs_m, mask=mask_m, other=ignore_index)
-            scale = tl.where(tgt != ignore_index, scale, 0.0)
-        # A tile whose rows all have zero weight (ignored or padding) contributes nothing.
-        if tl.max(tl.abs(scale), axis=0) > 0.0:
-            zs = _logits_tile(HS, W, offs_m, offs_v, mask_m, mask_v, n_hidden, stride_hs, stride_w,
-                              FP32_DOTS, BLOCK_M, BLOCK_V, BLOCK_K)
-            zt = _logits_tile(HT, WT, offs_m, offs_v, mask_m, mask_v, n_hidden_t, stride_ht,
-                              stride_wt, FP32_DOTS, BLOCK_M, BLOCK_V, BLOCK_K)
-            if HAS_BIAS:
-                zs += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-            if HAS_T_BIAS:
-                zt += tl.load(BT + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        mask_v = offs_v < v_end
+        mask = mask_m[:, None] & mask_v[None, :]
+        out = G + offs_m[:, None] * stride_g + (offs_v - v_begin)[None, :]
+        scale = tl.load(SCALE + offs_m, mask=mask_m, other=0.0)
+        if tl.max(tl.abs(scale), axis=0) == 0.0:
+            # every row of the tile is ignored or padding: no logits needed
+            tl.store(out, tl.zeros((BLOCK_M, BLOCK_V), tl.float32).to(G.dtype.element_ty), mask=mask)
+        else:
+            zs, zt = _tempered_tiles(HS, HT, W, WT, B, BT, offs_m, offs_v, mask_m, mask_v,
+                                     n_hidden, n_hidden_t, stride_hs, stride_ht, stride_w,
+                                     stride_wt, inv_t, HAS_BIAS, HAS_T_BIAS, FP32_DOTS,
+                                     BLOCK_M, BLOCK_V, BLOCK_K)
             lse_s = tl.load(LSE_S + offs_m, mask=mask_m, other=0.0)
             lse_t = tl.load(LSE_T + offs_m, mask=mask_m, other=0.0)
-            p_s = tl.exp(zs * inv_t - lse_s[:, None])
-            p_t = tl.exp(zt * inv_t - lse_t[:, None])
-            g = kl_grad_scale * (p_s - p_t)
+            g = kl_grad_scale * (tl.exp(zs * inv_t - lse_s[:, None]) - tl.exp(zt * inv_t - lse_t[:, None]))
             if DO_CE:
+                tgt = tl.load(TGT + offs_m, mask=mask_m, other=-1)
                 lse_c = tl.load(LSE_C + offs_m, mask=mask_m, other=0.0)
-                p_c = tl.exp(zs - lse_c[:, None])
-                tgt_hit = offs_v[None, :] == tgt[:, None]
-                g += ce_weight * (p_c - tl.where(tgt_hit, 1.0, 0.0))
-            g = g * scale[:, None]
-            g = tl.where(mask_m[:, None] & mask_v[None, :], g, 0.0)
-            if GRAD_B:
-                tl.atomic_add(GB + offs_v, tl.sum(g, axis=0), mask=mask_v)
-            if FP32_DOTS:
-                g_dot = g
-            else:
-                g_dot = g.to(W.dtype.element_ty)
-            for k0 in range(0, n_hidden, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < n_hidden
-                if GRAD_H:
-                    wt = tl.load(W + offs_v[:, None] * stride_w + offs_k[None, :],
-                                 mask=mask_v[:, None] & mask_k[None, :], other=0.0)
-                    if FP32_DOTS:
-                        dh = tl.dot(g_dot, wt.to(tl.float32), input_precision="ieee")
-                    else:
-                        dh = tl.dot(g_dot, wt)
-                    tl.atomic_add(GH + offs_m[:, None] * n_hidden + offs_k[None, :], dh,
-                                  mask=mask_m[:, None] & mask_k[None, :])
-                if GRAD_W:
-                    x = tl.load(HS + offs_m[:, None] * stride_hs + offs_k[None, :],
-                                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                    if FP32_DOTS:
-                        dw = tl.dot(tl.trans(g_dot), x.to(tl.float32), input_precision="ieee")
-                    else:
-                        dw = tl.dot(tl.trans(g_dot), x)
-                    tl.atomic_add(GW + offs_v[:, None] * n_hidden + offs_k[None, :], dw,
-                                  mask=mask_v[:, None] & mask_k[None, :])
+                onehot = tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
+                g += ce_weight * (tl.exp(zs - lse_c[:, None]) - onehot)
+            g = tl.where(mask, g * scale[:, None], 0.0)
+            tl.store(out, g.to(G.dtype.element_ty), mask=mask)

@@ -25,7 +25,10 @@ def float64_reference(x, row_scale, **opts):
     return rows.detach(), hs.grad, w.grad, b.grad if b is not None else None
 
 
-@pytest.mark.parametrize("blocks", [(16, 16, 16), (32, 64, 32), (64, 128, 64)])
+# (block_m, block_v, block_k, vocab_splits, grad_chunk): tiles that divide nothing, the vocabulary
+# split across programs (statistics merged on the host), gradient chunks smaller than V
+@pytest.mark.parametrize("blocks", [(16, 16, 16, 1, None), (32, 64, 32, 3, 64), (64, 128, 64, 2, 128),
+                                    (16, 32, 16, 7, 32)])
 @pytest.mark.parametrize("opts", [dict(), dict(temperature=1.7, ce_weight=0.4, kl_weight=0.6)])
 @pytest.mark.parametrize("teacher_head", [False, True])
 def test_kernel_matches_float64(blocks, opts, teacher_head):
@@ -35,11 +38,12 @@ def test_kernel_matches_float64(blocks, opts, teacher_head):
     ref_rows, ref_gh, ref_gw, ref_gb = float64_reference(x, row_scale, **opts)
     w_t = x.get("teacher_lm_head_weight", x["lm_head_weight"])
     b_t = None if teacher_head else x["lm_head_bias"]
-    bm, bv, bk = blocks
+    bm, bv, bk, splits, chunk = blocks
     rows, gh, gw, gb = fused_linear_kl(
         x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"], w_t, x["lm_head_bias"], b_t,
         x["target_ids"], row_scale, need_grad_hidden=True, need_grad_weight=True,
-        need_grad_bias=True, block_m=bm, block_v=bv, block_k=bk, **opts)
+        need_grad_bias=True, block_m=bm, block_v=bv, block_k=bk, vocab_splits=splits,
+        grad_chunk=chunk, **opts)
     tol = dict(rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(rows.double(), ref_rows, **tol)
     torch.testing.assert_close(gh.double(), ref_gh, **tol)
