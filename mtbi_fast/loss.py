@@ -69,23 +69,26 @@ def imitation_loss(
     options = dict(temperature=float(temperature), kl_weight=float(kl_weight),
                    ce_weight=float(ce_weight), ignore_index=int(ignore_index))
 
-    with _gathered(lm_head_weight, lm_head_bias, teacher_lm_head_weight):
-        weight = lm_head_weight
+    with _gathered(lm_head_weight, lm_head_bias, teacher_lm_head_weight) as gathered:
+        weight, bias = lm_head_weight, lm_head_bias
         if teacher_lm_head_weight is None:
             teacher_weight, teacher_bias = weight.detach(), _detach(lm_head_bias)
         else:
             teacher_weight, teacher_bias = teacher_lm_head_weight.detach(), None
         name = _resolve_backend(backend, h_s)
         if name == "eager":
-            rows = eager_row_losses(h_s, h_t, weight, teacher_weight, lm_head_bias, teacher_bias,
+            if gathered:  # autograd would keep the gathered (soon freed) head for backward
+                weight, bias = weight.detach().clone(), _detach(bias)
+                bias = bias.clone() if bias is not None else None
+            rows = eager_row_losses(h_s, h_t, weight, teacher_weight, bias, teacher_bias,
                                     target, **options)
             loss = _reduce(rows, target, ignore_index, reduction)
         else:
             impl = _triton_impl() if name == "triton" else _chunked_linear_kl
             if name == "chunked" and chunk_size is not None:
                 options["chunk_size"] = int(chunk_size)
-            loss = _FusedImitation.apply(h_s, h_t, weight, teacher_weight, lm_head_bias,
-                                         teacher_bias, target, reduction, impl, options)
+            loss = _FusedImitation.apply(h_s, h_t, weight, teacher_weight, bias, teacher_bias,
+                                         target, reduction, impl, options)
     return loss.reshape(lead) if reduction == "none" else loss
 
 
@@ -347,11 +350,12 @@ def _gathered(*params):
 
     Inside a DeepSpeed engine's forward a parent module's weight is already gathered (full shape),
     and gathering it again would fail at exit, so only parameters whose data is empty are gathered.
-    Nothing of them is kept for backward by the fused backends.
+    Nothing of them is kept for backward by the fused backends (the eager backend copies them).
+    Yields whether anything was gathered.
     """
     partitioned = [p for p in params if p is not None and _is_partitioned(p)]
     if not partitioned:
-        yield
+        yield False
         return
     if any(p.requires_grad for p in partitioned):
         raise NotImplementedError(
@@ -361,7 +365,7 @@ def _gathered(*params):
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
+        yield True
 
 
 def _check_options(temperature, ce_weight, target_ids, reduction, backend):

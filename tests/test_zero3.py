@@ -70,6 +70,11 @@ def _worker(rank, world, port, out_dir):
     loss.backward()
     result.update(outside_loss=loss.detach(), outside_grad=hs.grad.clone(),
                   data_numel_after=model.head.weight.data.numel())
+    hs.grad = None
+    loss = imitation_loss(hs, ht, model.head.weight, target, model.head.bias, ce_weight=0.5,
+                          temperature=1.5, backend="eager")
+    loss.backward()
+    result.update(eager_loss=loss.detach(), eager_grad=hs.grad.clone())
 
     # 2. inside the engine's forward: the head is gathered by DeepSpeed, the adapter trains
     engine, *_ = deepspeed.initialize(model=model, config=config,
@@ -103,8 +108,9 @@ def test_partitioned_head_matches_unpartitioned(tmp_path):
                               ce_weight=0.5, temperature=1.5, backend="eager")
     expected.backward()
     for r in (r0, r1):
-        torch.testing.assert_close(r["outside_loss"], expected.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(r["outside_grad"], hs.grad, rtol=1e-5, atol=1e-6)
+        for backend in ("outside", "eager"):
+            torch.testing.assert_close(r[f"{backend}_loss"], expected.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(r[f"{backend}_grad"], hs.grad, rtol=1e-5, atol=1e-6)
 
     # inside the engine: same loss and adapter gradient as the unpartitioned model (both ranks saw
     # the same batch, so DeepSpeed's average over ranks is the single-process gradient)
