@@ -59,7 +59,9 @@ def imitation_loss(
     Returns a scalar (``reduction`` "mean" or "sum") or per-row losses with the leading shape
     ("none"). The loss is float32 whatever the input dtype.
     """
-    _check_options(temperature, ce_weight, target_ids, reduction, backend)
+    _check_options(temperature, reduction, backend)
+    if target_ids is None and ce_weight != 0.0:
+        raise ValueError(f"ce_weight={ce_weight} needs target_ids (the teacher's response tokens)")
     lead = _check_inputs(student_hidden, teacher_hidden, lm_head_weight, target_ids, lm_head_bias,
                          teacher_lm_head_weight, ignore_index)
     hidden = student_hidden.shape[-1]
@@ -99,12 +101,7 @@ class ImitationLoss(nn.Module):
                  ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                  chunk_size: int | None = None):
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        _check_options(temperature, reduction, backend)
         self.temperature = temperature
         self.kl_weight = kl_weight
         self.ce_weight = ce_weight
@@ -368,15 +365,13 @@ def _gathered(*params):
         yield True
 
 
-def _check_options(temperature, ce_weight, target_ids, reduction, backend):
+def _check_options(temperature, reduction, backend):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if target_ids is None and ce_weight != 0.0:
-        raise ValueError(f"ce_weight={ce_weight} needs target_ids (the teacher's response tokens)")
 
 
 def _check_inputs(h_s, h_t, weight, target, bias, teacher_weight, ignore_index):
