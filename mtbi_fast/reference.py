@@ -46,3 +46,14 @@ def eager_row_losses(
         ce = F.cross_entropy(z_s, target, ignore_index=ignore_index, reduction="none")
         rows = rows + ce_weight * ce
     return torch.where(valid, rows, torch.zeros_like(rows))
+
+
+def eager_pack_embeddings(source: torch.Tensor, embed_weight: torch.Tensor,
+                          frames: torch.Tensor) -> torch.Tensor:
+    """Packed inputs_embeds by gathering both tables for every position and selecting."""
+    speech = source < 0
+    text_rows = F.embedding(source.clamp(min=0), embed_weight)
+    if frames.shape[0] == 0:
+        return text_rows
+    frame_rows = frames[(-source - 1).clamp(min=0)]
+    return torch.where(speech[:, None], frame_rows, text_rows)

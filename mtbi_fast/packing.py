@@ -1,0 +1,404 @@
+"""Packing interleaved speech/text examples into dense rows for varlen attention.
+
+An ``Example`` is a prompt (a list of ``Text`` token runs and ``Speech`` frame ranges, in order)
+followed by a response (token ids, with an optional per-token loss mask). ``pack`` bins examples
+into rows of at most ``max_tokens`` by first-fit-decreasing and returns a ``PackedBatch``:
+
+- ``source`` [R * L] int64: for each packed position, a text token id (``>= 0``) or a speech
+  frame ``-(index + 1)`` into the batch's frame buffer (the examples' frames concatenated in input
+  order, ``frame_offsets``); ``mtbi_kernels.pack_embeddings`` turns it into ``inputs_embeds``;
+- ``position_ids`` [R, L] restarting at 0 for every example (and for each row's padding tail);
+- ``cu_seqlens`` (int32, one entry per sequence + 1, over the flat R * L stream) and
+  ``max_seqlen`` for flash-attn varlen kernels;
+- ``loss_positions`` / ``target_ids`` [M]: the flat positions whose next token is a counted
+  response token, listed in input-example order, so that a student batch and a teacher batch of the
+  same examples line up row for row for the imitation loss.
+
+Attention never crosses examples: ``model_inputs`` gives the keyword arguments for a transformers
+causal LM (restarting ``position_ids`` with no attention mask and no cache, which transformers 5
+turns into a block-causal mask for SDPA and eager attention; flash-attention-2 gets the
+``cu_seqlens`` too), or an explicit block-diagonal causal mask with ``attention="mask"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Text:
+    """A run of text token ids in a prompt."""
+
+    ids: tuple[int, ...]
+
+    def __init__(self, ids: Iterable[int]):
+        object.__setattr__(self, "ids", tuple(int(i) for i in ids))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Speech:
+    """Speech frames ``[start, end)`` of the example's own frame sequence (adapter output)."""
+
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Example:
+    """One training example: ``prompt`` parts then ``response`` tokens.
+
+    ``n_frames`` is the length of the example's frame sequence (what it adds to the batch's frame
+    buffer; defaults to the largest frame index its speech parts use). ``response_mask`` marks the
+    response tokens the loss counts (default: all).
+    """
+
+    id: str
+    prompt: list
+    response: list[int]
+    response_mask: list[bool] | None = None
+    n_frames: int | None = None
+
+    def __post_init__(self):
+        for i, part in enumerate(self.prompt):
+            if not isinstance(part, (Text, Speech)):
+                raise TypeError(f"example {self.id!r}: prompt part {i} is {type(part).__name__}, "
+                                "expected Text or Speech")
+            if isinstance(part, Speech) and not 0 <= part.start <= part.end:
+                raise ValueError(f"example {self.id!r}: prompt part {i} has a bad frame range "
+                                 f"[{part.start}, {part.end})")
+        used = max((p.end for p in self.prompt if isinstance(p, Speech)), default=0)
+        if self.n_frames is None:
+            self.n_frames = used
+        elif used > self.n_frames:
+            raise ValueError(f"example {self.id!r}: speech parts use frame {used - 1} but the "
+                             f"example has {self.n_frames} frames")
+        if self.response_mask is not None and len(self.response_mask) != len(self.response):
+            raise ValueError(f"example {self.id!r}: response_mask has {len(self.response_mask)} "
+                             f"entries for {len(self.response)} response tokens")
+
+    @property
+    def prompt_len(self) -> int:
+        return sum(len(p) for p in self.prompt)
+
+    def __len__(self) -> int:
+        return self.prompt_len + len(self.response)
+
+
+@dataclass
+class PackedBatch:
+    """Packed rows (see the module docstring). Flat tensors index the R * L stream row-major."""
+
+    source: torch.Tensor          # [R * L] int64: token id >= 0, or -(frame index + 1)
+    position_ids: torch.Tensor    # [R, L] int64
+    cu_seqlens: torch.Tensor      # [S + 1] int32, sequences of the flat stream (padding included)
+    max_seqlen: int
+    loss_positions: torch.Tensor  # [M] int64 flat positions, input-example order
+    target_ids: torch.Tensor      # [M] int64: the response token each loss position predicts
+    loss_example: torch.Tensor    # [M] int64: input index of the example of each loss position
+    frame_offsets: torch.Tensor   # [E + 1] int64: example e's frames in the frame buffer
+    example_ids: list[str]        # input order
+    example_rows: list[int]       # the row of each example
+    example_starts: list[int]     # flat start of each example
+    n_tokens: int                 # real (non-padding) tokens
+    max_tokens: int
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.position_ids.shape[0]
+
+    @property
+    def row_len(self) -> int:
+        return self.position_ids.shape[1]
+
+    @property
+    def utilization(self) -> float:
+        """Real tokens over the R * L slots the model runs on."""
+        return self.n_tokens / max(self.source.numel(), 1)
+
+    def to(self, device) -> "PackedBatch":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items()}
+        return PackedBatch(**moved)
+
+
+def pack(examples: Sequence[Example], max_tokens: int, *, pad_id: int = 0,
+         overlong: str = "error", row_len: str = "longest",
+         bins: list[list[int]] | None = None) -> PackedBatch:
+    """Pack ``examples`` into rows of at most ``max_tokens`` tokens (first-fit-decreasing).
+
+    ``overlong``: "error" (a ValueError naming the example) or "truncate" (drop response tokens
+    from the end until it fits; an example whose prompt alone does not fit is still an error).
+    ``row_len``: "longest" pads rows to the longest row, "max" to ``max_tokens``.
+    ``bins``: a precomputed row assignment (lists of example indices) instead of FFD.
+    """
+    if overlong not in ("error", "truncate"):
+        raise ValueError(f"overlong must be 'error' or 'truncate', got {overlong!r}")
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+    if not examples:
+        raise ValueError("pack() needs at least one example")
+    examples = [_fit(ex, max_tokens, overlong) for ex in examples]
+    lengths = [len(ex) for ex in examples]
+    rows = bins if bins is not None else first_fit_decreasing(lengths, max_tokens)
+    n_rows = len(rows)
+    width = max_tokens if row_len == "max" else max(sum(lengths[i] for i in r) for r in rows)
+
+    frame_offsets = [0]
+    for ex in examples:
+        frame_offsets.append(frame_offsets[-1] + ex.n_frames)
+
+    source = torch.full((n_rows, width), pad_id, dtype=torch.int64)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.int64)
+    seqlens: list[int] = []
+    example_rows = [0] * len(examples)
+    example_starts = [0] * len(examples)
+    for r, members in enumerate(rows):
+        col = 0
+        for i in members:
+            ex = examples[i]
+            example_rows[i], example_starts[i] = r, r * width + col
+            n = lengths[i]
+            source[r, col:col + n] = _example_source(ex, frame_offsets[i])
+            position_ids[r, col:col + n] = torch.arange(n)
+            seqlens.append(n)
+            col += n
+        if col < width:  # the padding tail is a sequence of its own
+            position_ids[r, col:] = torch.arange(width - col)
+            seqlens.append(width - col)
+
+    loss_pos, targets, loss_ex = [], [], []
+    for i, ex in enumerate(examples):
+        mask = ex.response_mask or [True] * len(ex.response)
+        first = example_starts[i] + ex.prompt_len - 1  # position predicting response[0]
+        for j, (tok, keep) in enumerate(zip(ex.response, mask)):
+            if keep:
+                loss_pos.append(first + j)
+                targets.append(tok)
+                loss_ex.append(i)
+
+    n_tokens = sum(lengths)
+    cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(seqlens, dtype=torch.int64), 0).to(torch.int32)
+    return PackedBatch(
+        source=source.reshape(-1), position_ids=position_ids, cu_seqlens=cu,
+        max_seqlen=max(seqlens), loss_positions=torch.tensor(loss_pos, dtype=torch.int64),
+        target_ids=torch.tensor(targets, dtype=torch.int64),
+        loss_example=torch.tensor(loss_ex, dtype=torch.int64),
+        frame_offsets=torch.tensor(frame_offsets, dtype=torch.int64),
+        example_ids=[ex.id for ex in examples], example_rows=example_rows,
+        example_starts=example_starts, n_tokens=n_tokens, max_tokens=max_tokens,
+        stats=dict(rows=n_rows, row_len=width, examples=len(examples),
+                   fill=n_tokens / (n_rows * max_tokens)))
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bin indices of ``lengths`` into bins of ``capacity``: longest first, each into the first
+    bin with room. Returns the bins (lists of indices, in placement order)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"item {i} has length {n} > capacity {capacity}")
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - n)
+    return bins
+
+
+def iter_packed(examples: Iterable[Example], max_tokens: int, rows_per_batch: int,
+                buffer_size: int = 256, **pack_kw) -> Iterator[PackedBatch]:
+    """Stream of packed batches: fill a buffer of examples, bin it by first-fit-decreasing, emit
+    ``rows_per_batch`` rows at a time (the last batch of the stream may have fewer)."""
+    buffer: list[Example] = []
+    for ex in examples:
+        buffer.append(ex)
+        if len(buffer) >= buffer_size:
+            yield from _emit(buffer, max_tokens, rows_per_batch, pack_kw)
+            buffer = []
+    if buffer:
+        yield from _emit(buffer, max_tokens, rows_per_batch, pack_kw)
+
+
+def _emit(buffer, max_tokens, rows_per_batch, pack_kw):
+    fitted = [_fit(ex, max_tokens, pack_kw.get("overlong", "error")) for ex in buffer]
+    bins = first_fit_decreasing([len(ex) for ex in fitted], max_tokens)
+    for b0 in range(0, len(bins), rows_per_batch):
+        chunk = bins[b0:b0 + rows_per_batch]
+        members = [i for b in chunk for i in b]
+        local, k = [], 0
+        for b in chunk:
+            local.append(list(range(k, k + len(b))))
+            k += len(b)
+        yield pack([fitted[i] for i in members], max_tokens, bins=local, **pack_kw)
+
+
+def _fit(ex: Example, max_tokens: int, overlong: str) -> Example:
+    if len(ex) <= max_tokens:
+        return ex
+    if overlong == "truncate" and ex.prompt_len < max_tokens:
+        keep = max_tokens - ex.prompt_len
+        mask = ex.response_mask[:keep] if ex.response_mask is not None else None
+        return Example(ex.id, ex.prompt, ex.response[:keep], mask, ex.n_frames)
+    raise ValueError(f"example {ex.id!r} has {len(ex)} tokens (prompt {ex.prompt_len}, response "
+                     f"{len(ex.response)}), more than max_tokens={max_tokens}"
+                     + ("" if overlong == "truncate" else "; set overlong='truncate' to cut the "
+                        "response"))
+
+
+def _example_source(ex: Example, frame_base: int) -> torch.Tensor:
+    pieces = []
+    for part in ex.prompt:
+        if isinstance(part, Text):
+            pieces.append(torch.tensor(part.ids, dtype=torch.int64))
+        else:
+            pieces.append(-(frame_base + torch.arange(part.start, part.end, dtype=torch.int64)) - 1)
+    pieces.append(torch.tensor(ex.response, dtype=torch.int64))
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+
+
+def model_inputs(batch: PackedBatch, inputs_embeds: torch.Tensor, attention: str = "auto",
+                 attn_implementation: str | None = None) -> dict:
+    """Keyword arguments for a transformers causal LM over a packed batch.
+
+    ``inputs_embeds``: [R * L, H] (from ``pack_embeddings``). ``attention``: "position_ids"
+    (restarting positions, no mask, no cache: transformers builds the block-causal mask itself),
+    "mask" (an explicit [R, 1, L, L] block-diagonal causal mask), or "auto" (position_ids; for
+    flash-attention-2 also the cu_seqlens, which its varlen path takes directly).
+    """
+    if attention not in ("auto", "position_ids", "mask"):
+        raise ValueError(f"attention must be 'auto', 'position_ids' or 'mask', got {attention!r}")
+    embeds = inputs_embeds.reshape(batch.rows, batch.row_len, -1)
+    kw = dict(inputs_embeds=embeds, position_ids=batch.position_ids.to(embeds.device),
+              use_cache=False)
+    if attention == "mask":
+        kw["attention_mask"] = block_causal_mask(batch.position_ids.to(embeds.device))
+    elif attn_implementation == "flash_attention_2" and batch.rows == 1:
+        cu = batch.cu_seqlens.to(embeds.device)
+        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen,
+                  max_length_k=batch.max_seqlen)
+    return kw
+
+
+def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[R, 1, L, L] bool mask: True where query i may attend key j (same sequence, j <= i).
+    Sequences are delimited by ``position_ids`` restarting (any step other than +1)."""
+    step = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1)
+    seq = (step != 1).cumsum(-1)
+    same = seq[:, :, None] == seq[:, None, :]
+    causal = torch.ones(position_ids.shape[-1], position_ids.shape[-1], dtype=torch.bool,
+                        device=position_ids.device).tril()
+    return (same & causal)[:, None]
+
+
+def gather_loss_rows(hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Hidden states [R, L, H] or [R * L, H] -> the rows at the loss positions [M, H]."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.loss_positions.to(hidden.device))
+
+
+def pack_embeddings(source: torch.Tensor, embed_weight: torch.Tensor, frames: torch.Tensor,
+                    backend: str = "auto") -> torch.Tensor:
+    """Packed ``inputs_embeds`` [N, H]: row ``embed_weight[source[i]]`` for a text position,
+    ``frames[-source[i] - 1]`` for a speech position (``PackedBatch.source``).
+
+    Differentiable: gradients reach ``frames``, and ``embed_weight`` only if it requires grad.
+    Backends: "triton" (one kernel launch each way; CUDA, or the CPU interpreter), "torch"
+    (index copies, the default on CPU), "eager" (``mtbi_fast.reference``); "auto" picks triton on
+    CUDA. Ids outside the table or frames outside the buffer are a ValueError.
+    """
+    if backend not in ("auto", "triton", "torch", "eager"):
+        raise ValueError(f"backend must be one of auto, triton, torch, eager; got {backend!r}")
+    _check_pack_inputs(source, embed_weight, frames)
+    if backend == "auto":
+        backend = "triton" if embed_weight.is_cuda else "torch"
+    if backend == "eager":
+        from .reference import eager_pack_embeddings
+
+        return eager_pack_embeddings(source, embed_weight, frames)
+    if backend == "triton":
+        from mtbi_kernels import interpreter_enabled
+
+        if not embed_weight.is_cuda and not interpreter_enabled():
+            raise ValueError("backend='triton' needs CUDA tensors; set TRITON_INTERPRET=1 before "
+                             "importing triton for the CPU interpreter, or use backend='torch'")
+    return _PackEmbeddings.apply(source, embed_weight, frames, backend)
+
+
+class _PackEmbeddings(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, source, embed_weight, frames, backend):
+        ctx.save_for_backward(source)
+        ctx.backend = backend
+        ctx.shapes = (embed_weight.shape[0], frames.shape[0])
+        ctx.dtypes = (embed_weight.dtype, frames.dtype)
+        if backend == "triton":
+            from mtbi_kernels import triton_pack_embeddings
+
+            return triton_pack_embeddings(source, embed_weight, frames)
+        out = torch.empty(source.numel(), embed_weight.shape[1], device=embed_weight.device,
+                          dtype=embed_weight.dtype)
+        speech = source < 0
+        out[~speech] = embed_weight[source[~speech]]
+        out[speech] = frames[-source[speech] - 1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (source,) = ctx.saved_tensors
+        vocab, n_frames = ctx.shapes
+        need_embed = ctx.needs_input_grad[1]
+        if ctx.backend == "triton":
+            from mtbi_kernels import triton_unpack_grad
+
+            g_frames, g_embed = triton_unpack_grad(source, grad_out, n_frames,
+                                                   vocab if need_embed else None)
+        else:
+            speech = source < 0
+            g = grad_out.float()
+            g_frames = torch.zeros(n_frames, g.shape[1], device=g.device, dtype=torch.float32)
+            g_frames.index_add_(0, -source[speech] - 1, g[speech])
+            g_embed = None
+            if need_embed:
+                g_embed = torch.zeros(vocab, g.shape[1], device=g.device, dtype=torch.float32)
+                g_embed.index_add_(0, source[~speech], g[~speech])
+        g_frames = g_frames.to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None
+        g_embed = g_embed.to(ctx.dtypes[0]) if g_embed is not None else None
+        return None, g_embed, g_frames, None
+
+
+def _check_pack_inputs(source, embed_weight, frames):
+    if source.dtype != torch.int64 or source.dim() != 1:
+        raise ValueError(f"source must be a 1-D int64 tensor, got {source.dtype} {tuple(source.shape)}")
+    if embed_weight.dim() != 2 or frames.dim() != 2:
+        raise ValueError(f"embed_weight and frames must be 2-D, got {tuple(embed_weight.shape)} "
+                         f"and {tuple(frames.shape)}")
+    if frames.shape[1] != embed_weight.shape[1] and frames.numel() > 0:
+        raise ValueError(f"frames have hidden size {frames.shape[1]} but the embedding table has "
+                         f"{embed_weight.shape[1]} (frames dim 1)")
+    if frames.dtype != embed_weight.dtype and frames.numel() > 0:
+        raise ValueError(f"frames dtype {frames.dtype} differs from embed_weight dtype "
+                         f"{embed_weight.dtype}")
+    if source.numel():
+        hi, lo = int(source.max()), int(source.min())
+        if hi >= embed_weight.shape[0]:
+            raise ValueError(f"source has token id {hi}, outside the embedding table "
+                             f"({embed_weight.shape[0]} rows)")
+        if lo < 0 and -lo - 1 >= frames.shape[0]:
+            raise ValueError(f"source refers to speech frame {-lo - 1}, but the frame buffer has "
+                             f"{frames.shape[0]} frames")
