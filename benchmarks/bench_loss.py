@@ -3,8 +3,8 @@
     pytest benchmarks/bench_loss.py
 
 Time comes from pytest-benchmark (median of the rounds), peak extra memory from a fresh process per
-case (benchmarks/loss_cases.py). At the end of the session benchmarks/conftest.py writes
-benchmarks/results/loss_<device>.json and .md with the ratios to eager.
+case (benchmarks/loss_cases.py). At the end of the module the rows go to
+benchmarks/results/loss_<device>.json and .md, with the ratios to eager.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import results_table
 from loss_cases import CPU_CASES, CUDA_CASES, make_case, step_fn
 
 HAS_CUDA = torch.cuda.is_available()
@@ -48,6 +49,30 @@ def _peak_extra_bytes(backend, n, h, v, dtype, device) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
 
 
+@pytest.fixture(scope="module")
+def loss_results():
+    rows: list[dict] = []
+    yield rows
+    for device in ("cpu", "cuda"):
+        mine = [r for r in rows if r["device"] == device]
+        if not mine:
+            continue
+        for r in mine:
+            if "matmul_roofline_tflops" in r:
+                r["roofline_fraction"] = r["tflops_3gemm"] / r["matmul_roofline_tflops"]
+        columns = [("case", "case", ""), ("variant", "backend", ""), ("seconds", "time (s)", ".3f"),
+                   ("seconds_vs_eager", "time / eager", ".2f"),
+                   ("peak_extra_mib", "peak extra (MiB)", ".0f"),
+                   ("peak_extra_mib_vs_eager", "memory / eager", ".2f"),
+                   ("tflops_3gemm", "TFLOP/s (3 GEMMs)", ".2f")]
+        if device == "cuda":
+            columns.append(("roofline_fraction", "of matmul roofline", ".2f"))
+        table = results_table.write(
+            f"loss_{device}", "Imitation loss, forward + backward (`python -m pytest benchmarks/bench_loss.py`)",
+            mine, columns, baseline="eager", ratios=("seconds", "peak_extra_mib"))
+        print("\n" + table)
+
+
 @pytest.mark.parametrize("case, backend", list(_params()))
 def test_loss_forward_backward(benchmark, loss_results, case, backend):
     name, n, h, v, dtype, device = case
@@ -62,7 +87,7 @@ def test_loss_forward_backward(benchmark, loss_results, case, backend):
     benchmark.pedantic(run, rounds=3 if device == "cpu" else 10, warmup_rounds=1, iterations=1)
     extra = _peak_extra_bytes(backend, n, h, v, dtype, device)
     benchmark.extra_info.update(peak_extra_mib=extra / 2**20, n=n, h=h, v=v, dtype=dtype)
-    row = dict(case=name, backend=backend, n=n, h=h, v=v, dtype=dtype, device=device,
+    row = dict(case=name, variant=backend, n=n, h=h, v=v, dtype=dtype, device=device,
                seconds=benchmark.stats.stats.median, peak_extra_mib=extra / 2**20,
                tflops_3gemm=6 * n * h * v / benchmark.stats.stats.median / 1e12)
     if device == "cuda":

@@ -15,9 +15,10 @@ into rows of at most ``max_tokens`` by first-fit-decreasing and returns a ``Pack
   same examples line up row for row for the imitation loss.
 
 Attention never crosses examples: ``model_inputs`` gives the keyword arguments for a transformers
-causal LM (restarting ``position_ids`` with no attention mask and no cache, which transformers 5
-turns into a block-causal mask for SDPA and eager attention; flash-attention-2 gets the
-``cu_seqlens`` too), or an explicit block-diagonal causal mask with ``attention="mask"``.
+causal LM: restarting ``position_ids`` with no attention mask and no cache (transformers 5 turns
+them into a block-causal mask for SDPA and eager attention), an explicit block-diagonal causal
+mask, or the ``cu_seqlens`` for flash-attention-2's varlen kernel and for ``VARLEN_SDPA``, an
+attention function registered here that runs SDPA on each packed sequence on its own.
 """
 
 from __future__ import annotations
@@ -225,7 +226,8 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
 def iter_packed(examples: Iterable[Example], max_tokens: int, rows_per_batch: int,
                 buffer_size: int = 256, **pack_kw) -> Iterator[PackedBatch]:
     """Stream of packed batches: fill a buffer of examples, bin it by first-fit-decreasing, emit
-    ``rows_per_batch`` rows at a time (the last batch of the stream may have fewer)."""
+    ``rows_per_batch`` rows at a time, fullest rows first (the last batch may have fewer rows).
+    Keyword arguments go to ``pack``."""
     buffer: list[Example] = []
     for ex in examples:
         buffer.append(ex)
@@ -238,7 +240,10 @@ def iter_packed(examples: Iterable[Example], max_tokens: int, rows_per_batch: in
 
 def _emit(buffer, max_tokens, rows_per_batch, pack_kw):
     fitted = [_fit(ex, max_tokens, pack_kw.get("overlong", "error")) for ex in buffer]
-    bins = first_fit_decreasing([len(ex) for ex in fitted], max_tokens)
+    lengths = [len(ex) for ex in fitted]
+    bins = first_fit_decreasing(lengths, max_tokens)
+    # rows of similar fill share a batch, so padding each row to the batch's longest costs little
+    bins.sort(key=lambda b: -sum(lengths[i] for i in b))
     for b0 in range(0, len(bins), rows_per_batch):
         chunk = bins[b0:b0 + rows_per_batch]
         members = [i for b in chunk for i in b]
@@ -273,27 +278,89 @@ def _example_source(ex: Example, frame_base: int) -> torch.Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
 
 
+VARLEN_SDPA = "mtbi_varlen_sdpa"
+
+
 def model_inputs(batch: PackedBatch, inputs_embeds: torch.Tensor, attention: str = "auto",
                  attn_implementation: str | None = None) -> dict:
     """Keyword arguments for a transformers causal LM over a packed batch.
 
-    ``inputs_embeds``: [R * L, H] (from ``pack_embeddings``). ``attention``: "position_ids"
-    (restarting positions, no mask, no cache: transformers builds the block-causal mask itself),
-    "mask" (an explicit [R, 1, L, L] block-diagonal causal mask), or "auto" (position_ids; for
-    flash-attention-2 also the cu_seqlens, which its varlen path takes directly).
+    ``inputs_embeds``: [R * L, H] (from ``pack_embeddings``). ``attention``:
+
+    - "position_ids": restarting positions, no mask, no cache; transformers builds the
+      block-causal mask itself (SDPA and eager attention compute every row's full L x L scores);
+    - "mask": an explicit [R, 1, L, L] block-diagonal causal mask (for model families that do not
+      detect packed positions);
+    - "varlen": the cu_seqlens, for flash-attention-2's varlen kernel or for
+      ``attn_implementation=VARLEN_SDPA`` (this module's per-sequence SDPA: no mask, and no work
+      across examples);
+    - "auto": "varlen" for those two attention implementations, else "position_ids".
     """
-    if attention not in ("auto", "position_ids", "mask"):
-        raise ValueError(f"attention must be 'auto', 'position_ids' or 'mask', got {attention!r}")
+    if attention not in ("auto", "position_ids", "mask", "varlen"):
+        raise ValueError("attention must be 'auto', 'position_ids', 'mask' or 'varlen', "
+                         f"got {attention!r}")
+    if attention == "auto":
+        attention = "varlen" if attn_implementation in ("flash_attention_2", VARLEN_SDPA) else "position_ids"
     embeds = inputs_embeds.reshape(batch.rows, batch.row_len, -1)
     kw = dict(inputs_embeds=embeds, position_ids=batch.position_ids.to(embeds.device),
               use_cache=False)
     if attention == "mask":
         kw["attention_mask"] = block_causal_mask(batch.position_ids.to(embeds.device))
-    elif attn_implementation == "flash_attention_2" and batch.rows == 1:
+    elif attention == "varlen":
         cu = batch.cu_seqlens.to(embeds.device)
         kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen,
                   max_length_k=batch.max_seqlen)
     return kw
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask=None, dropout=0.0,
+                          scaling=None, **kwargs):
+    """A transformers attention function (registered as ``VARLEN_SDPA``): causal SDPA run on each
+    packed sequence separately, from ``cu_seq_lens_q`` over the flat R * L stream. It needs no
+    mask and spends nothing across examples; on machines without flash-attn it is the varlen path.
+    Without ``cu_seq_lens_q`` every row is one causal sequence (right padding only: no mask is
+    built for this implementation), and a single query attends to all cached keys (decoding).
+
+    query [R, heads, L, d], key/value [R, kv_heads, L, d] -> ([R, L, heads, d], None).
+    """
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:  # not packed: each row is one causal sequence (right padding only), or decoding
+        return _plain_sdpa(module, query, key, value, dropout, scaling)
+    rows, heads, length, dim = query.shape
+
+    def flat(x):  # [R, h, L, d] -> [h, R * L, d]; sequences never straddle rows
+        return x.transpose(0, 1).reshape(x.shape[1], rows * length, dim)
+
+    q, k, v = flat(query), flat(key), flat(value)
+    bounds = cu.tolist()
+    out = torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(
+            q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True, scale=scaling,
+            dropout_p=dropout if module.training else 0.0, enable_gqa=k.shape[0] != heads)
+        for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+    return out.reshape(heads, rows, length, dim).permute(1, 2, 0, 3).contiguous(), None
+
+
+def _plain_sdpa(module, query, key, value, dropout, scaling):
+    q_len, k_len = query.shape[2], key.shape[2]
+    if q_len != k_len and q_len != 1:
+        raise ValueError(f"{VARLEN_SDPA}: {q_len} queries against {k_len} cached keys is not "
+                         "supported; use attn_implementation='sdpa' for chunked prefill")
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, is_causal=q_len == k_len and q_len > 1, scale=scaling,
+        dropout_p=dropout if module.training else 0.0, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_varlen_sdpa():
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+
+
+_register_varlen_sdpa()
 
 
 def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
