@@ -171,3 +171,15 @@ def test_ratio_schedules():
 def test_schedule_config_errors(cfg, message):
     with pytest.raises(ValueError, match=message):
         RatioSchedule.from_config(cfg)
+
+
+def test_bundled_schedule_configs_load():
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "interleave.yaml").read_text())
+    schedules = {name: RatioSchedule.from_config(c) for name, c in cfg.items()}
+    assert schedules["constant"](123) == 0.5
+    assert schedules["linear_decay"](1000) == pytest.approx(0.4)
+    assert schedules["cosine_decay"](2000) == pytest.approx(0.1)
