@@ -92,8 +92,10 @@ def fused_linear_kl(
     ``vocab_splits`` (programs per row block in the statistics pass) and ``grad_chunk``
     (vocabulary columns per gradient chunk, bounding the extra memory to N x grad_chunk).
 
-    Returns ``(row_loss [N] fp32, grad_hidden [N, H] fp32 | None, grad_weight [V, H] fp32 | None,
-    grad_bias [V] fp32 | None)``.
+    Returns ``(row_kl [N] fp32, row_ce [N] fp32, grad_hidden [N, H] fp32 | None, grad_weight
+    [V, H] fp32 | None, grad_bias [V] fp32 | None)``: the unweighted KL and CE of each row (0 on
+    ignored rows; CE 0 when ``ce_weight`` is 0), ``row_loss = kl_weight T^2 row_kl + ce_weight
+    row_ce``.
     """
     if triton is None:
         raise RuntimeError(f"triton could not be imported: {_TRITON_IMPORT_ERROR!r}")
@@ -147,21 +149,20 @@ def fused_linear_kl(
     lse_s = _merge_lse(m_s, l_s)[0]
     lse_t, l_t_all, scale_t = _merge_lse(m_t, l_t)
     kl = (acc * scale_t).sum(0) / l_t_all - lse_t + lse_s  # acc holds unshifted t - s
-    row_loss = (kl_weight * float(temperature) ** 2) * kl
+    valid = (tgt != ignore_index) if has_target else torch.ones(n, device=device, dtype=torch.bool)
+    row_kl = torch.where(valid, kl, 0.0)
     if do_ce:
         lse_c = _merge_lse(m_c, l_c)[0] if separate_ce else lse_s  # T == 1: same softmax
-        row_loss = row_loss + ce_weight * (lse_c - z_tgt.sum(0))
+        row_ce = torch.where(valid, lse_c - z_tgt.sum(0), 0.0)
     else:
-        lse_c = lse_s
-    valid = (tgt != ignore_index) if has_target else torch.ones(n, device=device, dtype=torch.bool)
-    row_loss = torch.where(valid, row_loss, 0.0)
+        lse_c, row_ce = lse_s, torch.zeros_like(row_kl)
 
     # 2. gradients, one vocabulary chunk at a time
     grad_hidden = torch.zeros(n, hidden, **f32) if need_grad_hidden else None
     grad_weight = torch.zeros(vocab, hidden, **f32) if need_grad_weight else None
     grad_bias = torch.zeros(vocab, **f32) if need_grad_bias else None
     if n == 0 or not (need_grad_hidden or need_grad_weight or need_grad_bias):
-        return row_loss, grad_hidden, grad_weight, grad_bias
+        return row_kl, row_ce, grad_hidden, grad_weight, grad_bias
     scale = torch.where(valid, row_scale.to(torch.float32), 0.0).contiguous()
     g_dtype = torch.float32 if fp32_dots else h_s.dtype
     if grad_chunk is None:  # about 256 MiB of logit gradient at a time
@@ -183,7 +184,7 @@ def fused_linear_kl(
             grad_weight[v0:v1] = _mm_fp32(g.t(), h_s)
         if need_grad_bias:
             grad_bias[v0:v1] = g.sum(0, dtype=torch.float32)
-    return row_loss, grad_hidden, grad_weight, grad_bias
+    return row_kl, row_ce, grad_hidden, grad_weight, grad_bias
 
 
 def _merge_lse(m, l):

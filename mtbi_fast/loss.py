@@ -50,14 +50,17 @@ def imitation_loss(
     reduction: str = "mean",
     backend: str = "auto",
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    return_parts: bool = False,
+):
     """Imitation loss of student hidden states against teacher hidden states (module docstring).
 
     ``student_hidden`` [N, H] or [B, T, H]; ``teacher_hidden`` with the same leading shape and
     hidden size H_t; ``lm_head_weight`` [V, H]; ``target_ids`` with the leading shape (int);
     ``lm_head_bias`` [V] (shared by both sides unless ``teacher_lm_head_weight`` [V, H_t] is given).
     Returns a scalar (``reduction`` "mean" or "sum") or per-row losses with the leading shape
-    ("none"). The loss is float32 whatever the input dtype.
+    ("none"). The loss is float32 whatever the input dtype. With ``return_parts=True`` it returns
+    ``(loss, {"kl": ..., "ce": ...})``: the unweighted KL (at temperature T) and CE, reduced the
+    same way (detached; CE is 0 when ``ce_weight`` is 0).
     """
     _check_options(temperature, reduction, backend)
     if target_ids is None and ce_weight != 0.0:
@@ -82,16 +85,26 @@ def imitation_loss(
             if gathered:  # autograd would keep the gathered (soon freed) head for backward
                 weight, bias = weight.detach().clone(), _detach(bias)
                 bias = bias.clone() if bias is not None else None
-            rows = eager_row_losses(h_s, h_t, weight, teacher_weight, bias, teacher_bias,
-                                    target, **options)
-            loss = _reduce(rows, target, ignore_index, reduction)
+            row_kl, row_ce = eager_row_losses(h_s, h_t, weight, teacher_weight, bias, teacher_bias,
+                                              target, return_parts=True, **options)
+            loss = _reduce(_combine(row_kl, row_ce, options), target, ignore_index, reduction)
         else:
             impl = _triton_impl() if name == "triton" else _chunked_linear_kl
             if name == "chunked" and chunk_size is not None:
                 options["chunk_size"] = int(chunk_size)
-            loss = _FusedImitation.apply(h_s, h_t, weight, teacher_weight, bias, teacher_bias,
-                                         target, reduction, impl, options)
-    return loss.reshape(lead) if reduction == "none" else loss
+            loss, row_kl, row_ce = _FusedImitation.apply(
+                h_s, h_t, weight, teacher_weight, bias, teacher_bias, target, reduction, impl,
+                options)
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    if not return_parts:
+        return loss
+    parts = {"kl": row_kl.detach(), "ce": row_ce.detach()}
+    if reduction == "none":
+        return loss, {k: v.reshape(lead) for k, v in parts.items()}
+    n_counted = h_s.shape[0] if target is None else int((target != ignore_index).sum())
+    div = max(n_counted, 1) if reduction == "mean" else 1
+    return loss, {k: v.sum() / div for k, v in parts.items()}
 
 
 class ImitationLoss(nn.Module):
@@ -139,10 +152,12 @@ class _FusedImitation(torch.autograd.Function):
         # Per-row weights are unknown until backward for reduction="none", so the weight and bias
         # gradients are formed there (recomputing); the hidden gradient is per row either way.
         defer = reduction == "none" and (need_w or need_b)
-        rows, grad_h, grad_w, grad_b = impl(
+        row_kl, row_ce, grad_h, grad_w, grad_b = impl(
             h_s, h_t, weight, teacher_weight, bias, teacher_bias, target, row_scale,
             need_grad_hidden=need_h, need_grad_weight=need_w and not defer,
             need_grad_bias=need_b and not defer, **options)
+        rows = _combine(row_kl, row_ce, options)
+        ctx.mark_non_differentiable(row_kl, row_ce)
         ctx.reduction = reduction
         ctx.dtypes = (h_s.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.impl, ctx.options, ctx.defer = impl, options, defer
@@ -155,11 +170,11 @@ class _FusedImitation(torch.autograd.Function):
         else:
             ctx.save_for_backward(grad_h, grad_w, grad_b)
         if reduction == "none":
-            return rows
-        return rows.sum() * scale
+            return rows, row_kl, row_ce
+        return rows.sum() * scale, row_kl, row_ce
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_kl=None, _grad_ce=None):
         need_h, need_w, need_b = ctx.need
         dtype_h, dtype_w, dtype_b = ctx.dtypes
         grad_out = grad_out.to(torch.float64 if dtype_h == torch.float64 else torch.float32)
@@ -167,7 +182,7 @@ class _FusedImitation(torch.autograd.Function):
         d_h = d_w = d_b = None
         if ctx.defer:
             grad_h, h_s, h_t, weight, teacher_weight, bias, teacher_bias, target = ctx.saved_tensors
-            _, _, grad_w, grad_b = ctx.impl(
+            _, _, _, grad_w, grad_b = ctx.impl(
                 h_s, h_t, weight, teacher_weight, bias, teacher_bias, target, grad_out,
                 need_grad_hidden=False, need_grad_weight=need_w, need_grad_bias=need_b,
                 **ctx.options)
@@ -190,7 +205,8 @@ def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, tar
                        temperature=1.0, kl_weight=1.0, ce_weight=0.0, ignore_index=-100,
                        need_grad_hidden=True, need_grad_weight=False, need_grad_bias=False,
                        chunk_size=None):
-    """Plain-PyTorch fused backend with the signature of ``mtbi_kernels.fused_linear_kl``.
+    """Plain-PyTorch fused backend with the signature of ``mtbi_kernels.fused_linear_kl``
+    (returns the rows' KL and CE, and the gradients).
 
     Works on ``chunk_size`` rows at a time (default: about 16M logits per chunk) and computes the
     row losses and the gradients of ``sum(row_scale * row_loss)`` in one pass: three GEMMs per chunk
@@ -218,12 +234,12 @@ def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, tar
     need_grad = need_grad_hidden or need_grad_weight or need_grad_bias
 
     zeros = lambda *shape: torch.zeros(shape, device=h_s.device, dtype=dtype)  # noqa: E731
-    rows = zeros(n)
+    row_kl, row_ce = zeros(n), zeros(n)
     grad_h = zeros(n, hidden) if need_grad_hidden else None
     grad_w = zeros(vocab, hidden) if need_grad_weight else None
     grad_b = zeros(vocab) if need_grad_bias else None
     if n == 0:
-        return rows, grad_h, grad_w, grad_b
+        return row_kl, row_ce, grad_h, grad_w, grad_b
 
     # Equal chunks, and chunk buffers allocated once: a fresh large buffer per chunk costs page
     # faults on every first touch (about 3x the time of the exp that fills it, measured).
@@ -265,14 +281,11 @@ def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, tar
         e_s = s.exp_()
         l_s = e_s.sum(dim=1)
         kl += torch.log(l_s)
-        loss = (kl_weight * temperature**2) * kl
+        row_kl[sl] = kl if valid is None else torch.where(valid, kl, 0.0)
         if do_ce:
             if inv_t == 1.0:
                 lse_c = m_s.squeeze(1) + torch.log(l_s)
-            loss += ce_weight * (lse_c - z_tgt)
-        if valid is not None:
-            loss = torch.where(valid, loss, 0.0)
-        rows[sl] = loss
+            row_ce[sl] = torch.where(valid, lse_c - z_tgt, 0.0)
         if not need_grad:
             continue
 
@@ -291,7 +304,13 @@ def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, tar
             grad_w.addmm_(g.t(), x)
         if need_grad_bias:
             grad_b += g.sum(dim=0)
-    return rows, grad_h, grad_w, grad_b
+    return row_kl, row_ce, grad_h, grad_w, grad_b
+
+
+def _combine(row_kl, row_ce, options):
+    """Row losses from the rows' KL and CE: kl_weight T^2 KL + ce_weight CE."""
+    rows = (options["kl_weight"] * options["temperature"] ** 2) * row_kl
+    return rows + options["ce_weight"] * row_ce if options["ce_weight"] != 0.0 else rows
 
 
 def _linear(x, w, b, out):

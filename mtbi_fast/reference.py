@@ -24,8 +24,10 @@ def eager_row_losses(
     kl_weight: float = 1.0,
     ce_weight: float = 0.0,
     ignore_index: int = -100,
-) -> torch.Tensor:
-    """Per-row imitation losses [N], differentiable through autograd.
+    return_parts: bool = False,
+):
+    """Per-row imitation losses [N], differentiable through autograd (with ``return_parts``: the
+    rows' KL and CE instead, unweighted, each [N]).
 
     ``student_hidden`` [N, H], ``teacher_hidden`` [N, Ht], ``weight`` [V, H], ``teacher_weight``
     [V, Ht]. The logits are formed at the input precision (what plain PyTorch does), then the
@@ -38,14 +40,16 @@ def eager_row_losses(
     log_p_s = torch.log_softmax(z_s / temperature, dim=-1)
     log_p_t = torch.log_softmax(z_t / temperature, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
-    rows = kl_weight * temperature**2 * kl
-    if target is None:
-        return rows
-    valid = target != ignore_index
-    if ce_weight != 0.0:
-        ce = F.cross_entropy(z_s, target, ignore_index=ignore_index, reduction="none")
-        rows = rows + ce_weight * ce
-    return torch.where(valid, rows, torch.zeros_like(rows))
+    ce = torch.zeros_like(kl)
+    if target is not None:
+        valid = target != ignore_index
+        kl = torch.where(valid, kl, torch.zeros_like(kl))
+        if ce_weight != 0.0:
+            ce = F.cross_entropy(z_s, target, ignore_index=ignore_index, reduction="none")
+            ce = torch.where(valid, ce, torch.zeros_like(ce))
+    if return_parts:
+        return kl, ce
+    return kl_weight * temperature**2 * kl + ce_weight * ce
 
 
 def eager_pack_embeddings(source: torch.Tensor, embed_weight: torch.Tensor,

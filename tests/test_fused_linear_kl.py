@@ -39,11 +39,13 @@ def test_kernel_matches_float64(blocks, opts, teacher_head):
     w_t = x.get("teacher_lm_head_weight", x["lm_head_weight"])
     b_t = None if teacher_head else x["lm_head_bias"]
     bm, bv, bk, splits, chunk = blocks
-    rows, gh, gw, gb = fused_linear_kl(
+    row_kl, row_ce, gh, gw, gb = fused_linear_kl(
         x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"], w_t, x["lm_head_bias"], b_t,
         x["target_ids"], row_scale, need_grad_hidden=True, need_grad_weight=True,
         need_grad_bias=True, block_m=bm, block_v=bv, block_k=bk, vocab_splits=splits,
         grad_chunk=chunk, **opts)
+    T = opts.get("temperature", 1.0)
+    rows = opts.get("kl_weight", 1.0) * T * T * row_kl + opts.get("ce_weight", 0.0) * row_ce
     tol = dict(rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(rows.double(), ref_rows, **tol)
     torch.testing.assert_close(gh.double(), ref_gh, **tol)
@@ -55,16 +57,17 @@ def test_kernel_without_targets_and_without_grads():
     x = make_inputs(n=21, h=17, v=67, dtype=torch.float32)
     ref_rows, *_ = float64_reference({k: v for k, v in x.items() if k != "target_ids"},
                                      torch.ones(21), temperature=3.0)
-    rows, gh, gw, gb = fused_linear_kl(
+    row_kl, row_ce, gh, gw, gb = fused_linear_kl(
         x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"], x["lm_head_weight"], None,
         None, None, torch.ones(21), temperature=3.0, need_grad_hidden=False)
     assert gh is None and gw is None and gb is None
-    torch.testing.assert_close(rows.double(), ref_rows, rtol=2e-5, atol=2e-6)
+    assert torch.count_nonzero(row_ce) == 0
+    torch.testing.assert_close(9.0 * row_kl.double(), ref_rows, rtol=2e-5, atol=2e-6)
 
 
 def test_kernel_empty_input():
     x = make_inputs(n=1, h=8, v=20, dtype=torch.float32)
-    rows, gh, _, _ = fused_linear_kl(x["student_hidden"][:0], x["teacher_hidden"][:0],
+    rows, _, gh, _, _ = fused_linear_kl(x["student_hidden"][:0], x["teacher_hidden"][:0],
                                      x["lm_head_weight"], x["lm_head_weight"], None, None, None,
                                      torch.ones(0))
     assert rows.shape == (0,) and gh.shape == (0, 8)
@@ -87,10 +90,11 @@ def test_kernel_on_gpu(dtype):
     x = {k: t.cuda() for k, t in x.items()}
     row_scale = torch.full((300,), 1 / 299, device="cuda")
     ref_rows, ref_gh, ref_gw, _ = float64_reference(x, row_scale, ce_weight=0.2, temperature=1.3)
-    rows, gh, gw, _ = fused_linear_kl(
+    row_kl, row_ce, gh, gw, _ = fused_linear_kl(
         x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"], x["lm_head_weight"],
         x["lm_head_bias"], x["lm_head_bias"], x["target_ids"], row_scale, ce_weight=0.2,
         temperature=1.3, need_grad_weight=True)
+    rows = 1.3**2 * row_kl + 0.2 * row_ce
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(rows.double(), ref_rows, **tol)
     torch.testing.assert_close(gh.double(), ref_gh, **tol)

@@ -271,3 +271,20 @@ def test_module_rejects_bad_options():
         ImitationLoss(reduction="avg")
     with pytest.raises(ValueError, match="backend must be one of"):
         ImitationLoss(backend="fast")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_parts(backend):
+    """The parts are the unweighted mean KL (at temperature T) and mean CE over counted rows."""
+    x = {k: (v.float() if v.is_floating_point() else v) for k, v in make_inputs(ignore=(1, 2)).items()}
+    loss, parts = imitation_loss(**x, temperature=2.0, kl_weight=0.7, ce_weight=0.3,
+                                 backend=backend, return_parts=True)
+    kl_only = imitation_loss(**x, temperature=2.0, backend="eager")
+    ce_only = torch.nn.functional.cross_entropy(
+        x["student_hidden"] @ x["lm_head_weight"].T, x["target_ids"], ignore_index=-100)
+    torch.testing.assert_close(parts["kl"], kl_only / 4.0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts["ce"], ce_only, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, 0.7 * 4.0 * parts["kl"] + 0.3 * parts["ce"], rtol=1e-5, atol=1e-6)
+    rows, row_parts = imitation_loss(**x, temperature=2.0, ce_weight=0.3, reduction="none",
+                                     backend=backend, return_parts=True)
+    assert row_parts["kl"].shape == rows.shape and row_parts["kl"][1] == 0
