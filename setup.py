@@ -23,6 +23,7 @@ setup(
     python_requires=">=3.10",
     packages=["mtbi_fast", "mtbi_kernels"],
     package_dir={"mtbi_fast": "mtbi_fast", "mtbi_kernels": "kernels"},
+    package_data={"mtbi_fast": ["assets/*.json"]},
     install_requires=[
         "torch>=2.4",
         "torchaudio>=2.4",
@@ -37,6 +38,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "psutil"],
         "flash": ["flash-attn>=2.6"],
+        "lora": ["peft>=0.13"],
     },
     entry_points={"console_scripts": ["mtbi-fast = mtbi_fast.cli:main"]},
     classifiers=[

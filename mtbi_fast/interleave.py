@@ -241,3 +241,27 @@ def render(segments: Sequence[Segment], words: Sequence[Word], tokenize) -> list
         else:
             parts.append(Text(tokenize(segment_text(words, seg))))
     return parts
+
+
+def example_pair(utt_id: str, words: Sequence[Word | dict], n_frames: int, frame_rate: float,
+                 ratio: float, prefix: Sequence[int], suffix: Sequence[int],
+                 response: Sequence[int], tokenize, *, mean_span: float = 3.0,
+                 generator: torch.Generator | None = None, duration: float | None = None):
+    """The (student, teacher) ``Example`` pair of one utterance and one prompt.
+
+    The prompt is ``prefix`` + the utterance + ``suffix`` (token ids around the place of the
+    transcript in the prompt template); the teacher gets the transcript as text, the student the
+    interleaved segments. Both share ``response`` (the teacher's answer), so their loss positions
+    line up. ``n_frames``: the model's speech frames for the clip (``SpeechLLM.n_frames``).
+    """
+    from .packing import Example, Text
+
+    words = check_alignment(words, duration if duration is not None else n_frames / frame_rate,
+                            utt_id, tolerance=1.0 / frame_rate)
+    segs = sample_segments(words, n_frames, frame_rate, ratio, mean_span, generator=generator,
+                           utt_id=utt_id, duration=duration)
+    student = Example(utt_id, [Text(prefix), *render(segs, words, tokenize), Text(suffix)],
+                      list(response), n_frames=n_frames)
+    teacher = Example(utt_id, [Text(prefix), Text(tokenize(transcript(words))), Text(suffix)],
+                      list(response), n_frames=0)
+    return student, teacher

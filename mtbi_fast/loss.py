@@ -124,12 +124,12 @@ class ImitationLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, student_hidden, teacher_hidden, lm_head_weight, target_ids=None,
-                lm_head_bias=None, teacher_lm_head_weight=None):
+                lm_head_bias=None, teacher_lm_head_weight=None, return_parts=False):
         return imitation_loss(
             student_hidden, teacher_hidden, lm_head_weight, target_ids, lm_head_bias,
             teacher_lm_head_weight, temperature=self.temperature, kl_weight=self.kl_weight,
             ce_weight=self.ce_weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            backend=self.backend, chunk_size=self.chunk_size)
+            backend=self.backend, chunk_size=self.chunk_size, return_parts=return_parts)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, kl_weight={self.kl_weight}, "

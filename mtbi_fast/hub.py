@@ -1,0 +1,99 @@
+"""Where models come from: random tiny models, checkpoint folders, converted offline models.
+
+A model source is a one-key mapping (see ``ModelConfig``): ``{"tiny": {overrides}}``,
+``{"path": folder}``, ``{"name": converted-model-name}`` (from ``mtbi-fast models fetch``, kept
+under ``$MTBI_FAST_CACHE``, default ``~/.cache/mtbi_fast``) or ``{"hub": "org/model"}``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .packing import VARLEN_SDPA
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MTBI_FAST_CACHE", Path.home() / ".cache" / "mtbi_fast"))
+
+
+def model_dir(name: str) -> Path:
+    """The folder of a converted model; a clear error when it has not been fetched."""
+    path = cache_dir() / "models" / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model {name!r} is not in {path.parent}; run `mtbi-fast models "
+                                f"fetch {name}` first (or set MTBI_FAST_CACHE)")
+    return path
+
+
+def resolve_attn(attn_implementation: str) -> str:
+    """"auto": flash-attention-2 when flash-attn is installed and CUDA is present, else the
+    varlen SDPA of ``mtbi_fast.packing`` (both keep packed examples apart at no extra cost)."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return VARLEN_SDPA
+
+
+def load_encoder(source: dict, seed: int = 0):
+    """A transformers ``WhisperEncoder`` from a model source."""
+    import transformers
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    kind, value = next(iter(source.items()))
+    if kind == "tiny":
+        from .model import TINY_ENCODER
+
+        cfg = transformers.WhisperConfig(**{**TINY_ENCODER, **(value or {})})
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return WhisperEncoder(cfg).eval()
+    path = _folder(kind, value)
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(path)
+    return model.get_encoder().eval()
+
+
+def load_llm(source: dict, seed: int = 0, attn_implementation: str = "auto"):
+    """(causal LM, tokenizer) from a model source."""
+    import transformers
+
+    attn = resolve_attn(attn_implementation)
+    kind, value = next(iter(source.items()))
+    if kind == "tiny":
+        from .model import TINY_LLM
+
+        spec = {**TINY_LLM, **(value or {})}
+        model_type = spec.pop("model_type")
+        cfg = transformers.AutoConfig.for_model(model_type, **spec)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            llm = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+        return llm.eval(), tiny_tokenizer()
+    path = _folder(kind, value)
+    llm = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return llm.eval(), tokenizer
+
+
+def tiny_tokenizer():
+    """The 512-token byte-level BPE bundled for the tiny LLM (mtbi_fast/assets)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(ASSETS / "tiny_tokenizer.json"),
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def _folder(kind: str, value: str) -> str:
+    if kind == "path":
+        if not Path(value).is_dir():
+            raise FileNotFoundError(f"model folder not found: {value}")
+        return str(value)
+    if kind == "name":
+        return str(model_dir(value))
+    return value  # hub id

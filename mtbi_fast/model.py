@@ -1,0 +1,399 @@
+"""The SpeechLLM that MTBI trains: Whisper encoder (true length) -> adapter -> causal LM decoder.
+
+    model = SpeechLLM.from_config(ModelConfig.from_dict(yaml.safe_load(open("configs/tiny.yaml"))["model"]))
+    frames = model.speech_frames([log_mel(wave)])          # adapter outputs, one [F, H] per clip
+    out = model(student_batch, frames, teacher=teacher_batch)   # {"loss", "kl", "ce"}
+    text = model.generate("clip.flac", "Summarize what the speaker says.", tokenizer)
+
+- ``SpeechEncoder`` runs transformers' ``WhisperEncoder`` modules on log-mels of any length up to
+  30 s, not padded to 3000 frames: a batch is padded to its longest clip, the first convolution's
+  output is zeroed past each clip's end (so the second sees what it would see at the true length),
+  the positional table is sliced, and padded frames are masked out of attention. Each clip's
+  output does not depend on what it was batched with.
+- ``Adapter`` stacks ``stride`` consecutive encoder frames (50 Hz -> 12.5 Hz at stride 4) and maps
+  them through a 2-layer MLP to the LLM's hidden size (or a strided convolution, ``kind: conv``).
+- The LLM is any transformers causal LM (Llama, Qwen2, ...), frozen by default; the teacher is the
+  same LLM fed the text transcript (an online no-grad pass, or cached hidden states), and the
+  imitation loss is ``mtbi_fast.ImitationLoss`` through the LLM's own head.
+
+``save_pretrained`` writes only the trained parts (safetensors) plus the config; ``from_pretrained``
+rebuilds the configured encoder and LLM and loads them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .audio import FRAMES_PER_SECOND, load_audio, log_mel
+from .loss import ImitationLoss
+from .packing import PackedBatch, gather_loss_rows, model_inputs, pack_embeddings
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class ModelConfig:
+    """What to build. ``encoder`` and ``llm`` are model sources:
+
+    - ``{"tiny": {...config overrides}}``: a random model from a transformers config (tests);
+    - ``{"path": "/a/folder"}``: a transformers checkpoint folder;
+    - ``{"name": "smollm2-135m-instruct"}``: a model converted by ``mtbi-fast models fetch``;
+    - ``{"hub": "Qwen/Qwen2.5-7B-Instruct"}``: a model hub id (needs hub access).
+    """
+
+    encoder: dict = field(default_factory=lambda: {"tiny": {}})
+    llm: dict = field(default_factory=lambda: {"tiny": {}})
+    adapter: dict = field(default_factory=dict)        # kind: stack|conv, stride, hidden
+    train_encoder_layers: int = 0                     # top k encoder layers trained
+    lora: dict | None = None                          # peft LoraConfig arguments
+    loss: dict = field(default_factory=dict)           # ImitationLoss arguments
+    attn_implementation: str = "auto"                 # auto: flash-attn if installed, else varlen SDPA
+    max_audio_seconds: float = 30.0
+    init_seed: int = 0                                 # random init of tiny models and the adapter
+    dtype: str = "float32"
+
+    @classmethod
+    def from_dict(cls, cfg: dict, where: str = "model") -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in cfg:
+            if key not in names:
+                raise ValueError(f"unknown key {where}.{key} (allowed: {sorted(names)})")
+        out = cls(**cfg)
+        for key in ("encoder", "llm"):
+            src = getattr(out, key)
+            if not isinstance(src, dict) or len(src) != 1 or next(iter(src)) not in ("tiny", "path", "name", "hub"):
+                raise ValueError(f"{where}.{key} must be one of {{tiny: {{...}}}}, {{path: ...}}, "
+                                 f"{{name: ...}}, {{hub: ...}}; got {src!r}")
+        unknown = set(out.adapter) - {"kind", "stride", "hidden"}
+        if unknown:
+            raise ValueError(f"unknown key {where}.adapter.{sorted(unknown)[0]}")
+        if out.adapter.get("kind", "stack") not in ("stack", "conv"):
+            raise ValueError(f"{where}.adapter.kind must be 'stack' or 'conv', got {out.adapter['kind']!r}")
+        if out.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{where}.dtype must be float32, bfloat16 or float16, got {out.dtype!r}")
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+TINY_ENCODER = dict(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
+                    encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=4,
+                    decoder_ffn_dim=128, max_source_positions=1500, vocab_size=128,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+TINY_LLM = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+class SpeechEncoder(nn.Module):
+    """Whisper encoder at the true length (module docstring). ``encoder``: a ``WhisperEncoder``."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    @property
+    def num_mel_bins(self) -> int:
+        return self.encoder.config.num_mel_bins
+
+    @property
+    def d_model(self) -> int:
+        return self.encoder.config.d_model
+
+    @property
+    def max_frames(self) -> int:
+        """Encoder output frames the positional table covers (1500 = 30 s)."""
+        return self.encoder.embed_positions.num_embeddings
+
+    def forward(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Log-mels [n_mels, T_i] -> encoder states [ceil(T_i / 2), d_model], one per clip."""
+        enc = self.encoder
+        lengths = [m.shape[-1] for m in mels]
+        out_lengths = [math.ceil(t / 2) for t in lengths]
+        for i, (m, n) in enumerate(zip(mels, out_lengths)):
+            if m.dim() != 2 or m.shape[0] != self.num_mel_bins:
+                raise ValueError(f"clip {i}: log-mel must be [{self.num_mel_bins}, T], got "
+                                 f"{tuple(m.shape)}")
+            if n > self.max_frames:
+                raise ValueError(f"clip {i}: {lengths[i]} mel frames ({lengths[i] / FRAMES_PER_SECOND:.1f}"
+                                 f" s) is longer than the encoder's {self.max_frames * 2} frames")
+        dtype = enc.conv1.weight.dtype
+        x = torch.nn.utils.rnn.pad_sequence([m.T for m in mels], batch_first=True).transpose(1, 2)
+        x = nn.functional.gelu(enc.conv1(x.to(dtype)))
+        t_max = x.shape[-1]
+        keep = torch.arange(t_max, device=x.device)[None, :] < torch.tensor(lengths, device=x.device)[:, None]
+        x = x * keep[:, None, :].to(x.dtype)  # conv2 must see zeros past each clip's end
+        x = nn.functional.gelu(enc.conv2(x)).transpose(1, 2)
+        n = x.shape[1]
+        x = x + enc.embed_positions.weight[:n]
+        x = nn.functional.dropout(x, p=enc.dropout, training=self.training)
+        mask = None
+        if len(mels) > 1 and min(out_lengths) < n:
+            valid = torch.arange(n, device=x.device)[None, :] < torch.tensor(out_lengths, device=x.device)[:, None]
+            mask = torch.zeros(len(mels), 1, n, n, device=x.device, dtype=x.dtype)
+            mask.masked_fill_(~valid[:, None, None, :], torch.finfo(x.dtype).min)
+        for layer in enc.layers:
+            x = layer(x, mask)
+        x = enc.layer_norm(x)
+        return [x[i, :out_lengths[i]] for i in range(len(mels))]
+
+
+class Adapter(nn.Module):
+    """Encoder frames [T, d_enc] -> LLM frames [ceil(T / stride), d_llm]."""
+
+    def __init__(self, d_enc: int, d_llm: int, stride: int = 4, hidden: int | None = None,
+                 kind: str = "stack"):
+        super().__init__()
+        self.stride, self.kind = stride, kind
+        hidden = hidden or d_llm
+        if kind == "stack":
+            self.proj = nn.Sequential(nn.Linear(stride * d_enc, hidden), nn.GELU(), nn.Linear(hidden, d_llm))
+        else:
+            self.conv = nn.Conv1d(d_enc, d_enc, kernel_size=stride, stride=stride)
+            self.proj = nn.Sequential(nn.GELU(), nn.Linear(d_enc, hidden), nn.GELU(), nn.Linear(hidden, d_llm))
+
+    def n_frames(self, encoder_frames: int) -> int:
+        return math.ceil(encoder_frames / self.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, d = x.shape
+        pad = (-t) % self.stride
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, d)])
+        if self.kind == "stack":
+            return self.proj(x.reshape(-1, self.stride * d))
+        return self.proj(self.conv(x.T[None])[0].T)
+
+
+class SpeechLLM(nn.Module):
+    """Speech encoder -> adapter -> causal LM, with the MTBI imitation loss."""
+
+    def __init__(self, config: ModelConfig, encoder, llm, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.encoder = SpeechEncoder(encoder)
+        d_llm = llm.get_input_embeddings().weight.shape[1]
+        a = config.adapter
+        with torch.random.fork_rng():
+            torch.manual_seed(config.init_seed + 1)
+            self.adapter = Adapter(self.encoder.d_model, d_llm, stride=a.get("stride", 4),
+                                   hidden=a.get("hidden"), kind=a.get("kind", "stack"))
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.loss_fn = ImitationLoss(**config.loss)
+        self._set_trainable()
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "SpeechLLM":
+        from . import hub
+
+        encoder = hub.load_encoder(config.encoder, seed=config.init_seed)
+        llm, tokenizer = hub.load_llm(config.llm, seed=config.init_seed,
+                                      attn_implementation=config.attn_implementation)
+        model = cls(config, encoder, llm, tokenizer)
+        if config.lora:
+            model.llm = _apply_lora(model.llm, config.lora)
+            model._set_trainable()
+        return model.to(getattr(torch, config.dtype))
+
+    def _set_trainable(self):
+        self.encoder.requires_grad_(False)
+        k = self.config.train_encoder_layers
+        if k:
+            for layer in self.encoder.encoder.layers[-k:]:
+                layer.requires_grad_(True)
+            self.encoder.encoder.layer_norm.requires_grad_(True)
+        self.adapter.requires_grad_(True)
+        if not self.config.lora:
+            self.llm.requires_grad_(False)
+
+    # -- speech ------------------------------------------------------------------------------
+
+    @property
+    def frame_rate(self) -> float:
+        """LLM speech frames per second (after the adapter)."""
+        return FRAMES_PER_SECOND / 2 / self.adapter.stride
+
+    def n_frames(self, n_samples: int) -> int:
+        """Speech frames the model gives a clip of ``n_samples`` samples at 16 kHz."""
+        return self.adapter.n_frames(math.ceil((n_samples // 160) / 2))
+
+    def speech_frames(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Log-mels -> adapter outputs [F_i, H] in the LLM's embedding space, one per clip."""
+        device = self.adapter.proj[-1].weight.device
+        states = self.encoder([m.to(device) for m in mels])
+        return [self.adapter(s) for s in states]
+
+    # -- training ----------------------------------------------------------------------------
+
+    def forward(self, student: PackedBatch, frames: list[torch.Tensor],
+                teacher: PackedBatch | None = None, teacher_hidden: torch.Tensor | None = None) -> dict:
+        """MTBI loss of a packed student batch.
+
+        ``frames``: the adapter outputs of the student batch's examples, in its input order
+        (``speech_frames`` of their log-mels); ``teacher``: the same examples as text (online
+        teacher), or ``teacher_hidden`` [M, H]: cached teacher states at the loss positions.
+        Returns ``{"loss", "kl", "ce", "rows"}``.
+        """
+        if (teacher is None) == (teacher_hidden is None):
+            raise ValueError("pass exactly one of teacher (a packed text batch) or teacher_hidden")
+        counts = [int(n) for n in torch.diff(student.frame_offsets)]
+        for i, (f, n) in enumerate(zip(frames, counts)):
+            if f.shape[0] != n:
+                raise ValueError(f"example {student.example_ids[i]!r}: the model gives {f.shape[0]} "
+                                 f"speech frames but the batch expects {n}")
+        device = self.adapter.proj[-1].weight.device
+        student = student.to(device)
+        buffer = torch.cat(frames) if frames else torch.zeros(0, self.hidden_size, device=device)
+        h_s = self._hidden(student, buffer)
+        if teacher is not None:
+            if teacher.target_ids.numel() != student.target_ids.numel() or not torch.equal(
+                    teacher.target_ids.cpu(), student.target_ids.cpu()):
+                raise ValueError("teacher and student batches do not have the same response tokens "
+                                 "in the same order")
+            with torch.no_grad():
+                h_t = self._hidden(teacher.to(device), buffer[:0])
+        else:
+            h_t = teacher_hidden.to(device=device, dtype=h_s.dtype)
+            if h_t.shape != h_s.shape:
+                raise ValueError(f"teacher_hidden has shape {tuple(h_t.shape)}, expected {tuple(h_s.shape)}")
+        head = self.llm.get_output_embeddings()
+        loss, parts = self.loss_fn(h_s, h_t, head.weight, student.target_ids,
+                                   getattr(head, "bias", None), return_parts=True)
+        return {"loss": loss, "kl": parts["kl"], "ce": parts["ce"], "rows": h_s.shape[0]}
+
+    @torch.no_grad()
+    def teacher_states(self, teacher: PackedBatch) -> torch.Tensor:
+        """The teacher's final hidden states at the loss positions [M, H] (for a cache)."""
+        device = self.adapter.proj[-1].weight.device
+        return self._hidden(teacher.to(device), torch.zeros(0, self.hidden_size, device=device))
+
+    def _hidden(self, batch: PackedBatch, frames: torch.Tensor) -> torch.Tensor:
+        embed = self.llm.get_input_embeddings().weight
+        x = pack_embeddings(batch.source, embed, frames.to(embed.dtype))
+        body = self.llm.get_decoder() if hasattr(self.llm, "get_decoder") else self.llm.model
+        kw = model_inputs(batch, x, attn_implementation=self.llm.config._attn_implementation)
+        hidden = body(**kw).last_hidden_state
+        return gather_loss_rows(hidden, batch)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llm.get_input_embeddings().weight.shape[1]
+
+    # -- inference ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, audio, prompt: str, tokenizer=None, *, streamer=None, **generation_kwargs) -> str:
+        """Answer ``prompt`` about ``audio`` (a file path or a 16 kHz waveform).
+
+        The speech goes where ``{speech}`` stands in the prompt (at its end when absent), inside
+        the tokenizer's chat template when it has one.
+        """
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
+            raise ValueError("generate needs a tokenizer (none was loaded with the LLM)")
+        wave = audio if isinstance(audio, torch.Tensor) else load_audio(
+            audio, max_seconds=self.config.max_audio_seconds)
+        frames = self.speech_frames([log_mel(wave, self.encoder.num_mel_bins)])[0]
+        before, after = prompt_halves(tokenizer, prompt)
+        embed = self.llm.get_input_embeddings()
+        dev = embed.weight.device
+        ids_a = torch.tensor(before, dtype=torch.long, device=dev)
+        ids_b = torch.tensor(after, dtype=torch.long, device=dev)
+        x = torch.cat([embed(ids_a), frames.to(embed.weight.dtype), embed(ids_b)])[None]
+        kw = dict(max_new_tokens=64, do_sample=False)
+        kw.update(generation_kwargs)
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+            kw.setdefault("pad_token_id", tokenizer.eos_token_id)
+        out = self.llm.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=dev),
+                                streamer=streamer, **kw)
+        return tokenizer.decode(out[0], skip_special_tokens=True)
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.named_parameters() if v.requires_grad}
+
+    def save_pretrained(self, directory: str | os.PathLike):
+        """Write ``config.json`` and ``model.safetensors`` (trained parts only) atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        try:
+            (tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            save_file(self.trainable_state_dict(), str(tmp / "model.safetensors"))
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                directory.rename(old)
+                tmp.rename(directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "SpeechLLM":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path = directory / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"no config.json in {directory} (not a save_pretrained folder)")
+        config = ModelConfig.from_dict(json.loads(cfg_path.read_text()), where=str(cfg_path))
+        model = cls.from_config(config)
+        state = load_file(str(directory / "model.safetensors"))
+        expected = set(model.trainable_state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"{directory / 'model.safetensors'} does not match the config: "
+                             f"missing {missing[:5]}, unexpected {extra[:5]}")
+        model.load_state_dict(state, strict=False)
+        return model
+
+
+def prompt_halves(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the speech for ``prompt`` (``{speech}`` marks the spot)."""
+    marker = "{speech}"
+    if marker not in prompt:
+        prompt = prompt + "\n" + marker
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = f"User: {prompt}\nAssistant:"
+    a, b = text.split(marker, 1)
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return enc(a), enc(b)
+
+
+def _apply_lora(llm, lora: dict):
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("model.lora needs peft: pip install -e '.[lora]'") from None
+    cfg = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    cfg.update(lora)
+    return peft.get_peft_model(llm, peft.LoraConfig(task_type="CAUSAL_LM", **cfg))

@@ -1,0 +1,178 @@
+"""mtbi_fast/model.py on configs/tiny.yaml: encoder at true length, forward/backward, packed vs
+unpacked, save/load, generate."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mtbi_fast.audio import log_mel
+from mtbi_fast.interleave import Word, example_pair
+from mtbi_fast.model import ModelConfig, SpeechLLM, prompt_halves
+from mtbi_fast.packing import pack
+
+ROOT = Path(__file__).parents[1]
+TEXTS = ["the cat sat on the mat", "speech models follow new instructions well",
+         "a quick brown fox jumps over the lazy dog today", "hello world"]
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"]
+    cfg.update(overrides)
+    return ModelConfig.from_dict(cfg)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return SpeechLLM.from_config(tiny_config())
+
+
+def clip(seconds, seed):
+    g = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    x = np.sin(2 * np.pi * (150 + 50 * seed) * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 2 * t))
+    return torch.from_numpy((0.3 * x + 0.02 * g.standard_normal(t.size)).astype(np.float32))
+
+
+def batch_for(model, ratio=0.5, seed=0, n=4, with_examples=False):
+    """Student and teacher packed batches and log-mels for n synthetic utterances."""
+    tok = model.tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    students, teachers, mels = [], [], []
+    for i in range(n):
+        text = TEXTS[i % len(TEXTS)]
+        seconds = 1.5 + 0.7 * i
+        wave = clip(seconds, i)
+        words_ = text.split()
+        step = (seconds - 0.4) / len(words_)
+        words = [Word(w, 0.2 + k * step, 0.2 + (k + 0.8) * step) for k, w in enumerate(words_)]
+        s, t = example_pair(f"utt{i}", words, model.n_frames(wave.numel()), model.frame_rate, ratio,
+                            enc("User: summarize:"), enc("\nAssistant:"), enc(" it is about " + words_[-1]),
+                            enc, generator=torch.Generator().manual_seed(seed + i))
+        students.append(s)
+        teachers.append(t)
+        mels.append(log_mel(wave))
+    out = (pack(students, 256), pack(teachers, 256), mels)
+    return out + (students,) if with_examples else out
+
+
+def test_encoder_output_does_not_depend_on_padding(model):
+    short, long = log_mel(clip(1.3, 0)), log_mel(clip(4.1, 1))
+    alone = model.encoder([short])[0]
+    batched = model.encoder([long, short])[1]
+    assert alone.shape == (short.shape[1] // 2 + short.shape[1] % 2, 64)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_rejects_over_30_seconds(model):
+    with pytest.raises(ValueError, match=r"clip 0: 3002 mel frames \(30.0 s\) is longer than the encoder's 3000"):
+        model.encoder([torch.zeros(80, 3002)])
+
+
+def test_frames_match_n_frames(model):
+    for seconds in (0.9, 2.0, 7.3):
+        wave = clip(seconds, 0)
+        assert model.speech_frames([log_mel(wave)])[0].shape == (model.n_frames(wave.numel()), 64)
+
+
+def test_forward_backward_trains_only_the_adapter(model):
+    student, teacher, mels = batch_for(model)
+    out = model(student, model.speech_frames(mels), teacher=teacher)
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0 and out["rows"] == student.target_ids.numel()
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapter.parameters())
+    assert all(p.grad is None for p in model.llm.parameters())
+    assert all(p.grad is None for p in model.encoder.parameters())
+    model.zero_grad()
+
+
+def test_ratio_one_student_is_the_teacher(model):
+    """At ratio 1 the student's input is the teacher's: the imitation KL is zero."""
+    student, teacher, mels = batch_for(model, ratio=1.0)
+    assert torch.equal(student.source, teacher.source)
+    out = model(student, model.speech_frames(mels), teacher=teacher)
+    assert out["kl"].abs() < 1e-6
+
+
+def test_cached_teacher_equals_online_teacher(model):
+    student, teacher, mels = batch_for(model, seed=3)
+    frames = model.speech_frames(mels)
+    online = model(student, frames, teacher=teacher)
+    cached = model(student, frames, teacher_hidden=model.teacher_states(teacher))
+    torch.testing.assert_close(online["loss"], cached["loss"])
+
+
+def test_packed_equals_unpacked_end_to_end(model):
+    student, teacher, mels, examples = batch_for(model, seed=5, with_examples=True)
+    frames = model.speech_frames(mels)
+    packed = model._hidden(student, torch.cat(frames))
+    assert student.rows < len(student.example_ids)  # several examples share a row
+    singles = [model._hidden(pack([ex], 256), f) for ex, f in zip(examples, frames)]
+    torch.testing.assert_close(packed, torch.cat(singles), atol=1e-5, rtol=1e-5)
+
+
+def test_training_steps_reduce_the_loss(model):
+    torch.manual_seed(0)
+    m = SpeechLLM.from_config(tiny_config())
+    student, teacher, mels = batch_for(m, ratio=0.3, seed=7)
+    cache = m.teacher_states(teacher)
+    opt = torch.optim.Adam(m.adapter.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        out = m(student, m.speech_frames(mels), teacher_hidden=cache)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_save_load_round_trip(tmp_path, model):
+    m = SpeechLLM.from_config(tiny_config(adapter={"kind": "conv", "stride": 4}, train_encoder_layers=1))
+    with torch.no_grad():
+        for p in m.adapter.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        m.encoder.encoder.layers[-1].fc1.weight.add_(0.01)
+    m.save_pretrained(tmp_path / "run")
+    saved = set(m.trainable_state_dict())
+    assert any(k.startswith("encoder.encoder.layers.1.") for k in saved)
+    assert not any(k.startswith("llm.") for k in saved)
+    loaded = SpeechLLM.from_pretrained(tmp_path / "run")
+    student, teacher, mels = batch_for(m, seed=9)
+    a = m(student, m.speech_frames(mels), teacher=teacher)["loss"]
+    b = loaded(student, loaded.speech_frames(mels), teacher=teacher)["loss"]
+    assert torch.equal(a, b)
+    m.save_pretrained(tmp_path / "run")  # overwriting an existing save works
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        SpeechLLM.from_pretrained(tmp_path)
+
+
+def test_generate_returns_text(model, tmp_path):
+    import soundfile as sf
+
+    path = tmp_path / "clip.wav"
+    sf.write(path, clip(1.2, 0).numpy(), 16000)
+    out = model.generate(str(path), "What is said in {speech}?", max_new_tokens=5)
+    assert isinstance(out, str) and len(out) > 0
+    a, b = prompt_halves(model.tokenizer, "Summarize {speech} briefly.")
+    assert model.tokenizer.decode(a).endswith("Summarize ") and "briefly." in model.tokenizer.decode(b)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"encoderr": {}}, r"unknown key model.encoderr"),
+    ({"llm": {"weights": "x"}}, r"model.llm must be one of"),
+    ({"adapter": {"strid": 4}}, r"unknown key model.adapter.strid"),
+    ({"adapter": {"kind": "qformer"}}, r"model.adapter.kind must be 'stack' or 'conv'"),
+    ({"dtype": "fp8"}, r"model.dtype must be"),
+])
+def test_config_errors(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict(cfg)
+
+
+def test_missing_converted_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTBI_FAST_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"run `mtbi-fast models fetch smollm2-135m-instruct` first"):
+        SpeechLLM.from_config(tiny_config(llm={"name": "smollm2-135m-instruct"}))
