@@ -34,9 +34,12 @@ setup(
         "soundfile",
         "tqdm",
         "pyyaml",
+        "safetensors",
+        "gguf",          # mtbi-fast models fetch: the GGUF SmolLM2
+        "accelerate",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "psutil"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "psutil", "jiwer"],
         "flash": ["flash-attn>=2.6"],
         "lora": ["peft>=0.13"],
     },

