@@ -39,7 +39,7 @@ setup(
         "accelerate",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "psutil", "jiwer"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "psutil", "jiwer", "peft>=0.13"],
         "flash": ["flash-attn>=2.6"],
         "lora": ["peft>=0.13"],
     },

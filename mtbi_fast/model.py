@@ -22,6 +22,7 @@ rebuilds the configured encoder and LLM and loads them back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -269,8 +270,7 @@ class SpeechLLM(nn.Module):
                     teacher.target_ids.cpu(), student.target_ids.cpu()):
                 raise ValueError("teacher and student batches do not have the same response tokens "
                                  "in the same order")
-            with torch.no_grad():
-                h_t = self._hidden(teacher.to(device), buffer[:0])
+            h_t = self.teacher_states(teacher)
         else:
             h_t = teacher_hidden.to(device=device, dtype=h_s.dtype)
             if h_t.shape != h_s.shape:
@@ -282,9 +282,12 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def teacher_states(self, teacher: PackedBatch) -> torch.Tensor:
-        """The teacher's final hidden states at the loss positions [M, H] (for a cache)."""
+        """The teacher's final hidden states at the loss positions [M, H] (for a cache). The
+        teacher is the original LLM: LoRA adapters, when configured, are off for this pass."""
         device = self.adapter.proj[-1].weight.device
-        return self._hidden(teacher.to(device), torch.zeros(0, self.hidden_size, device=device))
+        off = self.llm.disable_adapter() if self.config.lora else contextlib.nullcontext()
+        with off:
+            return self._hidden(teacher.to(device), torch.zeros(0, self.hidden_size, device=device))
 
     def _hidden(self, batch: PackedBatch, frames: torch.Tensor) -> torch.Tensor:
         embed = self.llm.get_input_embeddings().weight
