@@ -18,6 +18,31 @@ def main(argv: list[str] | None = None) -> int:
                    "smollm2-135m-instruct and whisper-tiny.en)")
     f.add_argument("--force", action="store_true", help="fetch again even if present")
     msub.add_parser("list", help="known models and whether they are fetched")
+
+    b = sub.add_parser("behaviors", help="the frozen LLM answers task prompts about transcripts")
+    b.add_argument("--manifest", required=True, help="utterance manifest (JSONL)")
+    b.add_argument("--tasks", default="configs/tasks.yaml", help="task library (YAML)")
+    b.add_argument("--config", required=True, help="run config whose model.llm is the teacher")
+    b.add_argument("-o", "--output", required=True, help="output folder (resumable)")
+    b.add_argument("--per-utterance", type=int, default=4)
+    b.add_argument("--split", default="train", choices=["train", "heldout_wording", "heldout_task"])
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--shard-size", type=int, default=64)
+    b.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy")
+    b.add_argument("--cache-hidden", action="store_true",
+                   help="also store the teacher's hidden states at the response positions")
+
+    v = sub.add_parser("manifest", help="validate a manifest or import LibriSpeech")
+    vsub = v.add_subparsers(dest="manifest_command", required=True)
+    val = vsub.add_parser("validate", help="report every bad line; --skip-bad writes the good ones")
+    val.add_argument("manifest")
+    val.add_argument("-o", "--output", help="where to write the good lines (with --skip-bad)")
+    val.add_argument("--skip-bad", action="store_true")
+    imp = vsub.add_parser("import-librispeech", help="LibriSpeech folder -> manifest")
+    imp.add_argument("root")
+    imp.add_argument("-o", "--output", required=True)
     args = parser.parse_args(argv)
     if args.version:
         from .version import __version__
@@ -28,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return _info()
     if args.command == "models":
         return _models(args)
+    if args.command == "behaviors":
+        return _behaviors(args)
+    if args.command == "manifest":
+        return _manifest(args)
     parser.print_help()
     return 0
 
@@ -47,6 +76,53 @@ def _models(args) -> int:
         except (ValueError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+    return 0
+
+
+def _behaviors(args) -> int:
+    import yaml
+
+    from .behaviors import BehaviorConfig, generate_behaviors
+    from .data import read_manifest
+    from .hub import load_llm
+    from .model import ModelConfig
+    from .tasks import TaskLibrary
+
+    utts = read_manifest(args.manifest)
+    library = TaskLibrary.load(args.tasks)
+    model_cfg = ModelConfig.from_dict(yaml.safe_load(open(args.config))["model"])
+    llm, tokenizer = load_llm(model_cfg.llm, seed=model_cfg.init_seed)
+    cfg = BehaviorConfig(per_utterance=args.per_utterance, split=args.split, seed=args.seed,
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         shard_size=args.shard_size, do_sample=args.sample,
+                         cache_hidden=args.cache_hidden)
+    generate_behaviors(utts, library, llm, tokenizer, args.output, cfg)
+    return 0
+
+
+def _manifest(args) -> int:
+    from .data import ManifestError, import_librispeech, read_manifest, write_manifest
+
+    if args.manifest_command == "import-librispeech":
+        utts = import_librispeech(args.root)
+        write_manifest(args.output, utts)
+        print(f"{len(utts)} utterances -> {args.output}")
+        return 0
+    try:
+        if args.skip_bad:
+            good, problems = read_manifest(args.manifest, skip_bad=True)
+            for p in problems:
+                print(p, file=sys.stderr)
+            if args.output:
+                write_manifest(args.output, good)
+            print(f"{len(good)} good lines, {len(problems)} problems"
+                  + (f" -> {args.output}" if args.output else ""))
+            return 0
+        utts = read_manifest(args.manifest)
+    except (ManifestError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.manifest}: {len(utts)} utterances, all good")
     return 0
 
 

@@ -7,6 +7,7 @@ under ``$MTBI_FAST_CACHE``, default ``~/.cache/mtbi_fast``) or ``{"hub": "org/mo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -39,6 +40,21 @@ def resolve_attn(attn_implementation: str) -> str:
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return VARLEN_SDPA
+
+
+@contextlib.contextmanager
+def padded_attention(llm):
+    """Plain SDPA while running padded batches (generation with left padding): VARLEN_SDPA keeps
+    packed sequences apart through cu_seqlens and builds no padding mask."""
+    current = llm.config._attn_implementation
+    if current != VARLEN_SDPA:
+        yield llm
+        return
+    llm.set_attn_implementation("sdpa")
+    try:
+        yield llm
+    finally:
+        llm.set_attn_implementation(current)
 
 
 def load_encoder(source: dict, seed: int = 0):

@@ -378,18 +378,14 @@ class SpeechLLM(nn.Module):
 
 
 def prompt_halves(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
-    """Token ids before and after the speech for ``prompt`` (``{speech}`` marks the spot)."""
+    """Token ids before and after the speech for ``prompt`` (``{speech}`` marks the spot; at the
+    end when absent), inside the tokenizer's chat template when it has one."""
+    from .behaviors import template_halves
+
     marker = "{speech}"
     if marker not in prompt:
         prompt = prompt + "\n" + marker
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = f"User: {prompt}\nAssistant:"
-    a, b = text.split(marker, 1)
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return enc(a), enc(b)
+    return template_halves(tokenizer, prompt, marker)
 
 
 def _apply_lora(llm, lora: dict):

@@ -1,0 +1,53 @@
+"""mtbi_fast/tasks.py and configs/tasks.yaml: the library and its disjoint, seeded split."""
+
+from pathlib import Path
+
+import pytest
+
+from mtbi_fast.tasks import TaskLibrary, TaskSplit
+
+LIB = Path(__file__).parents[1] / "configs" / "tasks.yaml"
+
+
+def test_bundled_library_size():
+    lib = TaskLibrary.load(LIB)
+    assert len(lib.tasks) >= 12
+    assert all(len(w) >= 8 for w in lib.tasks.values())
+    assert len({w for ws in lib.tasks.values() for w in ws}) == sum(map(len, lib.tasks.values()))
+
+
+def test_split_is_disjoint_seeded_and_recorded(tmp_path):
+    lib = TaskLibrary.load(LIB)
+    split = lib.split()
+    assert set(split.heldout_tasks) >= {"give_title", "judge_sentiment"} and len(split.heldout_tasks) == 2
+    assert not set(split.heldout_tasks) & set(split.train)
+    for task, idx in split.train.items():
+        held = split.heldout_wordings[task]
+        assert len(held) == 2 and not set(held) & set(idx)
+        assert sorted(held + idx) == list(range(len(lib.tasks[task])))
+        assert split.kind(task, held[0]) == "heldout_wording" and split.kind(task, idx[0]) == "train"
+    assert split.kind("give_title", 0) == "heldout_task"
+    assert lib.split().to_dict() == split.to_dict()           # seeded
+    assert lib.split(seed=1).to_dict() != split.to_dict()
+    split.save(tmp_path / "split.json")
+    assert TaskSplit.from_dict(__import__("json").loads((tmp_path / "split.json").read_text())) == split
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"tasks": {"a": ["no placeholder"]}}, r"task 'a' wording 0 must contain \{transcript\} exactly once"),
+    ({"tasks": {"a": []}}, r"task 'a' needs a non-empty list"),
+    ({}, r"needs a non-empty 'tasks' mapping"),
+    ({"tasks": {"a": ["x {transcript}"]}, "splits": {}}, r"unknown key 'splits'"),
+    ({"tasks": {"a": ["x {transcript}"]}, "split": {"heldout_task_names": ["b"]}},
+     r"split.heldout_task_names names unknown task 'b'"),
+])
+def test_library_errors(raw, message):
+    with pytest.raises(ValueError, match=message):
+        TaskLibrary.from_dict(raw, "lib.yaml")
+
+
+def test_split_cannot_hold_out_everything():
+    lib = TaskLibrary.from_dict({"tasks": {"a": ["{transcript}", "x {transcript}"]},
+                                 "split": {"heldout_tasks": 1}})
+    with pytest.raises(ValueError, match="holds out every task"):
+        lib.split()
