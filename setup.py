@@ -39,7 +39,9 @@ setup(
         "accelerate",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "psutil", "jiwer", "peft>=0.13"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "psutil", "jiwer", "peft>=0.13",
+                "pocketsphinx>=5"],
+        "align": ["pocketsphinx>=5"],
         "flash": ["flash-attn>=2.6"],
         "lora": ["peft>=0.13"],
     },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cache-hidden", action="store_true",
                    help="also store the teacher's hidden states at the response positions")
 
+    al = sub.add_parser("align", help="add word times to a manifest (pocketsphinx, offline)")
+    al.add_argument("manifest")
+    al.add_argument("-o", "--output", required=True)
+    al.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+
     v = sub.add_parser("manifest", help="validate a manifest or import LibriSpeech")
     vsub = v.add_subparsers(dest="manifest_command", required=True)
     val = vsub.add_parser("validate", help="report every bad line; --skip-bad writes the good ones")
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return _behaviors(args)
     if args.command == "manifest":
         return _manifest(args)
+    if args.command == "align":
+        return _align(args)
     parser.print_help()
     return 0
 
@@ -98,6 +106,25 @@ def _behaviors(args) -> int:
                          cache_hidden=args.cache_hidden)
     generate_behaviors(utts, library, llm, tokenizer, args.output, cfg)
     return 0
+
+
+def _align(args) -> int:
+    import time
+
+    from .align import align_manifest
+    from .data import read_manifest, write_manifest
+
+    utts = read_manifest(args.manifest)
+    t0 = time.time()
+    aligned, problems = align_manifest(utts, workers=args.workers)
+    for p in problems:
+        print(f"not aligned: {p}", file=sys.stderr)
+    write_manifest(args.output, aligned)
+    seconds = sum(u.duration for u in utts)
+    took = time.time() - t0
+    print(f"aligned {len(aligned)}/{len(utts)} utterances ({seconds / 60:.1f} min of audio) in "
+          f"{took:.1f} s ({seconds / max(took, 1e-9):.0f}x real time) -> {args.output}")
+    return 0 if aligned else 1
 
 
 def _manifest(args) -> int:

@@ -107,11 +107,8 @@ def _word_times(text: str, events, n_samples: int, sr: int) -> list[Word]:
             if a <= pos - 1 < b:
                 by_token.setdefault(t, []).append(k)
                 break
-    out = []
+    spans = {}
     for t, ks in sorted(by_token.items()):
-        word = raw[tokens[t][0]:tokens[t][1]].decode("utf-8")  # punctuation stays attached
-        if not re.search(r"\w", word):
-            continue
         begin, last = starts[ks[0]], ks[-1]
         nxt = starts[last + 1]
         end = nxt
@@ -119,5 +116,29 @@ def _word_times(text: str, events, n_samples: int, sr: int) -> list[Word]:
             if kind == "phoneme" and starts[last] < sample <= nxt and name.startswith("_"):
                 end = sample
                 break
-        out.append(Word(word, begin / sr, max(end, begin + 1) / sr))
+        spans[t] = (begin, max(end, begin + 1))
+    # espeak-ng sometimes speaks a short word with its neighbour under one WORD event: such
+    # tokens share the span of the token that has the event, split by character length
+    groups, current = [], []
+    for t in range(len(tokens)):
+        if t in spans and current and any(g in spans for g in current):
+            groups.append(current)
+            current = []
+        current.append(t)
+    if current:
+        groups.append(current)
+    texts = [raw[a:b].decode("utf-8") for a, b in tokens]
+    out = []
+    for group in groups:
+        owners = [t for t in group if t in spans]
+        if not owners:
+            continue
+        begin, end = spans[owners[0]][0], spans[owners[-1]][1]
+        kept = [t for t in group if re.search(r"\w", texts[t])]
+        total = sum(len(texts[t]) for t in kept)
+        pos = begin
+        for t in kept:
+            nxt = pos + (end - begin) * len(texts[t]) / total
+            out.append(Word(texts[t], pos / sr, nxt / sr))
+            pos = nxt
     return out
