@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cache-hidden", action="store_true",
                    help="also store the teacher's hidden states at the response positions")
 
+    tr = sub.add_parser("train", help="train (one process; use `deepspeed mtbi_fast/train.py` for more)")
+    tr.add_argument("config")
+    tr.add_argument("overrides", nargs="*", help="section.key=value")
+    tr.add_argument("--no-resume", action="store_true")
+
     al = sub.add_parser("align", help="add word times to a manifest (pocketsphinx, offline)")
     al.add_argument("manifest")
     al.add_argument("-o", "--output", required=True)
@@ -65,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         return _manifest(args)
     if args.command == "align":
         return _align(args)
+    if args.command == "train":
+        from .train import main as train_main
+
+        return train_main(["--config", args.config, *(["--no-resume"] if args.no_resume else []),
+                           *args.overrides])
     parser.print_help()
     return 0
 

@@ -142,7 +142,7 @@ class SpeechEncoder(nn.Module):
         x = x * keep[:, None, :].to(x.dtype)  # conv2 must see zeros past each clip's end
         x = nn.functional.gelu(enc.conv2(x)).transpose(1, 2)
         n = x.shape[1]
-        x = x + enc.embed_positions.weight[:n]
+        x = x + enc.embed_positions(torch.arange(n, device=x.device))  # a module call: ZeRO-3 safe
         x = nn.functional.dropout(x, p=enc.dropout, training=self.training)
         mask = None
         if len(mels) > 1 and min(out_lengths) < n:
@@ -245,15 +245,21 @@ class SpeechLLM(nn.Module):
 
     # -- training ----------------------------------------------------------------------------
 
-    def forward(self, student: PackedBatch, frames: list[torch.Tensor],
-                teacher: PackedBatch | None = None, teacher_hidden: torch.Tensor | None = None) -> dict:
+    def forward(self, student: PackedBatch, frames: list[torch.Tensor] | None = None,
+                teacher: PackedBatch | None = None, teacher_hidden: torch.Tensor | None = None,
+                mels: list[torch.Tensor] | None = None) -> dict:
         """MTBI loss of a packed student batch.
 
         ``frames``: the adapter outputs of the student batch's examples, in its input order
-        (``speech_frames`` of their log-mels); ``teacher``: the same examples as text (online
-        teacher), or ``teacher_hidden`` [M, H]: cached teacher states at the loss positions.
+        (``speech_frames`` of their log-mels), or ``mels`` to compute them here (what a DeepSpeed
+        engine's forward needs); ``teacher``: the same examples as text (online teacher), or
+        ``teacher_hidden`` [M, H]: cached teacher states at the loss positions.
         Returns ``{"loss", "kl", "ce", "rows"}``.
         """
+        if frames is None:
+            if mels is None:
+                raise ValueError("pass frames (adapter outputs) or mels")
+            frames = self.speech_frames(mels)
         if (teacher is None) == (teacher_hidden is None):
             raise ValueError("pass exactly one of teacher (a packed text batch) or teacher_hidden")
         counts = [int(n) for n in torch.diff(student.frame_offsets)]
@@ -290,8 +296,17 @@ class SpeechLLM(nn.Module):
             return self._hidden(teacher.to(device), torch.zeros(0, self.hidden_size, device=device))
 
     def _hidden(self, batch: PackedBatch, frames: torch.Tensor) -> torch.Tensor:
-        embed = self.llm.get_input_embeddings().weight
-        x = pack_embeddings(batch.source, embed, frames.to(embed.dtype))
+        embed_module = self.llm.get_input_embeddings()
+        embed = embed_module.weight
+        if hasattr(embed, "ds_id") and embed.data.numel() == 0:
+            # a ZeRO-3 partitioned table: look the text rows up through the module (gathered by
+            # DeepSpeed's hooks), then place the speech frames
+            speech = batch.source < 0
+            x = embed_module(batch.source.clamp(min=0))
+            x = torch.where(speech[:, None], frames.to(x.dtype)[(-batch.source - 1).clamp(min=0)]
+                            if frames.shape[0] else x, x)
+        else:
+            x = pack_embeddings(batch.source, embed, frames.to(embed.dtype))
         body = self.llm.get_decoder() if hasattr(self.llm, "get_decoder") else self.llm.model
         kw = model_inputs(batch, x, attn_implementation=self.llm.config._attn_implementation)
         hidden = body(**kw).last_hidden_state

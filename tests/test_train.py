@@ -1,0 +1,157 @@
+"""mtbi_fast/train.py: config checking, a single-process run, kill-and-resume, ZeRO-3 on 2 ranks."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import mtbi_fast.train as train_mod
+from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors
+from mtbi_fast.cli import main as cli
+from mtbi_fast.data import read_manifest, write_manifest
+from mtbi_fast.hub import load_llm
+from mtbi_fast.model import ModelConfig, SpeechLLM
+from mtbi_fast.tasks import TaskLibrary
+from mtbi_fast.train import Trainer, load_config
+
+ROOT = Path(__file__).parents[1]
+CONFIG = ROOT / "configs" / "tiny_train.yaml"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """12 training and 4 eval demo utterances with behaviors from the tiny_train LLM."""
+    d = tmp_path_factory.mktemp("mtbi")
+    train = read_manifest(ROOT / "data" / "demo" / "train.jsonl")[:12]
+    test = read_manifest(ROOT / "data" / "demo" / "test.jsonl")[:4]
+    write_manifest(d / "train.jsonl", train)
+    write_manifest(d / "test.jsonl", test)
+    cfg = load_config(CONFIG, ["data.train_manifest=x", "data.behaviors=x", f"output_dir={d}/unused"])
+    llm, tok = load_llm(ModelConfig.from_dict(cfg["model"]).llm)
+    lib = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
+    bc = BehaviorConfig(per_utterance=2, max_new_tokens=12)
+    generate_behaviors(train, lib, llm, tok, d / "beh", bc, progress=False)
+    generate_behaviors(test, lib, llm, tok, d / "beh-eval", bc, progress=False)
+    return d
+
+
+def overrides(data, out, *extra):
+    return [f"data.train_manifest={data}/train.jsonl", f"data.behaviors={data}/beh",
+            f"data.eval_manifest={data}/test.jsonl", f"data.eval_behaviors={data}/beh-eval",
+            f"output_dir={out}", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_single_process_run(data, tmp_path):
+    out = tmp_path / "run"
+    # a constant ratio (pure speech), so that the task does not change while the loss is compared
+    assert cli(["train", str(CONFIG), *overrides(data, out, "train.steps=30", "interleave.schedule=constant",
+                                                 "interleave.start=0.0", "train.save_every=10")]) == 0
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for key in ("step", "loss", "kl", "ce", "tokens_per_s", "lr", "ratio"):
+        assert key in rows[0]
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.9 * first, (first, last)
+    evals = [r for r in metrics(out) if "eval_kl" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30] and all(r["eval_kl"] > 0 for r in evals)
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-000020", "step-000030"]  # keep_last 2
+    model = SpeechLLM.from_pretrained(out / "final")
+    assert set(model.trainable_state_dict()) == {k for k in model.trainable_state_dict() if k.startswith("adapter.")}
+    assert (out / "config.yaml").is_file()
+
+
+def test_kill_and_resume_gives_the_same_curve(data, tmp_path, monkeypatch):
+    args = ["train.steps=12", "train.save_every=4", "train.eval_every=0"]
+    full = tmp_path / "full"
+    train_mod.main(["--config", str(CONFIG), *overrides(data, full, *args)])
+
+    killed = tmp_path / "killed"
+    real_log = Trainer._log
+
+    def dying_log(self, *a, **k):
+        row = real_log(self, *a, **k)
+        if self.step == 6:  # killed after step 6, with the last checkpoint at step 4
+            raise KeyboardInterrupt
+        return row
+
+    monkeypatch.setattr(Trainer, "_log", dying_log)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.main(["--config", str(CONFIG), *overrides(data, killed, *args)])
+    monkeypatch.setattr(Trainer, "_log", real_log)
+    assert [r["step"] for r in metrics(killed)] == list(range(1, 7))
+    train_mod.main(["--config", str(CONFIG), *overrides(data, killed, *args)])
+    a, b = metrics(full), metrics(killed)
+    assert [r["step"] for r in b] == list(range(1, 13))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), (x, y)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.lrr=0.1"], r"unknown key train.lrr"),
+    (["train.steps=ten"], r"train.steps must be int, got str 'ten'"),
+    (["optimizer.lr=1"], r"unknown key 'optimizer'"),
+    (["train.grad_accum=0"], r"train.grad_accum must be >= 1"),
+    (["model.adapter={strid: 4}"], r"unknown key model.adapter.strid"),
+    (["interleave.schedule=step"], r"interleave.schedule must be one of"),
+    (["trainsteps"], r"override 'trainsteps' must look like section.key=value"),
+])
+def test_config_errors(extra, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(CONFIG, ["data.train_manifest=a", "data.behaviors=b", "output_dir=c", *extra])
+
+
+def test_missing_manifest_is_named(data, tmp_path):
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "o", "data.train_manifest=/nope/train.jsonl"))
+    with pytest.raises(FileNotFoundError, match=r"manifest not found: /nope/train.jsonl"):
+        Trainer(cfg)
+
+
+# ---- DeepSpeed ZeRO-3, 2 CPU ranks over gloo ------------------------------------------------------
+
+def _zero_worker(rank, world, port, data, out, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    cfg = load_config(CONFIG, overrides(data, out, "deepspeed=" + str(ROOT / "configs" / "ds_zero3.json"),
+                                        "train.steps=6", "train.save_every=3", "train.eval_every=3"))
+    trainer = Trainer(cfg)
+    llm_params = list(trainer.model.llm.parameters())
+    info = {"data_numel": sum(p.data.numel() for p in llm_params),
+            "local": sum(p.ds_tensor.numel() for p in llm_params),
+            "full": sum(p.ds_numel for p in llm_params)}
+    trainer.train(resume=False)
+    torch.save(info, Path(result) / f"rank{rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown, where gloo threads can abort the process
+
+
+def test_zero3_two_ranks_match_single_process(data, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_zero_worker, args=(2, port, str(data), str(tmp_path / "zero"), str(tmp_path)), nprocs=2)
+    infos = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for info in infos:  # the frozen LLM is partitioned: each rank holds half of it
+        assert info["data_numel"] == 0
+        assert abs(info["local"] - info["full"] / 2) <= 64
+    # one process, gradient accumulation over the same two micro-batches
+    train_mod.main(["--config", str(CONFIG), *overrides(data, tmp_path / "single", "train.steps=6",
+                                                        "train.grad_accum=2", "train.save_every=0",
+                                                        "train.eval_every=3")])
+    zero, single = metrics(tmp_path / "zero"), metrics(tmp_path / "single")
+    assert [r["step"] for r in zero] == [r["step"] for r in single]
+    for z, s in zip(zero, single):
+        for key in ("loss", "eval_kl"):
+            if key in s:
+                assert z[key] == pytest.approx(s[key], rel=1e-4, abs=1e-5), (z, s)
+    assert (tmp_path / "zero" / "checkpoints" / "step-000006" / "COMPLETE").exists()
+    assert SpeechLLM.from_pretrained(tmp_path / "zero" / "final") is not None
