@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
+
+from mtbi_fast.io import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -38,8 +39,8 @@ def write(name: str, title: str, rows: list[dict], columns: list[tuple[str, str,
             cells.append("-" if v is None else format(v, fmt) if fmt else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     table = header + "\n".join(lines) + "\n"
-    _atomic_write(RESULTS / f"{name}.json", json.dumps(dict(meta=meta, rows=rows), indent=1))
-    _atomic_write(RESULTS / f"{name}.md", table)
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(dict(meta=meta, rows=rows), indent=1))
+    atomic_write_text(RESULTS / f"{name}.md", table)
     return table
 
 
@@ -60,9 +61,3 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def _atomic_write(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

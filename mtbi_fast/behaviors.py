@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from .data import Utterance
+from .io import atomic_write_text
 from .tasks import PLACEHOLDER, TaskLibrary, TaskSplit
 
 
@@ -80,7 +81,7 @@ def generate_behaviors(utterances: list[Utterance], library: TaskLibrary, llm, t
         raise ValueError(f"{split_path} records a different task split; use another output folder")
     split.save(split_path)
     jobs = plan(utterances, split, library, cfg)
-    _atomic_write(out / "plan.json", json.dumps({"config": cfg.__dict__, "jobs": len(jobs)}, indent=2))
+    atomic_write_text(out / "plan.json", json.dumps({"config": cfg.__dict__, "jobs": len(jobs)}, indent=2))
     shards = [jobs[i:i + cfg.shard_size] for i in range(0, len(jobs), cfg.shard_size)]
     todo = [k for k in range(len(shards)) if not (out / f"shard-{k:05d}.jsonl").exists()]
     t0, n_tokens, n_done = time.time(), 0, 0
@@ -97,7 +98,7 @@ def generate_behaviors(utterances: list[Utterance], library: TaskLibrary, llm, t
             bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - t0, 1e-9):.0f}")
         if cfg.cache_hidden:
             _write_hidden(out / f"shard-{k:05d}.safetensors", records, llm)
-        _atomic_write(out / f"shard-{k:05d}.jsonl",
+        atomic_write_text(out / f"shard-{k:05d}.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     bar.close()
     elapsed = time.time() - t0
@@ -199,13 +200,6 @@ def _write_hidden(path: Path, records: list[dict], llm):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     save_file(states, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
     os.replace(tmp, path)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -139,19 +138,12 @@ def _parse_line(line: str, base: Path, check_audio: bool, require_words: bool):
 
 def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance], relative: bool = True):
     """Write a manifest atomically (temp file, then rename); audio paths relative to it."""
+    from .io import atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for u in utterances:
-                f.write(json.dumps(u.to_json(path.parent.resolve() if relative else None),
-                                   ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    base = path.parent.resolve() if relative else None
+    atomic_write_text(path, "".join(json.dumps(u.to_json(base), ensure_ascii=False) + "\n"
+                                    for u in utterances))
 
 
 def import_librispeech(root: str | os.PathLike) -> list[Utterance]:

@@ -37,10 +37,9 @@ class TaskSplit:
         return cls(d["seed"], d["train"], d["heldout_wordings"], d["heldout_tasks"])
 
     def save(self, path: str | Path):
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        from .io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def kind(self, task: str, wording: int) -> str:
         """"train", "heldout_wording" or "heldout_task" for one (task, wording)."""

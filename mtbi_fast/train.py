@@ -41,6 +41,7 @@ from mtbi_fast.audio import log_mel, load_audio
 from mtbi_fast.behaviors import read_behaviors
 from mtbi_fast.data import read_manifest
 from mtbi_fast.interleave import RatioSchedule, example_pair, transcript
+from mtbi_fast.io import atomic_write_text
 from mtbi_fast.model import ModelConfig, SpeechLLM
 from mtbi_fast.packing import pack
 
@@ -302,7 +303,7 @@ class Trainer:
         t = self.cfg["train"]
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.out / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
         if resume:
             self._resume()
         if self.rank == 0:
@@ -409,7 +410,7 @@ class Trainer:
             if self.rank == 0:
                 shutil.rmtree(root / name, ignore_errors=True)
                 (root / tmp_tag).rename(root / name)
-                _atomic_write(root / "latest", name)  # DeepSpeed's pointer, to the final name
+                atomic_write_text(root / "latest", name)  # DeepSpeed's pointer, to the final name
         elif self.rank == 0:
             tmp = root / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -476,7 +477,7 @@ class Trainer:
             return
         rows = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= self.step]
-        _atomic_write(path, "".join(r + "\n" for r in rows))
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
 
     def _open_tensorboard(self):
         try:
@@ -491,12 +492,6 @@ class Trainer:
     def _barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
-
-
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

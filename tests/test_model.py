@@ -186,8 +186,6 @@ def test_demo_config_real_models(tmp_path):
     step on a bundled clip moves the adapter, and generate answers in text."""
     import json
 
-    import soundfile as sf
-
     from mtbi_fast.audio import load_audio
     from mtbi_fast.fetch import fetch
 
