@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("overrides", nargs="*", help="section.key=value")
     tr.add_argument("--no-resume", action="store_true")
 
+    inf = sub.add_parser("infer", help="answer a prompt about audio files with a trained model")
+    inf.add_argument("--model", required=True, help="a run folder (its final/) or a save_pretrained folder")
+    inf.add_argument("--audio", required=True, nargs="+", help="audio files (wav/flac/ogg)")
+    inf.add_argument("--prompt", required=True, help="the question; {speech} marks where the audio goes")
+    inf.add_argument("--max-new-tokens", type=int, default=128)
+    inf.add_argument("--no-stream", action="store_true", help="print each answer when complete")
+
     al = sub.add_parser("align", help="add word times to a manifest (pocketsphinx, offline)")
     al.add_argument("manifest")
     al.add_argument("-o", "--output", required=True)
@@ -70,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return _manifest(args)
     if args.command == "align":
         return _align(args)
+    if args.command == "infer":
+        return _infer(args)
     if args.command == "train":
         from .train import main as train_main
 
@@ -116,6 +125,35 @@ def _behaviors(args) -> int:
                          cache_hidden=args.cache_hidden)
     generate_behaviors(utts, library, llm, tokenizer, args.output, cfg)
     return 0
+
+
+def _infer(args) -> int:
+    from pathlib import Path
+
+    from .model import SpeechLLM
+
+    folder = Path(args.model)
+    if (folder / "final" / "config.json").is_file():
+        folder = folder / "final"
+    model = SpeechLLM.from_pretrained(folder).eval()
+    streamer = None
+    if not args.no_stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failed = 0
+    for path in args.audio:
+        print(f"== {path}", flush=True)
+        try:
+            answer = model.generate(path, args.prompt, streamer=streamer,
+                                    max_new_tokens=args.max_new_tokens)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        if streamer is None:
+            print(answer.strip(), flush=True)
+    return 1 if failed else 0
 
 
 def _align(args) -> int:
