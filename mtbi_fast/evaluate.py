@@ -1,0 +1,253 @@
+"""``mtbi-fast eval``: does the aligned model follow prompts and tasks it never trained on?
+
+On held-out utterances, for three splits of the recorded task split (seen tasks with seen
+wordings, seen tasks with held-out wordings, held-out tasks), the SLLM answers from the speech and
+the teacher (the frozen LLM, LoRA off) from the transcript; the SLLM's answer is scored against
+the teacher's: ROUGE-L (F1 of the longest common word subsequence), chrF (sacrebleu) and semantic
+similarity (cosine of all-MiniLM-L6-v2 sentence embeddings, from ``mtbi-fast models fetch
+minilm``); on the repeat task also the word error rate against the transcript (jiwer); and the
+imitation KL on the teacher's answers (teacher-forced, speech only). Reference rows in the same
+table: the untrained SLLM (lower bound) and the teacher itself (upper bound: agreement 1 by
+construction, its own repeat WER).
+
+Writes ``eval.json``, ``eval.md`` (a summary table per model and split, then per task) and
+``eval.png`` (a bar chart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .behaviors import BehaviorConfig, _answer, _seed
+from .data import Utterance
+from .io import atomic_write_text
+from .packing import Example, Text, pack
+from .tasks import PLACEHOLDER, TaskLibrary, TaskSplit
+
+SPLITS = ("train", "heldout_wording", "heldout_task")
+SPLIT_NAMES = {"train": "seen task, seen wording", "heldout_wording": "seen task, new wording",
+               "heldout_task": "new task"}
+METRICS = ("rouge_l", "chrf", "similarity", "kl", "wer")
+
+
+def rouge_l(hyp: str, ref: str) -> float:
+    """ROUGE-L F1 on lower-cased words."""
+    a, b = hyp.lower().split(), ref.lower().split()
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2-normalized), loaded offline."""
+
+    def __init__(self, folder: str | Path):
+        import transformers
+
+        self.tok = transformers.AutoTokenizer.from_pretrained(folder)
+        self.model = transformers.AutoModel.from_pretrained(folder).eval()
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        enc = self.tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        h = self.model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+
+
+def plan_eval(utts: list[Utterance], library: TaskLibrary, split: TaskSplit, per_split: int,
+              seed: int) -> list[dict]:
+    jobs = []
+    pools = {"train": [(t, w) for t, ws in sorted(split.train.items()) for w in ws],
+             "heldout_wording": [(t, w) for t, ws in sorted(split.heldout_wordings.items()) for w in ws],
+             "heldout_task": [(t, w) for t in split.heldout_tasks for w in range(len(library.tasks[t]))]}
+    for u in sorted(utts, key=lambda u: u.id):
+        for kind in SPLITS:
+            rng = random.Random(_seed(seed, f"eval/{kind}/{u.id}"))
+            pool = pools[kind]
+            if "repeat" in library.tasks and kind == "train":  # always measure WER
+                pool_r = [p for p in pool if p[0] == "repeat"]
+                picks = rng.sample(pool_r, 1) + rng.sample([p for p in pool if p[0] != "repeat"],
+                                                           max(0, per_split - 1))
+            else:
+                picks = rng.sample(pool, min(per_split, len(pool)))
+            for task, wording in picks:
+                jobs.append({"id": f"{u.id}/{task}/{wording}", "utt_id": u.id, "task": task,
+                             "wording": wording, "split": kind, "text": u.text, "audio": u.audio})
+    return jobs
+
+
+def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: TaskSplit,
+             out_dir: str | Path, *, per_split: int = 2, max_new_tokens: int = 48, seed: int = 0,
+             embedder: Embedder | None = None, progress: bool = True) -> dict:
+    """Score each SLLM in ``models`` ({"name": SpeechLLM}) against the teacher (the first model's
+    LLM with adapters off). Returns the results dict written to ``eval.json``."""
+    import sacrebleu
+
+    first = next(iter(models.values()))
+    jobs = plan_eval(utts, library, split, per_split, seed)
+    t0 = time.time()
+    cfg = BehaviorConfig(max_new_tokens=max_new_tokens, batch_size=8)
+    teacher = []
+    off = first.llm.disable_adapter() if first.config.lora else contextlib.nullcontext()
+    with off:
+        for b in range(0, len(jobs), cfg.batch_size):
+            teacher += _answer(jobs[b:b + cfg.batch_size], library, first.llm, first.tokenizer, cfg,
+                               _seed(seed, f"teacher/{b}"))
+    answers = {"teacher": [r["response"] for r in teacher]}
+    kls = {}
+    for name, model in models.items():
+        model.eval()
+        outs = []
+        for job in tqdm(jobs, desc=f"eval {name}", unit="prompt", disable=not progress):
+            prompt = library.tasks[job["task"]][job["wording"]].replace(PLACEHOLDER, "{speech}")
+            outs.append(model.generate(job["audio"], prompt, max_new_tokens=max_new_tokens).strip())
+        answers[name] = outs
+        kls[name] = _imitation_kl(model, jobs, teacher)
+    rows = []
+    emb = {}
+    if embedder is not None:
+        for name, outs in answers.items():
+            emb[name] = embedder(outs)
+    for i, job in enumerate(jobs):
+        ref = answers["teacher"][i]
+        for name, outs in answers.items():
+            hyp = outs[i]
+            row = {"model": name, "split": job["split"], "task": job["task"], "id": job["id"],
+                   "answer": hyp, "teacher": ref,
+                   "rouge_l": rouge_l(hyp, ref),
+                   "chrf": sacrebleu.sentence_chrf(hyp, [ref]).score / 100.0}
+            if embedder is not None:
+                row["similarity"] = float(emb[name][i] @ emb["teacher"][i])
+            if job["task"] == "repeat":
+                import jiwer
+
+                row["wer"] = jiwer.wer(_norm(job["text"]), _norm(hyp) or "-")
+            if name in kls:
+                row["kl"] = kls[name][i]
+            rows.append(row)
+    summary = _summarize(rows)
+    result = {"jobs": len(jobs), "seconds": round(time.time() - t0, 1), "summary": summary,
+              "rows": rows, "split": split.to_dict()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "eval.md", markdown(summary))
+    plot(summary, out / "eval.png")
+    return result
+
+
+def _imitation_kl(model, jobs, teacher_records) -> list[float]:
+    """Per-prompt imitation KL of the SLLM (speech only) on the teacher's answers."""
+    from .audio import load_audio, log_mel
+    from .loss import imitation_loss
+
+    out = []
+    with torch.no_grad():
+        for job, rec in zip(jobs, teacher_records):
+            mel = log_mel(load_audio(job["audio"]), model.encoder.num_mel_bins)
+            frames = model.speech_frames([mel])[0]
+            from .packing import Speech
+
+            student = pack([Example(job["id"], [Text(rec["prefix_ids"]), Speech(0, frames.shape[0]),
+                                                Text(rec["suffix_ids"])], rec["response_ids"],
+                                    n_frames=frames.shape[0])], 4096)
+            teacher = pack([Example(job["id"], [Text(rec["prefix_ids"] + rec["transcript_ids"] +
+                                                     rec["suffix_ids"])], rec["response_ids"])], 4096)
+            h_s = model._hidden(student, frames)
+            h_t = model.teacher_states(teacher)
+            head = model.llm.get_output_embeddings()
+            _, parts = imitation_loss(h_s, h_t, head.weight, lm_head_bias=getattr(head, "bias", None),
+                                      return_parts=True)
+            out.append(float(parts["kl"]))
+    return out
+
+
+def _summarize(rows: list[dict]) -> dict:
+    acc: dict = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        for key in (("all", r["split"]), (r["task"], r["split"])):
+            for m in METRICS:
+                if m in r:
+                    acc[(r["model"],) + key][m].append(r[m])
+    summary = defaultdict(dict)
+    for (model, task, split), metrics in acc.items():
+        summary[model][f"{task}|{split}"] = {m: sum(v) / len(v) for m, v in metrics.items()}
+        summary[model][f"{task}|{split}"]["n"] = len(next(iter(metrics.values())))
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| model | split | ROUGE-L | chrF | similarity | imitation KL | repeat WER | n |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for model in summary:
+        for split in SPLITS:
+            s = summary[model].get(f"all|{split}")
+            if s is None:
+                continue
+            cells = [_f(s.get(m)) for m in ("rouge_l", "chrf", "similarity", "kl")]
+            wer = summary[model].get(f"repeat|{split}", {}).get("wer")
+            lines.append(f"| {model} | {SPLIT_NAMES[split]} | " + " | ".join(cells)
+                         + f" | {_f(wer)} | {s['n']} |")
+    per_task = ["", "Per task (ROUGE-L / chrF):", "",
+                "| model | task | split | ROUGE-L | chrF |", "|---|---|---|---:|---:|"]
+    for model in summary:
+        for key, s in sorted(summary[model].items()):
+            task, split = key.split("|")
+            if task != "all":
+                per_task.append(f"| {model} | {task} | {split} | {_f(s.get('rouge_l'))} | {_f(s.get('chrf'))} |")
+    return "\n".join(lines + per_task) + "\n"
+
+
+def plot(summary: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(summary)
+    metrics = [m for m in ("rouge_l", "chrf", "similarity") if any(
+        m in summary[x].get(f"all|{s}", {}) for x in models for s in SPLITS)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+    width = 0.8 / max(len(models), 1)
+    for ax, m in zip(axes[0], metrics):
+        for k, model in enumerate(models):
+            vals = [summary[model].get(f"all|{s}", {}).get(m, 0.0) for s in SPLITS]
+            ax.bar([i + k * width for i in range(len(SPLITS))], vals, width, label=model)
+        ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(SPLITS))])
+        ax.set_xticklabels(["seen", "new wording", "new task"])
+        ax.set_title(m.replace("_", "-"))
+        ax.set_ylim(0, 1)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Agreement with the teacher's answers (held-out utterances)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _norm(s: str) -> str:
+    return " ".join("".join(c for c in s.lower() if c.isalnum() or c in " '").split())
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"

@@ -1,0 +1,65 @@
+"""mtbi_fast/evaluate.py on the tiny config: every metric, the split bookkeeping, the outputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors, read_behaviors
+from mtbi_fast.data import read_manifest
+from mtbi_fast.evaluate import Embedder, evaluate, rouge_l
+from mtbi_fast.model import ModelConfig, SpeechLLM
+from mtbi_fast.tasks import TaskLibrary
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_rouge_l():
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert rouge_l("a b c d", "x y") == 0.0
+    # LCS "the cat mat" = 3 of 4 and 3 of 6 words
+    assert rouge_l("the cat the mat", "the cat sat on a mat") == pytest.approx(2 * 0.75 * 0.5 / 1.25)
+
+
+def test_sentence_similarity_is_semantic():
+    from mtbi_fast.fetch import fetch
+
+    emb = Embedder(fetch("minilm", quiet=True))
+    v = emb(["The weather is sunny today.", "It is a bright and sunny day.", "I sold my old car."])
+    assert float(v[0] @ v[1]) > float(v[0] @ v[2]) + 0.3
+
+
+def test_evaluate_tiny(tmp_path):
+    cfg = ModelConfig.from_dict(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"])
+    model = SpeechLLM.from_config(cfg)
+    lib = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
+    split = lib.split()
+    train_utts = read_manifest(ROOT / "data" / "demo" / "train.jsonl")[:4]
+    test_utts = read_manifest(ROOT / "data" / "demo" / "test.jsonl")[:2]
+    generate_behaviors(train_utts, lib, model.llm, model.tokenizer, tmp_path / "beh",
+                       BehaviorConfig(per_utterance=20, max_new_tokens=2), split=split, progress=False)
+    result = evaluate({"mtbi": model, "untrained": SpeechLLM.from_config(cfg)}, test_utts, lib, split,
+                      tmp_path / "eval", per_split=2, max_new_tokens=4, progress=False)
+    for name in ("eval.json", "eval.md", "eval.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 100
+    rows = result["rows"]
+    assert {r["model"] for r in rows} == {"teacher", "mtbi", "untrained"}
+    # split bookkeeping: nothing held out was trained on, and the held-out splits are really new
+    trained_on = {(r["task"], r["wording"]) for r in read_behaviors(tmp_path / "beh")}
+    for r in rows:
+        task, wording = r["id"].split("/")[1], int(r["id"].split("/")[2])
+        assert split.kind(task, wording) == r["split"]
+        if r["split"] != "train":
+            assert (task, wording) not in trained_on
+    assert {r["split"] for r in rows} == {"train", "heldout_wording", "heldout_task"}
+    for r in rows:
+        assert 0.0 <= r["rouge_l"] <= 1.0 and 0.0 <= r["chrf"] <= 1.0
+        if r["model"] == "teacher":
+            assert r["rouge_l"] == 1.0 and r["chrf"] == pytest.approx(1.0)
+        else:
+            assert r["kl"] >= 0.0
+    assert any("wer" in r for r in rows)  # the repeat task is always among the seen prompts
+    md = (tmp_path / "eval" / "eval.md").read_text()
+    assert "seen task, new wording" in md and "new task" in md
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["jobs"] == 2 * 3 * 2
