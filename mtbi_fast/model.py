@@ -189,7 +189,7 @@ class SpeechLLM(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = SpeechEncoder(encoder)
-        d_llm = llm.get_input_embeddings().weight.shape[1]
+        d_llm = _embed_dim(llm)
         a = config.adapter
         with torch.random.fork_rng():
             torch.manual_seed(config.init_seed + 1)
@@ -203,12 +203,16 @@ class SpeechLLM(nn.Module):
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> "SpeechLLM":
+    def from_config(cls, config: ModelConfig, llm_context=None) -> "SpeechLLM":
+        """Build the configured model. ``llm_context``: a context manager the LLM is loaded in
+        (the trainer passes ``deepspeed.zero.Init`` so that a ZeRO-3 run partitions the LLM while
+        it is built or loaded, never holding all of it on one rank)."""
         from . import hub
 
         encoder = hub.load_encoder(config.encoder, seed=config.init_seed)
-        llm, tokenizer = hub.load_llm(config.llm, seed=config.init_seed,
-                                      attn_implementation=config.attn_implementation)
+        with llm_context if llm_context is not None else contextlib.nullcontext():
+            llm, tokenizer = hub.load_llm(config.llm, seed=config.init_seed,
+                                          attn_implementation=config.attn_implementation)
         model = cls(config, encoder, llm, tokenizer)
         if config.lora:
             model.llm = _apply_lora(model.llm, config.lora)
@@ -314,7 +318,7 @@ class SpeechLLM(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.llm.get_input_embeddings().weight.shape[1]
+        return _embed_dim(self.llm)
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -390,6 +394,12 @@ class SpeechLLM(nn.Module):
                              f"missing {missing[:5]}, unexpected {extra[:5]}")
         model.load_state_dict(state, strict=False)
         return model
+
+
+def _embed_dim(llm) -> int:
+    """The LLM's embedding width (also when the table is a ZeRO-3 partitioned parameter)."""
+    w = llm.get_input_embeddings().weight
+    return tuple(getattr(w, "ds_shape", w.shape))[1]
 
 
 def prompt_halves(tokenizer, prompt: str) -> tuple[list[int], list[int]]:

@@ -22,6 +22,7 @@ format or ``trainer.pt``, plus ``model/``, an exported ``save_pretrained`` folde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -237,12 +238,19 @@ class Trainer:
             self._init_distributed()
         torch.manual_seed(t["seed"])
         model_cfg = ModelConfig.from_dict(cfg["model"])
-        self.model = SpeechLLM.from_config(model_cfg)
         if self.ds_config and self.ds_config["zero_optimization"].get("stage") == 3:
             import deepspeed
 
-            # partition every parameter (frozen LLM included) across the ranks
+            # a pretrained LLM is partitioned as it loads (transformers' from_pretrained reads the
+            # ZeRO-3 config from HfDeepSpeedConfig), never whole on one rank; a random tiny LLM is
+            # built whole (so that its initialization matches a single-process run) like the
+            # encoder and adapter, and everything still whole is partitioned right after
+            pretrained = "tiny" not in model_cfg.llm
+            context = _hf_zero3(self.ds_config) if pretrained else None
+            self.model = SpeechLLM.from_config(model_cfg, llm_context=context)
             deepspeed.zero.Init(module=self.model, config_dict_or_path=self.ds_config)
+        else:
+            self.model = SpeechLLM.from_config(model_cfg)
         d = cfg["data"]
         common = dict(seed=t["seed"], mean_span=cfg["interleave"]["mean_span"],
                       max_tokens=cfg["packing"]["max_tokens"], overlong=cfg["packing"]["overlong"])
@@ -492,6 +500,20 @@ class Trainer:
     def _barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def _hf_zero3(ds_config: dict):
+    """While open, transformers' from_pretrained builds models under ZeRO-3 (partitioned as the
+    weights load). Only the LLM is loaded in it: the Whisper encoder's own initialization does
+    not run on partitioned weights."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf = HfDeepSpeedConfig(ds_config)  # transformers keeps a weak reference to it
+    try:
+        yield hf
+    finally:
+        del hf
 
 
 def main(argv: list[str] | None = None) -> int:
