@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
     ev.add_argument("--no-similarity", action="store_true", help="skip the sentence embeddings")
 
+    dm = sub.add_parser("demo", help="the whole method end to end on the bundled corpus")
+    dm.add_argument("--tiny", action="store_true", help="random tiny models (a minute or two)")
+    dm.add_argument("--output", default="runs/demo", help="report folder (resumable)")
+
     al = sub.add_parser("align", help="add word times to a manifest (pocketsphinx, offline)")
     al.add_argument("manifest")
     al.add_argument("-o", "--output", required=True)
@@ -90,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         return _align(args)
     if args.command == "infer":
         return _infer(args)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.output, tiny=args.tiny)
+        return 0
     if args.command == "eval":
         return _eval(args)
     if args.command == "train":

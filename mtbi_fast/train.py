@@ -13,7 +13,8 @@ DeepSpeed ZeRO-3 the frozen LLM is partitioned from the start (built under ``zer
 the adapter (and LoRA / top encoder layers when enabled) is optimized.
 
 Everything a run writes goes under ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``
-(one row per logged step: step, loss, kl, ce, tokens_per_s, lr, ratio; eval rows add eval_kl),
+(one row per logged step: step, loss, kl, ce, tokens_per_s, lr, ratio; evaluation rows, from
+step 0 on: step, eval_kl),
 TensorBoard events when tensorboard is installed, ``checkpoints/step-NNNNNN/`` (DeepSpeed's own
 format or ``trainer.pt``, plus ``model/``, an exported ``save_pretrained`` folder; the last
 ``keep_last`` are kept) and ``final/`` (the exported model after the last step).
@@ -318,6 +319,8 @@ class Trainer:
             self._trim_metrics()
             self._open_tensorboard()
         device = next(p.device for p in self.model.adapter.parameters())
+        if t["eval_every"] and self.step == 0:
+            self.evaluate()  # the starting point of the held-out curve
         bar = tqdm(total=t["steps"], initial=self.step, desc="train", unit="step",
                    disable=self.rank != 0)
         window = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "tokens": 0, "n": 0}

@@ -61,7 +61,7 @@ def test_single_process_run(data, tmp_path):
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
     assert last < 0.9 * first, (first, last)
     evals = [r for r in metrics(out) if "eval_kl" in r]
-    assert [r["step"] for r in evals] == [10, 20, 30] and all(r["eval_kl"] > 0 for r in evals)
+    assert [r["step"] for r in evals] == [0, 10, 20, 30] and all(r["eval_kl"] > 0 for r in evals)
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert ckpts == ["step-000020", "step-000030"]  # keep_last 2
     model = SpeechLLM.from_pretrained(out / "final")
