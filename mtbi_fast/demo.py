@@ -22,7 +22,7 @@ DEMO_DATA = ROOT / "data" / "demo"
 
 SETTINGS = {
     "full": dict(config="demo.yaml", per_utterance=1, max_new_tokens=32, steps=60,
-                 examples_per_step=4, eval_utts=12, eval_tokens=32, train_utts=200),
+                 examples_per_step=4, eval_utts=10, eval_tokens=32, train_utts=200),
     "tiny": dict(config="tiny_train.yaml", per_utterance=1, max_new_tokens=12, steps=30,
                  examples_per_step=4, eval_utts=4, eval_tokens=8, train_utts=40),
 }

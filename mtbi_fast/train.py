@@ -53,7 +53,7 @@ from mtbi_fast.packing import pack
 SCHEMA = {
     "model": dict,
     "data": {"train_manifest": str, "behaviors": str, "eval_manifest": (str, type(None)),
-             "eval_behaviors": (str, type(None)), "teacher_cache": bool},
+             "eval_behaviors": (str, type(None)), "teacher_cache": bool, "tasks": (list, type(None))},
     "interleave": {"schedule": str, "start": (int, float), "end": (int, float), "steps": int,
                    "mean_span": (int, float)},
     "packing": {"max_tokens": int, "examples_per_step": int, "overlong": str},
@@ -65,7 +65,7 @@ SCHEMA = {
     "output_dir": str,
 }
 DEFAULTS = {
-    "data": {"eval_manifest": None, "eval_behaviors": None, "teacher_cache": False},
+    "data": {"eval_manifest": None, "eval_behaviors": None, "teacher_cache": False, "tasks": None},
     "interleave": {"schedule": "cosine", "start": 0.8, "end": 0.0, "steps": 1000, "mean_span": 3.0},
     "packing": {"max_tokens": 1024, "examples_per_step": 8, "overlong": "truncate"},
     "train": {"steps": 1000, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 50, "grad_accum": 1,
@@ -144,9 +144,14 @@ class MTBIData:
     """Behavior records joined with their utterances; deterministic micro-batches."""
 
     def __init__(self, manifest: str, behaviors: str, model: SpeechLLM, seed: int, mean_span: float,
-                 max_tokens: int, overlong: str, teacher_cache: bool = False):
+                 max_tokens: int, overlong: str, teacher_cache: bool = False,
+                 tasks: list[str] | None = None):
         self.utts = {u.id: u for u in read_manifest(manifest, require_words=True)}
         self.records = read_behaviors(behaviors)
+        if tasks is not None:  # a baseline on fewer tasks (e.g. [continue]: BLSP-style alignment)
+            self.records = [r for r in self.records if r["task"] in tasks]
+            if not self.records:
+                raise ValueError(f"data.tasks={tasks}: {behaviors} has no behaviors of these tasks")
         missing = sorted({r["utt_id"] for r in self.records} - set(self.utts))
         if missing:
             raise ValueError(f"{behaviors}: behaviors refer to utterances not in {manifest}: {missing[:5]}")
@@ -256,7 +261,7 @@ class Trainer:
         common = dict(seed=t["seed"], mean_span=cfg["interleave"]["mean_span"],
                       max_tokens=cfg["packing"]["max_tokens"], overlong=cfg["packing"]["overlong"])
         self.data = MTBIData(d["train_manifest"], d["behaviors"], self.model,
-                             teacher_cache=d["teacher_cache"], **common)
+                             teacher_cache=d["teacher_cache"], tasks=d["tasks"], **common)
         self.eval_data = None
         if d["eval_manifest"] and d["eval_behaviors"]:
             self.eval_data = MTBIData(d["eval_manifest"], d["eval_behaviors"], self.model, **common)

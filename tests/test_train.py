@@ -155,3 +155,17 @@ def test_zero3_two_ranks_match_single_process(data, tmp_path):
                 assert z[key] == pytest.approx(s[key], rel=1e-4, abs=1e-5), (z, s)
     assert (tmp_path / "zero" / "checkpoints" / "step-000006" / "COMPLETE").exists()
     assert SpeechLLM.from_pretrained(tmp_path / "zero" / "final") is not None
+
+
+def test_baseline_switches(data, tmp_path):
+    """Single task (continuation only) and no interleaving (ratio 0 throughout) are config values."""
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "b", "data.tasks=[continue]",
+                                        "interleave.schedule=constant", "interleave.start=0.0",
+                                        "train.steps=2", "train.eval_every=0"))
+    trainer = Trainer(cfg)
+    assert trainer.data.records and {r["task"] for r in trainer.data.records} == {"continue"}
+    assert trainer.schedule(0) == trainer.schedule(10_000) == 0.0
+    trainer.train(resume=False)
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "c", "data.tasks=[no_such_task]"))
+    with pytest.raises(ValueError, match=r"data.tasks=\['no_such_task'\]: .* has no behaviors of these tasks"):
+        Trainer(cfg)
