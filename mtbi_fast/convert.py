@@ -112,14 +112,7 @@ def ctranslate2_whisper_to_hf(variables: dict[str, np.ndarray], **config_overrid
         if b is not None:
             sd[f"{dst}.bias"] = b
 
-    e = "model.encoder"
-    for name in ("conv1", "conv2"):
-        sd[f"{e}.{name}.weight"] = v[f"encoder/{name}/weight"]
-        sd[f"{e}.{name}.bias"] = v[f"encoder/{name}/bias"]
-    sd[f"{e}.embed_positions.weight"] = v["encoder/position_encodings/encodings"]
-    ln(f"{e}.layer_norm", "encoder/layer_norm")
-    for i in range(n_enc):
-        src, dst = f"encoder/layer_{i}", f"{e}.layers.{i}"
+    def layer(src, dst):  # the self-attention and feed-forward blocks both stacks share
         _qkv(sd, v, f"{src}/self_attention/linear_0", f"{dst}.self_attn", d_model)
         lin(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
         ln(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
@@ -127,15 +120,22 @@ def ctranslate2_whisper_to_hf(variables: dict[str, np.ndarray], **config_overrid
         lin(f"{dst}.fc2", f"{src}/ffn/linear_1")
         ln(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
 
+    e = "model.encoder"
+    for name in ("conv1", "conv2"):
+        sd[f"{e}.{name}.weight"] = v[f"encoder/{name}/weight"]
+        sd[f"{e}.{name}.bias"] = v[f"encoder/{name}/bias"]
+    sd[f"{e}.embed_positions.weight"] = v["encoder/position_encodings/encodings"]
+    ln(f"{e}.layer_norm", "encoder/layer_norm")
+    for i in range(n_enc):
+        layer(f"encoder/layer_{i}", f"{e}.layers.{i}")
+
     d = "model.decoder"
     sd[f"{d}.embed_tokens.weight"] = v["decoder/embeddings/weight"]
     sd[f"{d}.embed_positions.weight"] = v["decoder/position_encodings/encodings"]
     ln(f"{d}.layer_norm", "decoder/layer_norm")
     for i in range(n_dec):
         src, dst = f"decoder/layer_{i}", f"{d}.layers.{i}"
-        _qkv(sd, v, f"{src}/self_attention/linear_0", f"{dst}.self_attn", d_model)
-        lin(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
-        ln(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+        layer(src, dst)
         lin(f"{dst}.encoder_attn.q_proj", f"{src}/attention/linear_0")
         kv_w = v[f"{src}/attention/linear_1/weight"]
         kv_b = v[f"{src}/attention/linear_1/bias"]
@@ -144,9 +144,6 @@ def ctranslate2_whisper_to_hf(variables: dict[str, np.ndarray], **config_overrid
         sd[f"{dst}.encoder_attn.v_proj.bias"] = kv_b[d_model:]
         lin(f"{dst}.encoder_attn.out_proj", f"{src}/attention/linear_2")
         ln(f"{dst}.encoder_attn_layer_norm", f"{src}/attention/layer_norm")
-        lin(f"{dst}.fc1", f"{src}/ffn/linear_0")
-        lin(f"{dst}.fc2", f"{src}/ffn/linear_1")
-        ln(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
     sd["proj_out.weight"] = v.get("decoder/projection/weight", v["decoder/embeddings/weight"])
     return config, sd
 
