@@ -47,6 +47,7 @@ class BehaviorConfig:
     top_p: float = 0.9
     shard_size: int = 64            # records per shard
     cache_hidden: bool = False
+    tasks: tuple | None = None      # only these tasks (e.g. ("continue",) for a BLSP-style baseline)
 
 
 def plan(utterances: list[Utterance], split: TaskSplit, library: TaskLibrary,
@@ -60,6 +61,10 @@ def plan(utterances: list[Utterance], split: TaskSplit, library: TaskLibrary,
         pool = [(t, w) for t in split.heldout_tasks for w in range(len(library.tasks[t]))]
     else:
         raise ValueError(f"split must be train, heldout_wording or heldout_task, got {cfg.split!r}")
+    if cfg.tasks is not None:
+        pool = [(t, w) for t, w in pool if t in cfg.tasks]
+        if not pool:
+            raise ValueError(f"no {cfg.split} prompts of tasks {list(cfg.tasks)} in the split")
     jobs = []
     for u in sorted(utterances, key=lambda u: u.id):
         rng = random.Random(_seed(cfg.seed, u.id))
@@ -81,7 +86,9 @@ def generate_behaviors(utterances: list[Utterance], library: TaskLibrary, llm, t
         raise ValueError(f"{split_path} records a different task split; use another output folder")
     split.save(split_path)
     jobs = plan(utterances, split, library, cfg)
-    atomic_write_text(out / "plan.json", json.dumps({"config": cfg.__dict__, "jobs": len(jobs)}, indent=2))
+    atomic_write_text(out / "plan.json", json.dumps({"config": {k: (list(v) if isinstance(v, tuple) else v)
+                                                       for k, v in cfg.__dict__.items()},
+                                            "jobs": len(jobs)}, indent=2))
     shards = [jobs[i:i + cfg.shard_size] for i in range(0, len(jobs), cfg.shard_size)]
     todo = [k for k in range(len(shards)) if not (out / f"shard-{k:05d}.jsonl").exists()]
     t0, n_tokens, n_done = time.time(), 0, 0

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     dm = sub.add_parser("demo", help="the whole method end to end on the bundled corpus")
     dm.add_argument("--tiny", action="store_true", help="random tiny models (a minute or two)")
     dm.add_argument("--output", default="runs/demo", help="report folder (resumable)")
+    dm.add_argument("--baselines", action="store_true",
+                    help="also train and evaluate continuation-only and no-interleaving baselines")
 
     al = sub.add_parser("align", help="add word times to a manifest (pocketsphinx, offline)")
     al.add_argument("manifest")
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.output, tiny=args.tiny)
+        run_demo(args.output, tiny=args.tiny, baselines=args.baselines)
         return 0
     if args.command == "eval":
         return _eval(args)

@@ -1,10 +1,14 @@
-"""``mtbi-fast demo [--tiny] [--output DIR]``: the whole method end to end on the bundled corpus.
+"""``mtbi-fast demo [--tiny] [--baselines] [--output DIR]``: the whole method end to end on the
+bundled corpus.
 
 1. fetch the offline real models (SmolLM2-135M-Instruct, Whisper tiny.en, MiniLM), unless --tiny;
 2. the teacher's behaviors for the demo training utterances (cached in the output folder);
 3. training with the MTBI trainer (demo config; --tiny: the random tiny models);
 4. evaluation of the trained and the untrained model on held-out utterances (three splits);
 5. a report folder: report.md (tables), loss_curve.png, eval.png, eval.json, the trained model.
+
+With ``--baselines`` the same run also trains and evaluates two baselines in the same table: a
+single task (continuation only, BLSP-style behavior alignment) and no interleaving (ratio 0).
 
 Every stage resumes from what the output folder already holds.
 """
@@ -28,7 +32,16 @@ SETTINGS = {
 }
 
 
-def run_demo(output: str | Path, tiny: bool = False) -> Path:
+BASELINES = {
+    # BLSP-style behavior alignment: one task (continuation), interleaving as in MTBI
+    "continue-only": dict(behaviors="behaviors-continue", overrides=[]),
+    # MTBI's tasks without interleaving: pure speech from the first step
+    "no-interleave": dict(behaviors="behaviors",
+                          overrides=["interleave.schedule=constant", "interleave.start=0.0"]),
+}
+
+
+def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False) -> Path:
     from .behaviors import BehaviorConfig, generate_behaviors
     from .data import read_manifest, write_manifest
     from .evaluate import Embedder, evaluate, markdown
@@ -66,6 +79,10 @@ def run_demo(output: str | Path, tiny: bool = False) -> Path:
                         batch_size=16)
     generate_behaviors(train_utts, library, llm, tok, out / "behaviors", bc, split=split)
     generate_behaviors(test_utts, library, llm, tok, out / "behaviors-eval", bc, split=split)
+    if baselines:  # continuation prompts for every utterance
+        cont = BehaviorConfig(per_utterance=1, max_new_tokens=s["max_new_tokens"], batch_size=16,
+                              tasks=("continue",))
+        generate_behaviors(train_utts, library, llm, tok, out / "behaviors-continue", cont, split=split)
     del llm
     times["behaviors"] = time.time() - t
 
@@ -83,13 +100,24 @@ def run_demo(output: str | Path, tiny: bool = False) -> Path:
     cfg_path = out / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(run_cfg, sort_keys=False))
     Trainer(load_config(cfg_path, overrides)).train()  # evaluates at step 0 too
+    if baselines:
+        for name, b in BASELINES.items():
+            print(f"      baseline {name}")
+            extra = [o for o in overrides if not o.startswith(("data.behaviors=", "output_dir="))]
+            extra += [f"data.behaviors={out / b['behaviors']}", f"output_dir={out / ('run-' + name)}",
+                      *b["overrides"]]
+            Trainer(load_config(cfg_path, extra)).train()
     times["training"] = time.time() - t
 
     t = time.time()
     print("[4/5] evaluation: trained vs untrained, three splits")
     trained = SpeechLLM.from_pretrained(out / "run" / "final")
-    untrained = SpeechLLM.from_config(trained.config)
-    result = evaluate({"mtbi": trained, "untrained": untrained}, test_utts, library, split,
+    models = {"mtbi": trained}
+    if baselines:
+        for name in BASELINES:
+            models[name] = SpeechLLM.from_pretrained(out / f"run-{name}" / "final")
+    models["untrained"] = SpeechLLM.from_config(trained.config)
+    result = evaluate(models, test_utts, library, split,
                       out / "eval", per_split=1, max_new_tokens=s["eval_tokens"],
                       embedder=Embedder(embedder_dir))
     times["evaluation"] = time.time() - t

@@ -24,3 +24,17 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     assert cli(["demo", "--tiny", "--output", str(out)]) == 0
     assert (out / "behaviors" / "shard-00000.jsonl").stat().st_mtime == stamp
     assert "Held-out imitation KL" in capsys.readouterr().out
+
+
+def test_tiny_demo_with_baselines(tmp_path):
+    """--baselines: continuation-only and no-interleaving runs, evaluated in the same table."""
+    out = tmp_path / "demo"
+    assert cli(["demo", "--tiny", "--baselines", "--output", str(out)]) == 0
+    tasks = {json.loads(line)["task"] for line in (out / "behaviors-continue" / "shard-00000.jsonl")
+             .read_text().splitlines()}
+    assert tasks == {"continue"}
+    ratios = {json.loads(line).get("ratio") for line in (out / "run-no-interleave" / "metrics.jsonl")
+              .read_text().splitlines()} - {None}
+    assert ratios == {0.0}
+    models = {r["model"] for r in json.loads((out / "eval" / "eval.json").read_text())["rows"]}
+    assert models == {"teacher", "mtbi", "continue-only", "no-interleave", "untrained"}
