@@ -44,7 +44,7 @@ BASELINES = {
 def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False) -> Path:
     from .behaviors import BehaviorConfig, generate_behaviors
     from .data import read_manifest, write_manifest
-    from .evaluate import Embedder, evaluate, markdown
+    from .evaluate import Embedder, evaluate
     from .fetch import fetch
     from .hub import load_llm
     from .model import ModelConfig, SpeechLLM
@@ -94,7 +94,7 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False) ->
                  f"train.steps={s['steps']}", f"interleave.steps={s['steps']}",
                  f"packing.examples_per_step={s['examples_per_step']}",
                  f"train.eval_every={s['steps'] // 3}", f"train.save_every={s['steps'] // 3}",
-                 f"train.log_every=1", "deepspeed=null"]
+                 "train.log_every=1", "deepspeed=null"]
     if not tiny:
         overrides += ["train.lr=0.001", "train.warmup_steps=5", "interleave.start=0.5"]
     cfg_path = out / "run.yaml"

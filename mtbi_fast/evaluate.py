@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .behaviors import BehaviorConfig, _answer, _seed
 from .data import Utterance
 from .io import atomic_write_text
-from .packing import Example, Text, pack
+from .packing import Example, Speech, Text, pack
 from .tasks import PLACEHOLDER, TaskLibrary, TaskSplit
 
 SPLITS = ("train", "heldout_wording", "heldout_task")
@@ -165,8 +165,6 @@ def _imitation_kl(model, jobs, teacher_records) -> list[float]:
         for job, rec in zip(jobs, teacher_records):
             mel = log_mel(load_audio(job["audio"]), model.encoder.num_mel_bins)
             frames = model.speech_frames([mel])[0]
-            from .packing import Speech
-
             student = pack([Example(job["id"], [Text(rec["prefix_ids"]), Speech(0, frames.shape[0]),
                                                 Text(rec["suffix_ids"])], rec["response_ids"],
                                     n_frames=frames.shape[0])], 4096)

@@ -171,9 +171,16 @@ class MTBIData:
         out = []
         for pos in range(micro * n, micro * n + n):
             epoch, offset = divmod(pos, len(self.records))
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            out.append(int(torch.randperm(len(self.records), generator=g)[offset]))
+            out.append(self._permutation(epoch)[offset])
         return out
+
+    def _permutation(self, epoch: int) -> list[int]:
+        """The epoch's record order (one randperm per epoch, kept for the current epoch)."""
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(len(self.records), generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm
 
     def mel(self, utt_id: str) -> torch.Tensor:
         if utt_id not in self._mels:

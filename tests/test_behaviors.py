@@ -105,3 +105,11 @@ def test_split_mismatch_is_refused(tmp_path, setup):
     with pytest.raises(ValueError, match="records a different task split"):
         generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path, cfg,
                            split=lib.split(seed=5), progress=False)
+
+
+def test_bad_plan_options_are_named(setup):
+    model, utts, lib = setup
+    with pytest.raises(ValueError, match=r"split must be train, heldout_wording or heldout_task, got 'dev'"):
+        plan(utts, lib.split(), lib, BehaviorConfig(split="dev"))
+    with pytest.raises(ValueError, match=r"no train prompts of tasks \['give_title'\] in the split"):
+        plan(utts, lib.split(), lib, BehaviorConfig(tasks=("give_title",)))

@@ -109,6 +109,11 @@ def test_config_errors(extra, message):
         load_config(CONFIG, ["data.train_manifest=a", "data.behaviors=b", "output_dir=c", *extra])
 
 
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config not found: .*nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
 def test_missing_manifest_is_named(data, tmp_path):
     cfg = load_config(CONFIG, overrides(data, tmp_path / "o", "data.train_manifest=/nope/train.jsonl"))
     with pytest.raises(FileNotFoundError, match=r"manifest not found: /nope/train.jsonl"):
