@@ -90,21 +90,23 @@ def generate_behaviors(utterances: list[Utterance], library: TaskLibrary, llm, t
                                                        for k, v in cfg.__dict__.items()},
                                             "jobs": len(jobs)}, indent=2))
     shards = [jobs[i:i + cfg.shard_size] for i in range(0, len(jobs), cfg.shard_size)]
-    todo = [k for k in range(len(shards)) if not (out / f"shard-{k:05d}.jsonl").exists()]
+    todo = [k for k in range(len(shards)) if not (out / f"shard-{k:05d}.jsonl").exists()
+            or (cfg.cache_hidden and not (out / f"shard-{k:05d}.safetensors").exists())]
     t0, n_tokens, n_done = time.time(), 0, 0
     bar = tqdm(total=len(jobs), initial=len(jobs) - sum(len(shards[k]) for k in todo),
                desc="behaviors", unit="prompt", disable=not progress)
     for k in todo:
-        records = []
+        records, hidden = [], {}
         for b in range(0, len(shards[k]), cfg.batch_size):
             batch = shards[k][b:b + cfg.batch_size]
-            records += _answer(batch, library, llm, tokenizer, cfg, _seed(cfg.seed, f"{k}/{b}"))
+            records += _answer(batch, library, llm, tokenizer, cfg, _seed(cfg.seed, f"{k}/{b}"),
+                               hidden=hidden if cfg.cache_hidden else None)
             n_tokens += sum(len(r["response_ids"]) for r in records[-len(batch):])
             n_done += len(batch)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - t0, 1e-9):.0f}")
         if cfg.cache_hidden:
-            _write_hidden(out / f"shard-{k:05d}.safetensors", records, llm)
+            _write_hidden(out / f"shard-{k:05d}.safetensors", hidden)
         atomic_write_text(out / f"shard-{k:05d}.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     bar.close()
@@ -149,7 +151,10 @@ def template_halves(tokenizer, prompt: str, marker: str = PLACEHOLDER) -> tuple[
     return enc(a), enc(b)
 
 
-def _answer(batch, library, llm, tokenizer, cfg, seed) -> list[dict]:
+def _answer(batch, library, llm, tokenizer, cfg, seed, hidden: dict | None = None) -> list[dict]:
+    """The LLM's answers to a batch of jobs. With ``hidden`` (a dict), also the final hidden
+    states that predicted each response token, taken from the generation itself (no second pass):
+    ``hidden[id]`` [len(response_ids), H]."""
     prompts, inputs = [], []
     for job in batch:
         wording = library.tasks[job["task"]][job["wording"]]
@@ -170,9 +175,18 @@ def _answer(batch, library, llm, tokenizer, cfg, seed) -> list[dict]:
         kw.update(temperature=cfg.temperature, top_p=cfg.top_p)
     from .hub import padded_attention
 
-    with torch.no_grad(), torch.random.fork_rng(devices=[]), padded_attention(llm):
-        torch.manual_seed(seed)
-        out = llm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
+    steps = []  # the LM head's input at the last position, one [B, H] per decoding step
+    hook = llm.get_output_embeddings().register_forward_pre_hook(
+        lambda _m, args: steps.append(args[0][:, -1].detach())) if hidden is not None else None
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), padded_attention(llm):
+            torch.manual_seed(seed)
+            out = llm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if hidden is not None:  # step j's final state predicted response token j
+        states = torch.stack(steps, 1)
     eos = tokenizer.eos_token_id
     records = []
     for job, (prompt, prefix, transcript_ids, suffix), row in zip(batch, prompts, out[:, width:].tolist()):
@@ -188,25 +202,18 @@ def _answer(batch, library, llm, tokenizer, cfg, seed) -> list[dict]:
                         "prefix_ids": prefix, "transcript_ids": transcript_ids, "suffix_ids": suffix,
                         "response": tokenizer.decode(resp, skip_special_tokens=True).strip(),
                         "response_ids": resp})
+        if hidden is not None:
+            hidden[job["id"]] = states[len(records) - 1, :len(resp)].cpu()
     return records
 
 
-def _write_hidden(path: Path, records: list[dict], llm):
+def _write_hidden(path: Path, states: dict[str, torch.Tensor]):
     """Teacher final hidden states at the response positions, bf16, one tensor per record."""
     from safetensors.torch import save_file
 
-    body = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.model
-    device = llm.get_input_embeddings().weight.device
-    states = {}
-    with torch.no_grad():
-        for r in records:
-            ids = r["prefix_ids"] + r["transcript_ids"] + r["suffix_ids"] + r["response_ids"]
-            p = len(ids) - len(r["response_ids"])
-            h = body(input_ids=torch.tensor([ids], device=device), use_cache=False).last_hidden_state[0]
-            states[r["id"]] = h[p - 1:len(ids) - 1].to(torch.bfloat16).cpu().contiguous()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
-    save_file(states, tmp)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in states.items()}, tmp)
     os.replace(tmp, path)
 
 

@@ -15,6 +15,7 @@ Every stage resumes from what the output folder already holds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,10 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = ROOT / "data" / "demo"
 
 SETTINGS = {
-    "full": dict(config="demo.yaml", per_utterance=1, max_new_tokens=32, steps=60,
-                 examples_per_step=4, eval_utts=10, eval_tokens=32, train_utts=200),
+    "full": dict(config="demo.yaml", per_utterance=1, max_new_tokens=32, steps=100,
+                 examples_per_step=4, eval_utts=30, eval_kl_utts=16, eval_tokens=32,
+                 train_utts=200),
     "tiny": dict(config="tiny_train.yaml", per_utterance=1, max_new_tokens=12, steps=30,
-                 examples_per_step=4, eval_utts=4, eval_tokens=8, train_utts=40),
+                 examples_per_step=4, eval_utts=4, eval_kl_utts=4, eval_tokens=8,
+                 train_utts=40),
 }
 
 
@@ -75,13 +78,15 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False) ->
     print(f"[2/5] behaviors: the teacher answers {len(train_utts)} utterances")
     model_cfg = ModelConfig.from_dict(run_cfg["model"])
     llm, tok = load_llm(model_cfg.llm, seed=model_cfg.init_seed)
+    # the teacher's hidden states at the response positions come free with its answers; training
+    # reads them instead of running the teacher again (data.teacher_cache)
     bc = BehaviorConfig(per_utterance=s["per_utterance"], max_new_tokens=s["max_new_tokens"],
-                        batch_size=16)
+                        batch_size=16, cache_hidden=True)
     generate_behaviors(train_utts, library, llm, tok, out / "behaviors", bc, split=split)
-    generate_behaviors(test_utts, library, llm, tok, out / "behaviors-eval", bc, split=split)
+    generate_behaviors(test_utts[:s["eval_kl_utts"]], library, llm, tok, out / "behaviors-eval",
+                       dataclasses.replace(bc, cache_hidden=False), split=split)
     if baselines:  # continuation prompts for every utterance
-        cont = BehaviorConfig(per_utterance=1, max_new_tokens=s["max_new_tokens"], batch_size=16,
-                              tasks=("continue",))
+        cont = dataclasses.replace(bc, per_utterance=1, tasks=("continue",))
         generate_behaviors(train_utts, library, llm, tok, out / "behaviors-continue", cont, split=split)
     del llm
     times["behaviors"] = time.time() - t
@@ -93,10 +98,11 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False) ->
                  f"data.eval_behaviors={out / 'behaviors-eval'}", f"output_dir={out / 'run'}",
                  f"train.steps={s['steps']}", f"interleave.steps={s['steps']}",
                  f"packing.examples_per_step={s['examples_per_step']}",
-                 f"train.eval_every={s['steps'] // 3}", f"train.save_every={s['steps'] // 3}",
-                 "train.log_every=1", "deepspeed=null"]
+                 f"train.eval_every={s['steps'] // 4}", f"train.save_every={s['steps'] // 2}",
+                 "train.log_every=1", "data.teacher_cache=true",
+                 f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}"]  # one process; bf16 only on GPU
     if not tiny:
-        overrides += ["train.lr=0.001", "train.warmup_steps=5", "interleave.start=0.5"]
+        overrides += ["train.lr=0.003", "train.warmup_steps=5", "interleave.start=0.5"]
     cfg_path = out / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(run_cfg, sort_keys=False))
     Trainer(load_config(cfg_path, overrides)).train()  # evaluates at step 0 too

@@ -6,8 +6,10 @@ the teacher (the frozen LLM, LoRA off) from the transcript; the SLLM's answer is
 the teacher's: ROUGE-L (F1 of the longest common word subsequence), chrF (sacrebleu) and semantic
 similarity (cosine of all-MiniLM-L6-v2 sentence embeddings, from ``mtbi-fast models fetch
 minilm``); on the repeat task also the word error rate against the transcript (jiwer); and the
-imitation KL on the teacher's answers (teacher-forced, speech only). Reference rows in the same
-table: the untrained SLLM (lower bound) and the teacher itself (upper bound: agreement 1 by
+imitation KL on the teacher's answers (teacher-forced, speech only), also with each clip swapped
+for another utterance's ("KL, other speech": a model that uses what is said does worse with the
+wrong clip; one that has only learned what speech in general sounds like does not). Reference
+rows in the same table: the untrained SLLM (lower bound) and the teacher itself (upper bound: agreement 1 by
 construction, its own repeat WER).
 
 Writes ``eval.json``, ``eval.md`` (a summary table per model and split, then per task) and
@@ -35,7 +37,7 @@ from .tasks import PLACEHOLDER, TaskLibrary, TaskSplit
 SPLITS = ("train", "heldout_wording", "heldout_task")
 SPLIT_NAMES = {"train": "seen task, seen wording", "heldout_wording": "seen task, new wording",
                "heldout_task": "new task"}
-METRICS = ("rouge_l", "chrf", "similarity", "kl", "wer")
+METRICS = ("rouge_l", "chrf", "similarity", "kl", "kl_other", "wer")
 
 
 def rouge_l(hyp: str, ref: str) -> float:
@@ -83,10 +85,10 @@ def plan_eval(utts: list[Utterance], library: TaskLibrary, split: TaskSplit, per
         for kind in SPLITS:
             rng = random.Random(_seed(seed, f"eval/{kind}/{u.id}"))
             pool = pools[kind]
-            if "repeat" in library.tasks and kind == "train":  # always measure WER
-                pool_r = [p for p in pool if p[0] == "repeat"]
-                picks = rng.sample(pool_r, 1) + rng.sample([p for p in pool if p[0] != "repeat"],
-                                                           max(0, per_split - 1))
+            pool_r = [p for p in pool if p[0] == "repeat"]
+            if pool_r and kind == "train":  # a repeat prompt on top, to always measure WER
+                rest = [p for p in pool if p[0] != "repeat"]
+                picks = rng.sample(rest, min(per_split, len(rest))) + rng.sample(pool_r, 1)
             else:
                 picks = rng.sample(pool, min(per_split, len(pool)))
             for task, wording in picks:
@@ -97,7 +99,7 @@ def plan_eval(utts: list[Utterance], library: TaskLibrary, split: TaskSplit, per
 
 def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: TaskSplit,
              out_dir: str | Path, *, per_split: int = 2, max_new_tokens: int = 48, seed: int = 0,
-             embedder: Embedder | None = None, progress: bool = True) -> dict:
+             embedder: Embedder | None = None, progress: bool = True, batch_size: int = 8) -> dict:
     """Score each SLLM in ``models`` ({"name": SpeechLLM}) against the teacher (the first model's
     LLM with adapters off). Returns the results dict written to ``eval.json``."""
     import sacrebleu
@@ -105,23 +107,32 @@ def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: T
     first = next(iter(models.values()))
     jobs = plan_eval(utts, library, split, per_split, seed)
     t0 = time.time()
-    cfg = BehaviorConfig(max_new_tokens=max_new_tokens, batch_size=8)
-    teacher = []
+    cfg = BehaviorConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    teacher, teacher_hidden = [], {}  # the teacher's answers and the states that chose them
     off = first.llm.disable_adapter() if first.config.lora else contextlib.nullcontext()
     with off:
         for b in range(0, len(jobs), cfg.batch_size):
             teacher += _answer(jobs[b:b + cfg.batch_size], library, first.llm, first.tokenizer, cfg,
-                               _seed(seed, f"teacher/{b}"))
+                               _seed(seed, f"teacher/{b}"), hidden=teacher_hidden)
     answers = {"teacher": [r["response"] for r in teacher]}
-    kls = {}
+    kls, kls_other = {}, {}
+    others = _other_speech(jobs)
     for name, model in models.items():
         model.eval()
         outs = []
-        for job in tqdm(jobs, desc=f"eval {name}", unit="prompt", disable=not progress):
-            prompt = library.tasks[job["task"]][job["wording"]].replace(PLACEHOLDER, "{speech}")
-            outs.append(model.generate(job["audio"], prompt, max_new_tokens=max_new_tokens).strip())
+        bar = tqdm(total=len(jobs), desc=f"eval {name}", unit="prompt", disable=not progress)
+        for b in range(0, len(jobs), batch_size):
+            group = jobs[b:b + batch_size]
+            prompts = [library.tasks[j["task"]][j["wording"]].replace(PLACEHOLDER, "{speech}")
+                       for j in group]
+            outs += [a.strip() for a in model.generate_batch([j["audio"] for j in group], prompts,
+                                                             max_new_tokens=max_new_tokens)]
+            bar.update(len(group))
+        bar.close()
         answers[name] = outs
-        kls[name] = _imitation_kl(model, jobs, teacher)
+        kls[name] = _imitation_kl(model, jobs, teacher, teacher_hidden)
+        if others is not None:  # does the model listen? the same prompts with another clip's speech
+            kls_other[name] = _imitation_kl(model, others, teacher, teacher_hidden)
     rows = []
     emb = {}
     if embedder is not None:
@@ -143,6 +154,8 @@ def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: T
                 row["wer"] = jiwer.wer(_norm(job["text"]), _norm(hyp) or "-")
             if name in kls:
                 row["kl"] = kls[name][i]
+            if name in kls_other:
+                row["kl_other"] = kls_other[name][i]
             rows.append(row)
     summary = _summarize(rows)
     result = {"jobs": len(jobs), "seconds": round(time.time() - t0, 1), "summary": summary,
@@ -155,28 +168,47 @@ def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: T
     return result
 
 
-def _imitation_kl(model, jobs, teacher_records) -> list[float]:
-    """Per-prompt imitation KL of the SLLM (speech only) on the teacher's answers."""
+def _imitation_kl(model, jobs, teacher_records, teacher_hidden: dict | None = None,
+                  batch_size: int = 8) -> list[float]:
+    """Per-prompt imitation KL of the SLLM (speech only) on the teacher's answers, packed
+    ``batch_size`` prompts at a time (loss rows come back in input order). ``teacher_hidden``:
+    the teacher's states at the response positions by job id (else a teacher pass computes them)."""
     from .audio import load_audio, log_mel
     from .loss import imitation_loss
 
     out = []
+    head = model.llm.get_output_embeddings()
     with torch.no_grad():
-        for job, rec in zip(jobs, teacher_records):
-            mel = log_mel(load_audio(job["audio"]), model.encoder.num_mel_bins)
-            frames = model.speech_frames([mel])[0]
-            student = pack([Example(job["id"], [Text(rec["prefix_ids"]), Speech(0, frames.shape[0]),
-                                                Text(rec["suffix_ids"])], rec["response_ids"],
-                                    n_frames=frames.shape[0])], 4096)
-            teacher = pack([Example(job["id"], [Text(rec["prefix_ids"] + rec["transcript_ids"] +
-                                                     rec["suffix_ids"])], rec["response_ids"])], 4096)
-            h_s = model._hidden(student, frames)
-            h_t = model.teacher_states(teacher)
-            head = model.llm.get_output_embeddings()
+        for b in range(0, len(jobs), batch_size):
+            group = list(zip(jobs[b:b + batch_size], teacher_records[b:b + batch_size]))
+            frames = model.speech_frames([log_mel(load_audio(j["audio"]), model.encoder.num_mel_bins)
+                                          for j, _ in group])
+            student = pack([Example(j["id"], [Text(r["prefix_ids"]), Speech(0, f.shape[0]),
+                                              Text(r["suffix_ids"])], r["response_ids"],
+                                    n_frames=f.shape[0]) for (j, r), f in zip(group, frames)], 4096)
+            h_s = model._hidden(student, torch.cat(frames))
+            if teacher_hidden is not None:
+                h_t = torch.cat([teacher_hidden[j["id"]] for j, _ in group]).to(h_s)
+            else:
+                h_t = model.teacher_states(pack([Example(j["id"], [Text(
+                    r["prefix_ids"] + r["transcript_ids"] + r["suffix_ids"])], r["response_ids"])
+                    for j, r in group], 4096))
             _, parts = imitation_loss(h_s, h_t, head.weight, lm_head_bias=getattr(head, "bias", None),
-                                      return_parts=True)
-            out.append(float(parts["kl"]))
+                                      reduction="none", return_parts=True)
+            for rows in parts["kl"].split([len(r["response_ids"]) for _, r in group]):
+                out.append(float(rows.mean()))
     return out
+
+
+def _other_speech(jobs: list[dict]) -> list[dict] | None:
+    """The jobs with each clip swapped for the next utterance's (in id order, cyclic); None with
+    fewer than two utterances."""
+    audio = {j["utt_id"]: j["audio"] for j in jobs}
+    ids = sorted(audio)
+    if len(ids) < 2:
+        return None
+    nxt = {u: audio[ids[(k + 1) % len(ids)]] for k, u in enumerate(ids)}
+    return [{**j, "audio": nxt[j["utt_id"]]} for j in jobs]
 
 
 def _summarize(rows: list[dict]) -> dict:
@@ -194,14 +226,14 @@ def _summarize(rows: list[dict]) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| model | split | ROUGE-L | chrF | similarity | imitation KL | repeat WER | n |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | split | ROUGE-L | chrF | similarity | imitation KL | KL, other speech | repeat WER | n |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for model in summary:
         for split in SPLITS:
             s = summary[model].get(f"all|{split}")
             if s is None:
                 continue
-            cells = [_f(s.get(m)) for m in ("rouge_l", "chrf", "similarity", "kl")]
+            cells = [_f(s.get(m)) for m in ("rouge_l", "chrf", "similarity", "kl", "kl_other")]
             wer = summary[model].get(f"repeat|{split}", {}).get("wer")
             lines.append(f"| {model} | {SPLIT_NAMES[split]} | " + " | ".join(cells)
                          + f" | {_f(wer)} | {s['n']} |")

@@ -327,27 +327,51 @@ class SpeechLLM(nn.Module):
         """Answer ``prompt`` about ``audio`` (a file path or a 16 kHz waveform).
 
         The speech goes where ``{speech}`` stands in the prompt (at its end when absent), inside
-        the tokenizer's chat template when it has one.
+        the tokenizer's chat template when it has one. ``streamer``: a transformers streamer that
+        receives the tokens as they come.
         """
+        return self.generate_batch([audio], [prompt], tokenizer, streamer=streamer,
+                                   **generation_kwargs)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, audios: list, prompts: list[str], tokenizer=None, *, streamer=None,
+                       **generation_kwargs) -> list[str]:
+        """Answer ``prompts[i]`` about ``audios[i]`` for all i in one left-padded batch (the
+        encoder runs each clip at its true length; the LLM decodes the batch together).
+        Greedy by default; ``generation_kwargs`` go to the LLM's ``generate``."""
+        from .hub import padded_attention
+
         tokenizer = tokenizer or self.tokenizer
         if tokenizer is None:
             raise ValueError("generate needs a tokenizer (none was loaded with the LLM)")
-        wave = audio if isinstance(audio, torch.Tensor) else load_audio(
-            audio, max_seconds=self.config.max_audio_seconds)
-        frames = self.speech_frames([log_mel(wave, self.encoder.num_mel_bins)])[0]
-        before, after = prompt_halves(tokenizer, prompt)
+        if len(audios) != len(prompts):
+            raise ValueError(f"{len(audios)} audios but {len(prompts)} prompts")
+        if streamer is not None and len(audios) != 1:
+            raise ValueError("a streamer follows one answer: generate one prompt at a time")
+        waves = [a if isinstance(a, torch.Tensor) else load_audio(a, max_seconds=self.config.max_audio_seconds)
+                 for a in audios]
+        frames = self.speech_frames([log_mel(w, self.encoder.num_mel_bins) for w in waves])
         embed = self.llm.get_input_embeddings()
         dev = embed.weight.device
-        ids_a = torch.tensor(before, dtype=torch.long, device=dev)
-        ids_b = torch.tensor(after, dtype=torch.long, device=dev)
-        x = torch.cat([embed(ids_a), frames.to(embed.weight.dtype), embed(ids_b)])[None]
+        rows = []
+        for f, prompt in zip(frames, prompts):
+            before, after = prompt_halves(tokenizer, prompt)
+            rows.append(torch.cat([embed(torch.tensor(before, dtype=torch.long, device=dev)),
+                                   f.to(embed.weight.dtype),
+                                   embed(torch.tensor(after, dtype=torch.long, device=dev))]))
+        width = max(r.shape[0] for r in rows)
+        x = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):  # left padding: every row ends where decoding starts
+            x[i, width - r.shape[0]:] = r
+            mask[i, width - r.shape[0]:] = 1
         kw = dict(max_new_tokens=64, do_sample=False)
         kw.update(generation_kwargs)
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             kw.setdefault("pad_token_id", tokenizer.eos_token_id)
-        out = self.llm.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=dev),
-                                streamer=streamer, **kw)
-        return tokenizer.decode(out[0], skip_special_tokens=True)
+        with padded_attention(self.llm):
+            out = self.llm.generate(inputs_embeds=x, attention_mask=mask, streamer=streamer, **kw)
+        return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
     # -- persistence -------------------------------------------------------------------------
 

@@ -214,6 +214,19 @@ class MTBIData:
         return out
 
 
+def _single_process_env():
+    """torch.distributed's env:// variables for a one-process world on a free local port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(port))):
+        os.environ.setdefault(key, value)
+
+
 def _load_hidden_cache(behaviors: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -300,6 +313,8 @@ class Trainer:
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else a ~65 s JIT build
+        if not any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+            _single_process_env()  # run without a launcher: a world of one (no MPI discovery)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         self.world = torch.distributed.get_world_size()
         self.rank = torch.distributed.get_rank()

@@ -58,8 +58,56 @@ def test_evaluate_tiny(tmp_path):
         if r["model"] == "teacher":
             assert r["rouge_l"] == 1.0 and r["chrf"] == pytest.approx(1.0)
         else:
-            assert r["kl"] >= 0.0
+            assert r["kl"] >= 0.0 and r["kl_other"] >= 0.0
     assert any("wer" in r for r in rows)  # the repeat task is always among the seen prompts
     md = (tmp_path / "eval" / "eval.md").read_text()
-    assert "seen task, new wording" in md and "new task" in md
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["jobs"] == 2 * 3 * 2
+    assert "seen task, new wording" in md and "new task" in md and "KL, other speech" in md
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["jobs"] == 2 * (3 * 2 + 1)  # + a repeat prompt
+
+
+def test_imitation_kl_batched_matches_direct_forward(tmp_path):
+    """The packed, batched per-prompt KL equals a plain unpacked forward of each prompt through
+    the LLM (inputs_embeds for the speech side, input_ids for the teacher) with float64 KL; so
+    does the KL against the teacher states kept from generation."""
+    import torch
+
+    from mtbi_fast.audio import load_audio, log_mel
+    from mtbi_fast.evaluate import _imitation_kl, plan_eval
+    from mtbi_fast.behaviors import _answer
+
+    cfg = ModelConfig.from_dict(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"])
+    model = SpeechLLM.from_config(cfg).eval()
+    lib = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
+    utts = read_manifest(ROOT / "data" / "demo" / "test.jsonl")[:2]
+    jobs = plan_eval(utts, lib, lib.split(), per_split=1, seed=0)
+    hidden = {}
+    records = _answer(jobs, lib, model.llm, model.tokenizer, BehaviorConfig(max_new_tokens=5), 0,
+                      hidden=hidden)
+    got = _imitation_kl(model, jobs, records, batch_size=4)
+    assert len(got) == len(jobs) == 8  # 2 utterances x (3 splits + a repeat prompt)
+    # the teacher states kept from its own generation give the same KL as a teacher pass
+    assert _imitation_kl(model, jobs, records, hidden, batch_size=5) == pytest.approx(got, rel=1e-4, abs=1e-6)
+    emb = model.llm.get_input_embeddings()
+    with torch.no_grad():
+        for job, rec, kl in zip(jobs, records, got):
+            frames = model.speech_frames([log_mel(load_audio(job["audio"]), model.encoder.num_mel_bins)])[0]
+            resp = rec["response_ids"]
+            ids = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+            x = torch.cat([emb(ids(rec["prefix_ids"])), frames, emb(ids(rec["suffix_ids"] + resp))])[None]
+            z_s = model.llm(inputs_embeds=x).logits[0, -len(resp) - 1:-1].double()
+            t_ids = rec["prefix_ids"] + rec["transcript_ids"] + rec["suffix_ids"] + resp
+            z_t = model.llm(input_ids=ids(t_ids)[None]).logits[0, -len(resp) - 1:-1].double()
+            p_t = z_t.log_softmax(-1)
+            ref = (p_t.exp() * (p_t - z_s.log_softmax(-1))).sum(-1).mean().item()
+            assert kl == pytest.approx(ref, rel=1e-3, abs=1e-5)
+
+
+def test_other_speech_swaps_every_clip():
+    from mtbi_fast.evaluate import _other_speech
+
+    jobs = [{"id": f"{u}/t/{k}", "utt_id": u, "audio": f"{u}.flac"} for u in "cab" for k in range(2)]
+    swapped = _other_speech(jobs)
+    assert [j["id"] for j in swapped] == [j["id"] for j in jobs]
+    assert all(s["audio"] != f"{j['utt_id']}.flac" for s, j in zip(swapped, jobs))
+    assert {s["audio"] for s in swapped} == {"a.flac", "b.flac", "c.flac"}
+    assert _other_speech(jobs[:2]) is None  # one utterance: nothing to swap with

@@ -162,6 +162,23 @@ def test_generate_returns_text(model, tmp_path):
     assert model.tokenizer.decode(a).endswith("Summarize ") and "briefly." in model.tokenizer.decode(b)
 
 
+def test_generate_batch_matches_one_at_a_time(model, tmp_path):
+    """Left-padded batched decoding gives each prompt the same greedy answer as decoding it alone
+    (clips and prompts of different lengths, so the padding really differs per row)."""
+    import soundfile as sf
+
+    paths = []
+    for i, seconds in enumerate((0.7, 1.9, 1.2)):
+        paths.append(tmp_path / f"clip{i}.wav")
+        sf.write(paths[-1], clip(seconds, i).numpy(), 16000)
+    prompts = ["What is said in {speech}?", "Summarize {speech} in one short sentence please.", "Hi"]
+    batched = model.generate_batch([str(p) for p in paths], prompts, max_new_tokens=6)
+    alone = [model.generate(str(p), q, max_new_tokens=6) for p, q in zip(paths, prompts)]
+    assert batched == alone and all(batched)
+    with pytest.raises(ValueError, match="3 audios but 2 prompts"):
+        model.generate_batch([str(p) for p in paths], prompts[:2])
+
+
 @pytest.mark.parametrize("cfg, message", [
     ({"encoderr": {}}, r"unknown key model.encoderr"),
     ({"llm": {"weights": "x"}}, r"model.llm must be one of"),
