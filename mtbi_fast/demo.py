@@ -27,7 +27,7 @@ DEMO_DATA = ROOT / "data" / "demo"
 
 SETTINGS = {
     "full": dict(config="demo.yaml", per_utterance=1, max_new_tokens=32, steps=100,
-                 examples_per_step=4, eval_utts=30, eval_kl_utts=16, eval_tokens=32,
+                 examples_per_step=4, eval_utts=16, eval_kl_utts=16, eval_tokens=32,
                  train_utts=200),
     "tiny": dict(config="tiny_train.yaml", per_utterance=1, max_new_tokens=12, steps=30,
                  examples_per_step=4, eval_utts=4, eval_kl_utts=4, eval_tokens=8,
@@ -102,7 +102,7 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False) ->
                  "train.log_every=1", "data.teacher_cache=true",
                  f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}"]  # one process; bf16 only on GPU
     if not tiny:
-        overrides += ["train.lr=0.003", "train.warmup_steps=5", "interleave.start=0.5"]
+        overrides += ["train.lr=0.003", "train.warmup_steps=5", "interleave.start=0.8"]
     cfg_path = out / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(run_cfg, sort_keys=False))
     Trainer(load_config(cfg_path, overrides)).train()  # evaluates at step 0 too
