@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("-o", "--output", required=True)
     ev.add_argument("--per-split", type=int, default=2, help="prompts per utterance and split")
     ev.add_argument("--max-new-tokens", type=int, default=48)
+    ev.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     ev.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
     ev.add_argument("--no-similarity", action="store_true", help="skip the sentence embeddings")
 
@@ -209,7 +210,8 @@ def _eval(args) -> int:
 
         embedder = Embedder(fetch("minilm", quiet=True))
     result = evaluate(models, read_manifest(args.manifest), library, split, args.output,
-                      per_split=args.per_split, max_new_tokens=args.max_new_tokens, embedder=embedder)
+                      per_split=args.per_split, max_new_tokens=args.max_new_tokens, embedder=embedder,
+                      batch_size=args.batch_size)
     print(markdown(result["summary"]).split("\n\n")[0])
     print(f"{result['jobs']} prompts in {result['seconds']} s -> {args.output} (eval.json, eval.md, eval.png)")
     return 0

@@ -104,6 +104,8 @@ def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: T
     LLM with adapters off). Returns the results dict written to ``eval.json``."""
     import sacrebleu
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     first = next(iter(models.values()))
     jobs = plan_eval(utts, library, split, per_split, seed)
     t0 = time.time()
@@ -253,21 +255,25 @@ def plot(summary: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(summary)
-    metrics = [m for m in ("rouge_l", "chrf", "similarity") if any(
-        m in summary[x].get(f"all|{s}", {}) for x in models for s in SPLITS)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+    # the teacher scores 1 by construction: leave it out so that the SLLMs' differences show
+    models = [x for x in summary if x != "teacher"]
+    titles = {"rouge_l": "ROUGE-L (higher is better)", "chrf": "chrF (higher is better)",
+              "similarity": "similarity (higher is better)", "kl": "imitation KL (lower is better)"}
+    metrics = [m for m in titles if any(m in summary[x].get(f"all|{s}", {})
+                                        for x in models for s in SPLITS)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
     width = 0.8 / max(len(models), 1)
     for ax, m in zip(axes[0], metrics):
         for k, model in enumerate(models):
             vals = [summary[model].get(f"all|{s}", {}).get(m, 0.0) for s in SPLITS]
-            ax.bar([i + k * width for i in range(len(SPLITS))], vals, width, label=model)
+            bars = ax.bar([i + k * width for i in range(len(SPLITS))], vals, width, label=model)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(SPLITS))])
         ax.set_xticklabels(["seen", "new wording", "new task"])
-        ax.set_title(m.replace("_", "-"))
-        ax.set_ylim(0, 1)
+        ax.set_title(titles[m], fontsize=10)
+        ax.margins(y=0.15)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Agreement with the teacher's answers (held-out utterances)")
+    fig.suptitle("SLLM vs the teacher's answers on held-out utterances (the teacher scores 1)")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
