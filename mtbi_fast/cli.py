@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     dm = sub.add_parser("demo", help="the whole method end to end on the bundled corpus")
     dm.add_argument("--tiny", action="store_true", help="random tiny models (a minute or two)")
     dm.add_argument("--output", default="runs/demo", help="report folder (resumable)")
+    dm.add_argument("--steps", type=int, help="training steps (default 100; --tiny 30). About 600 "
+                    "are needed before the adapter carries what is said (see the README)")
     dm.add_argument("--baselines", action="store_true",
                     help="also train and evaluate continuation-only and no-interleaving baselines")
 
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.output, tiny=args.tiny, baselines=args.baselines)
+        run_demo(args.output, tiny=args.tiny, baselines=args.baselines, steps=args.steps)
         return 0
     if args.command == "eval":
         return _eval(args)

@@ -44,7 +44,8 @@ BASELINES = {
 }
 
 
-def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False) -> Path:
+def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False,
+             steps: int | None = None) -> Path:
     from .behaviors import BehaviorConfig, generate_behaviors
     from .data import read_manifest, write_manifest
     from .evaluate import Embedder, evaluate
@@ -54,7 +55,11 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False) ->
     from .tasks import TaskLibrary
     from .train import Trainer, load_config
 
-    s = SETTINGS["tiny" if tiny else "full"]
+    s = dict(SETTINGS["tiny" if tiny else "full"])
+    if steps is not None:
+        if steps < 4:
+            raise ValueError(f"--steps must be >= 4, got {steps}")
+        s["steps"] = steps
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

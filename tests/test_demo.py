@@ -38,3 +38,13 @@ def test_tiny_demo_with_baselines(tmp_path):
     assert ratios == {0.0}
     models = {r["model"] for r in json.loads((out / "eval" / "eval.json").read_text())["rows"]}
     assert models == {"teacher", "mtbi", "continue-only", "no-interleave", "untrained"}
+
+
+def test_demo_steps_must_be_sensible(tmp_path):
+    import pytest
+
+    from mtbi_fast.demo import run_demo
+
+    with pytest.raises(ValueError, match="--steps must be >= 4, got 2"):
+        run_demo(tmp_path / "demo", tiny=True, steps=2)
+    assert not (tmp_path / "demo").exists()  # refused before anything was written
