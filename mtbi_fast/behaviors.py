@@ -189,7 +189,8 @@ def _answer(batch, library, llm, tokenizer, cfg, seed, hidden: dict | None = Non
         states = torch.stack(steps, 1)
     eos = tokenizer.eos_token_id
     records = []
-    for job, (prompt, prefix, transcript_ids, suffix), row in zip(batch, prompts, out[:, width:].tolist()):
+    for i, (job, (prompt, prefix, transcript_ids, suffix), row) in enumerate(
+            zip(batch, prompts, out[:, width:].tolist())):
         resp = []
         for tok in row:
             resp.append(tok)
@@ -203,7 +204,7 @@ def _answer(batch, library, llm, tokenizer, cfg, seed, hidden: dict | None = Non
                         "response": tokenizer.decode(resp, skip_special_tokens=True).strip(),
                         "response_ids": resp})
         if hidden is not None:
-            hidden[job["id"]] = states[len(records) - 1, :len(resp)].cpu()
+            hidden[job["id"]] = states[i, :len(resp)].cpu()
     return records
 
 

@@ -27,10 +27,10 @@ DEMO_DATA = ROOT / "data" / "demo"
 
 SETTINGS = {
     "full": dict(config="demo.yaml", per_utterance=1, max_new_tokens=32, steps=100,
-                 examples_per_step=4, eval_utts=16, eval_kl_utts=16, eval_tokens=32,
+                 examples_per_step=4, eval_utts=16, eval_tokens=32,
                  train_utts=200),
     "tiny": dict(config="tiny_train.yaml", per_utterance=1, max_new_tokens=12, steps=30,
-                 examples_per_step=4, eval_utts=4, eval_kl_utts=4, eval_tokens=8,
+                 examples_per_step=4, eval_utts=4, eval_tokens=8,
                  train_utts=40),
 }
 
@@ -88,7 +88,7 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False,
     bc = BehaviorConfig(per_utterance=s["per_utterance"], max_new_tokens=s["max_new_tokens"],
                         batch_size=16, cache_hidden=True)
     generate_behaviors(train_utts, library, llm, tok, out / "behaviors", bc, split=split)
-    generate_behaviors(test_utts[:s["eval_kl_utts"]], library, llm, tok, out / "behaviors-eval",
+    generate_behaviors(test_utts, library, llm, tok, out / "behaviors-eval",
                        dataclasses.replace(bc, cache_hidden=False), split=split)
     if baselines:  # continuation prompts for every utterance
         cont = dataclasses.replace(bc, per_utterance=1, tasks=("continue",))

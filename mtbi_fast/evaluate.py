@@ -9,8 +9,8 @@ minilm``); on the repeat task also the word error rate against the transcript (j
 imitation KL on the teacher's answers (teacher-forced, speech only), also with each clip swapped
 for another utterance's ("KL, other speech": a model that uses what is said does worse with the
 wrong clip; one that has only learned what speech in general sounds like does not). Reference
-rows in the same table: the untrained SLLM (lower bound) and the teacher itself (upper bound: agreement 1 by
-construction, its own repeat WER).
+rows in the same table: the untrained SLLM (lower bound) and the teacher itself (upper bound:
+agreement 1 by construction, its own repeat WER).
 
 Writes ``eval.json``, ``eval.md`` (a summary table per model and split, then per task) and
 ``eval.png`` (a bar chart).

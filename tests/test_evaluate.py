@@ -111,3 +111,10 @@ def test_other_speech_swaps_every_clip():
     assert all(s["audio"] != f"{j['utt_id']}.flac" for s, j in zip(swapped, jobs))
     assert {s["audio"] for s in swapped} == {"a.flac", "b.flac", "c.flac"}
     assert _other_speech(jobs[:2]) is None  # one utterance: nothing to swap with
+
+
+def test_evaluate_batch_size_must_be_positive(tmp_path):
+    lib = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        evaluate({}, [], lib, lib.split(), tmp_path, batch_size=0)
+    assert not any(tmp_path.iterdir())

@@ -177,6 +177,8 @@ def test_generate_batch_matches_one_at_a_time(model, tmp_path):
     assert batched == alone and all(batched)
     with pytest.raises(ValueError, match="3 audios but 2 prompts"):
         model.generate_batch([str(p) for p in paths], prompts[:2])
+    with pytest.raises(ValueError, match="a streamer follows one answer: generate one prompt at a time"):
+        model.generate_batch([str(p) for p in paths], prompts, streamer=object())
 
 
 @pytest.mark.parametrize("cfg, message", [
