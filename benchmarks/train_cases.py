@@ -1,9 +1,10 @@
 """One training step of each pipeline variant, for bench_train.py (and its memory probe).
 
-The full mtbi-fast step (fused loss, packed batches, true-length encoder, cached teacher) and the
-reference eager step (eager loss, padded batches, encoder padded to 30 s, online teacher), plus
-the fast step with each optimization switched off alone. Run as a script it is the memory probe:
-one variant in a fresh process, printing the peak resident memory the steps add (JSON).
+The full mtbi-fast step (fused loss, packed batches, true-length encoder, cached teacher, frozen
+weights in ``model.dtype=auto``: bf16 on a GPU or an AVX512-BF16 CPU) and the reference eager step
+(eager loss, padded batches, encoder padded to 30 s, online teacher, float32), plus the fast step
+with each optimization switched off alone. Run as a script it is the memory probe: one variant
+in a fresh process, printing the peak resident memory the steps add (JSON).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from mtbi_fast.interleave import example_pair  # noqa: E402
 from mtbi_fast.model import ModelConfig, SpeechLLM  # noqa: E402
 from mtbi_fast.packing import pack  # noqa: E402
 
-OPTIMIZATIONS = ("fused_loss", "packing", "true_length", "cached_teacher")
+OPTIMIZATIONS = ("fused_loss", "packing", "true_length", "cached_teacher", "bf16")
 VARIANTS = {"mtbi-fast": set(OPTIMIZATIONS), "eager": set()}
 VARIANTS.update({f"no-{o}": set(OPTIMIZATIONS) - {o} for o in OPTIMIZATIONS})
 CONFIGS = {"tiny": ROOT / "configs" / "tiny.yaml", "demo": ROOT / "configs" / "demo.yaml"}
@@ -42,6 +43,8 @@ class Step:
         self.on = on
         cfg = yaml.safe_load(CONFIGS[config].read_text())["model"]
         cfg["loss"] = {**cfg.get("loss", {}), "backend": "auto" if "fused_loss" in on else "eager"}
+        # frozen weights in bf16 where its matmuls are native (model.dtype=auto), else float32
+        cfg["dtype"] = "auto" if "bf16" in on else "float32"
         torch.manual_seed(seed)
         self.model = SpeechLLM.from_config(ModelConfig.from_dict(cfg))
         if "true_length" not in on:

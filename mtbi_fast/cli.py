@@ -138,7 +138,7 @@ def _behaviors(args) -> int:
 
     from .behaviors import BehaviorConfig, generate_behaviors
     from .data import read_manifest
-    from .hub import load_llm
+    from .hub import load_llm, resolve_dtype
     from .model import ModelConfig
     from .tasks import TaskLibrary
 
@@ -146,6 +146,7 @@ def _behaviors(args) -> int:
     library = TaskLibrary.load(args.tasks)
     model_cfg = ModelConfig.from_dict(yaml.safe_load(open(args.config))["model"])
     llm, tokenizer = load_llm(model_cfg.llm, seed=model_cfg.init_seed)
+    llm.to(resolve_dtype(model_cfg.dtype))  # the teacher computes as the student's LLM will
     cfg = BehaviorConfig(per_utterance=args.per_utterance, split=args.split, seed=args.seed,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          shard_size=args.shard_size, do_sample=args.sample,

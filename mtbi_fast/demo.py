@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = ROOT / "data" / "demo"
 
 SETTINGS = {
-    "full": dict(config="demo.yaml", per_utterance=1, max_new_tokens=32, steps=100,
+    "full": dict(config="demo.yaml", per_utterance=1, max_new_tokens=32, steps=300,
                  examples_per_step=4, eval_utts=16, eval_tokens=32,
                  train_utts=200),
     "tiny": dict(config="tiny_train.yaml", per_utterance=1, max_new_tokens=12, steps=30,
@@ -50,7 +50,7 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False,
     from .data import read_manifest, write_manifest
     from .evaluate import Embedder, evaluate
     from .fetch import fetch
-    from .hub import load_llm
+    from .hub import load_llm, resolve_dtype
     from .model import ModelConfig, SpeechLLM
     from .tasks import TaskLibrary
     from .train import Trainer, load_config
@@ -83,6 +83,7 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False,
     print(f"[2/5] behaviors: the teacher answers {len(train_utts)} utterances")
     model_cfg = ModelConfig.from_dict(run_cfg["model"])
     llm, tok = load_llm(model_cfg.llm, seed=model_cfg.init_seed)
+    llm.to(resolve_dtype(model_cfg.dtype))
     # the teacher's hidden states at the response positions come free with its answers; training
     # reads them instead of running the teacher again (data.teacher_cache)
     bc = BehaviorConfig(per_utterance=s["per_utterance"], max_new_tokens=s["max_new_tokens"],
@@ -103,9 +104,9 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False,
                  f"data.eval_behaviors={out / 'behaviors-eval'}", f"output_dir={out / 'run'}",
                  f"train.steps={s['steps']}", f"interleave.steps={s['steps']}",
                  f"packing.examples_per_step={s['examples_per_step']}",
-                 f"train.eval_every={s['steps'] // 4}", f"train.save_every={s['steps'] // 2}",
+                 f"train.eval_every={-(-s['steps'] // 4)}", f"train.save_every={s['steps'] // 2}",
                  "train.log_every=1", "data.teacher_cache=true",
-                 f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}"]  # one process; bf16 only on GPU
+                 f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}"]  # one process; DeepSpeed's bf16 only on GPU
     if not tiny:
         overrides += ["train.lr=0.003", "train.warmup_steps=5", "interleave.start=0.8"]
     cfg_path = out / "run.yaml"

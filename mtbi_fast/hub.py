@@ -42,6 +42,25 @@ def resolve_attn(attn_implementation: str) -> str:
     return VARLEN_SDPA
 
 
+def resolve_dtype(name: str) -> torch.dtype:
+    """``model.dtype``: "auto" is bfloat16 where its matmuls are native (a CUDA GPU with bf16, an
+    x86 CPU with AVX512-BF16 or AMX), else float32; other names are torch dtypes."""
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @contextlib.contextmanager
 def padded_attention(llm):
     """Plain SDPA while running padded batches (generation with left padding): VARLEN_SDPA keeps

@@ -62,7 +62,7 @@ class ModelConfig:
     attn_implementation: str = "auto"                 # auto: flash-attn if installed, else varlen SDPA
     max_audio_seconds: float = 30.0
     init_seed: int = 0                                 # random init of tiny models and the adapter
-    dtype: str = "float32"
+    dtype: str = "float32"                             # frozen weights (auto: bf16 where native)
 
     @classmethod
     def from_dict(cls, cfg: dict, where: str = "model") -> "ModelConfig":
@@ -81,8 +81,8 @@ class ModelConfig:
             raise ValueError(f"unknown key {where}.adapter.{sorted(unknown)[0]}")
         if out.adapter.get("kind", "stack") not in ("stack", "conv"):
             raise ValueError(f"{where}.adapter.kind must be 'stack' or 'conv', got {out.adapter['kind']!r}")
-        if out.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"{where}.dtype must be float32, bfloat16 or float16, got {out.dtype!r}")
+        if out.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"{where}.dtype must be auto, float32, bfloat16 or float16, got {out.dtype!r}")
         return out
 
     def to_dict(self) -> dict:
@@ -149,9 +149,13 @@ class SpeechEncoder(nn.Module):
             valid = torch.arange(n, device=x.device)[None, :] < torch.tensor(out_lengths, device=x.device)[:, None]
             mask = torch.zeros(len(mels), 1, n, n, device=x.device, dtype=x.dtype)
             mask.masked_fill_(~valid[:, None, None, :], torch.finfo(x.dtype).min)
-        for layer in enc.layers:
-            x = layer(x, mask)
-        x = enc.layer_norm(x)
+        masks = {x.dtype: mask}
+        for layer in enc.layers:  # trained top layers may be float32 below frozen bf16 ones
+            dt = layer.fc1.weight.dtype
+            if mask is not None and dt not in masks:
+                masks[dt] = torch.zeros_like(mask, dtype=dt).masked_fill_(mask < 0, torch.finfo(dt).min)
+            x = layer(x.to(dt), masks.get(dt))
+        x = enc.layer_norm(x.to(enc.layer_norm.weight.dtype))
         return [x[i, :out_lengths[i]] for i in range(len(mels))]
 
 
@@ -173,6 +177,7 @@ class Adapter(nn.Module):
         return math.ceil(encoder_frames / self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.proj[-1].weight.dtype)
         t, d = x.shape
         pad = (-t) % self.stride
         if pad:
@@ -217,7 +222,18 @@ class SpeechLLM(nn.Module):
         if config.lora:
             model.llm = _apply_lora(model.llm, config.lora)
             model._set_trainable()
-        return model.to(getattr(torch, config.dtype))
+        return model.cast(hub.resolve_dtype(config.dtype))
+
+    def cast(self, dtype: torch.dtype) -> "SpeechLLM":
+        """Frozen weights (encoder, LLM) to ``dtype``, trained ones (adapter, trained encoder
+        layers, LoRA) kept in float32: bfloat16 halves the frozen LLM's matmul time on CPUs with
+        bf16 instructions and on GPUs, while the optimizer still updates float32 weights. Each
+        part casts its input to its own weights' dtype."""
+        self.to(dtype)
+        for p in self.parameters():
+            if p.requires_grad and p.is_floating_point():
+                p.data = p.data.float()
+        return self
 
     def _set_trainable(self):
         self.encoder.requires_grad_(False)

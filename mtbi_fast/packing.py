@@ -331,14 +331,20 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask=None, dropou
     def flat(x):  # [R, h, L, d] -> [h, R * L, d]; sequences never straddle rows
         return x.transpose(0, 1).reshape(x.shape[1], rows * length, dim)
 
-    q, k, v = flat(query), flat(key), flat(value)
+    q, k, v = (_sdpa_dtype(flat(x)) for x in (query, key, value))
     bounds = cu.tolist()
     out = torch.cat([
         torch.nn.functional.scaled_dot_product_attention(
             q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True, scale=scaling,
             dropout_p=dropout if module.training else 0.0, enable_gqa=k.shape[0] != heads)
-        for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+        for a, b in zip(bounds[:-1], bounds[1:])], dim=1).to(query.dtype)
     return out.reshape(heads, rows, length, dim).permute(1, 2, 0, 3).contiguous(), None
+
+
+def _sdpa_dtype(x: torch.Tensor) -> torch.Tensor:
+    """CPU SDPA in half precision runs about 2x slower than in float32 (measured on an AVX512-BF16
+    EPYC, forward and backward): upcast there; keep the dtype on GPUs."""
+    return x.float() if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def _plain_sdpa(module, query, key, value, dropout, scaling):
@@ -347,8 +353,9 @@ def _plain_sdpa(module, query, key, value, dropout, scaling):
         raise ValueError(f"{VARLEN_SDPA}: {q_len} queries against {k_len} cached keys is not "
                          "supported; use attn_implementation='sdpa' for chunked prefill")
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, is_causal=q_len == k_len and q_len > 1, scale=scaling,
-        dropout_p=dropout if module.training else 0.0, enable_gqa=key.shape[1] != query.shape[1])
+        _sdpa_dtype(query), _sdpa_dtype(key), _sdpa_dtype(value), is_causal=q_len == k_len and q_len > 1,
+        scale=scaling, dropout_p=dropout if module.training else 0.0,
+        enable_gqa=key.shape[1] != query.shape[1]).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -90,6 +90,30 @@ def test_forward_backward_trains_only_the_adapter(family):
     assert all(p.grad is None for p in model.encoder.parameters())
 
 
+def test_bfloat16_keeps_trained_weights_float32():
+    """dtype=bfloat16: frozen weights in bf16, trained ones (adapter, top encoder layer) float32;
+    the loss and the adapter's gradients follow the float32 model within bf16 rounding."""
+    ref = SpeechLLM.from_config(tiny_config(train_encoder_layers=1))
+    low = SpeechLLM.from_config(tiny_config(train_encoder_layers=1, dtype="bfloat16"))
+    assert all(p.dtype == torch.bfloat16 for p in low.llm.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in low.encoder.encoder.layers[0].parameters())
+    trained = [n for n, p in low.named_parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in low.parameters() if p.requires_grad)
+    assert any(n.startswith("encoder.") for n in trained)
+    student, teacher, mels = batch_for(ref, seed=2)
+    outs = {}
+    for name, m in (("ref", ref), ("low", low)):
+        out = m(student, mels=mels, teacher=teacher)
+        out["loss"].backward()
+        outs[name] = (out["loss"].detach(), [p.grad for p in m.adapter.parameters()])
+    assert outs["low"][0].dtype == torch.float32
+    torch.testing.assert_close(outs["low"][0], outs["ref"][0], rtol=0.05, atol=0.02)
+    for g_low, g_ref in zip(outs["low"][1], outs["ref"][1]):
+        assert g_low.dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(g_low.flatten(), g_ref.flatten(), dim=0)
+        assert cos > 0.95, float(cos)
+
+
 def test_ratio_one_student_is_the_teacher(model):
     """At ratio 1 the student's input is the teacher's: the imitation KL is zero."""
     student, teacher, mels = batch_for(model, ratio=1.0)
@@ -212,7 +236,7 @@ def test_demo_config_real_models(tmp_path):
     fetch("smollm2-135m-instruct", quiet=True)
     cfg = ModelConfig.from_dict(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"])
     m = SpeechLLM.from_config(cfg)
-    assert m.encoder.d_model == 384 and m.hidden_size == 576 and m.frame_rate == 12.5
+    assert m.encoder.d_model == 384 and m.hidden_size == 576 and m.frame_rate == 6.25
     meta = json.loads((ROOT / "tests" / "data" / "clips.json").read_text())
     wave = load_audio(ROOT / "tests" / "data" / "clip1.flac")
     text = meta["clip1"]["text"]
@@ -255,3 +279,17 @@ def test_lora_trains_and_round_trips(tmp_path):
     a = m(student, m.speech_frames(mels), teacher=teacher)["loss"]
     b = loaded(student, loaded.speech_frames(mels), teacher=teacher)["loss"]
     torch.testing.assert_close(a, b)
+
+
+def test_auto_dtype(monkeypatch):
+    """model.dtype=auto: bfloat16 only where bf16 matmuls are native."""
+    from mtbi_fast import hub
+
+    assert hub.resolve_dtype("float16") is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(hub, "_cpu_has_bf16", lambda native=native: native)
+        assert hub.resolve_dtype("auto") is expected
+        m = SpeechLLM.from_config(tiny_config(dtype="auto"))
+        assert next(m.llm.parameters()).dtype is expected
+        assert all(p.dtype is torch.float32 for p in m.adapter.parameters())
