@@ -6,7 +6,8 @@ Variants (benchmarks/train_cases.py): ``mtbi-fast`` (fused loss, packed batches,
 encoder, cached teacher, frozen weights in bf16 where native), ``eager`` (eager loss, padded
 batches, encoder padded to 30 s, online teacher, float32), and ``no-<optimization>``: mtbi-fast
 with that one optimization off. Configs: ``tiny`` (random tiny models) and ``demo`` (Whisper
-tiny.en + SmolLM2-135M-Instruct, fetched if missing). Each step: forward, backward and an AdamW step over 8 demo utterances with 10-100 token responses.
+tiny.en + SmolLM2-135M-Instruct, fetched if missing). Each step: forward, backward and an AdamW
+step over 8 demo utterances with 10-100 token responses.
 Results: benchmarks/results/train_<device>.json and .md.
 """
 

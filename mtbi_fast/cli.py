@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     dm = sub.add_parser("demo", help="the whole method end to end on the bundled corpus")
     dm.add_argument("--tiny", action="store_true", help="random tiny models (a minute or two)")
     dm.add_argument("--output", default="runs/demo", help="report folder (resumable)")
-    dm.add_argument("--steps", type=int, help="training steps (default 100; --tiny 30). About 600 "
-                    "are needed before the adapter carries what is said (see the README)")
+    dm.add_argument("--steps", type=int, help="training steps (default 300; --tiny 30). Learning what is "
+                    "said takes a few hundred steps (see the README)")
     dm.add_argument("--baselines", action="store_true",
                     help="also train and evaluate continuation-only and no-interleaving baselines")
 

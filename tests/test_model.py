@@ -210,7 +210,7 @@ def test_generate_batch_matches_one_at_a_time(model, tmp_path):
     ({"llm": {"weights": "x"}}, r"model.llm must be one of"),
     ({"adapter": {"strid": 4}}, r"unknown key model.adapter.strid"),
     ({"adapter": {"kind": "qformer"}}, r"model.adapter.kind must be 'stack' or 'conv'"),
-    ({"dtype": "fp8"}, r"model.dtype must be"),
+    ({"dtype": "fp8"}, r"model.dtype must be auto, float32, bfloat16 or float16, got 'fp8'"),
 ])
 def test_config_errors(cfg, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,83 @@
+"""Probe a training setting on the demo data: train a short run with config overrides, then score
+the held-out imitation KL with each utterance's own clip and with another utterance's clip (as in
+``mtbi-fast eval``). This is how the demo's stride and schedule were chosen (README, "The demo").
+
+    mtbi-fast behaviors --config configs/demo.yaml --manifest data/demo/test.jsonl \
+        --output runs/heldout40 --per-utterance 1 --max-new-tokens 32 --cache-hidden
+    python benchmarks/probe_settings.py runs/demo runs/heldout40 --steps 250 model.adapter.stride=4
+    python benchmarks/probe_settings.py runs/demo runs/heldout40 --steps 100 --init-scale 10
+
+DEMO is a ``mtbi-fast demo`` output folder (its resolved ``run/config.yaml``, manifests and
+behaviors); HELDOUT a behaviors folder with cached teacher states (``--cache-hidden``) for
+utterances of ``data/demo/test.jsonl``. Trains in plain PyTorch without intermediate evaluation
+or checkpoints, into ``--output`` (default DEMO/probes/<overrides>), and appends a JSON line to
+DEMO/probes/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mtbi_fast.behaviors import read_behaviors
+from mtbi_fast.data import read_manifest
+from mtbi_fast.evaluate import _imitation_kl, _other_speech
+from mtbi_fast.train import Trainer, _load_hidden_cache, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("demo", type=Path, help="a mtbi-fast demo output folder")
+    ap.add_argument("heldout", type=Path, help="held-out behaviors with cached teacher states")
+    ap.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--init-scale", type=float, default=1.0,
+                    help="multiply the adapter's last layer at initialization (its output scale)")
+    ap.add_argument("--manifest", type=Path, default=ROOT / "data" / "demo" / "test.jsonl")
+    ap.add_argument("--output", type=Path)
+    args = ap.parse_intermixed_args()
+    config = args.demo / "run" / "config.yaml"
+    if not config.is_file():
+        raise SystemExit(f"{config} not found: run `mtbi-fast demo --output {args.demo}` first")
+    name = "_".join([f"steps{args.steps}", f"scale{args.init_scale:g}", *args.overrides]).replace("/", "-")
+    out = args.output or args.demo / "probes" / name
+    cfg = load_config(config, [f"output_dir={out}", f"train.steps={args.steps}",
+                               f"interleave.steps={args.steps}", "train.eval_every=0",
+                               "train.save_every=0", "deepspeed=null", "train.log_every=10",
+                               *args.overrides])
+    records = read_behaviors(args.heldout)
+    hidden = _load_hidden_cache(str(args.heldout))
+    audio = {u.id: u.audio for u in read_manifest(args.manifest)}
+    missing = sorted({r["utt_id"] for r in records} - set(audio))
+    if missing:
+        raise SystemExit(f"{args.heldout}: utterances not in {args.manifest}: {missing[:5]}")
+    trainer = Trainer(cfg)
+    if args.init_scale != 1.0:
+        with torch.no_grad():
+            trainer.model.adapter.proj[-1].weight.mul_(args.init_scale)
+            trainer.model.adapter.proj[-1].bias.mul_(args.init_scale)
+    t = time.time()
+    trainer.train(resume=False)
+    seconds = time.time() - t
+    model = trainer.model.eval()
+    jobs = [{"id": r["id"], "utt_id": r["utt_id"], "audio": audio[r["utt_id"]]} for r in records]
+    own = sum(_imitation_kl(model, jobs, records, hidden)) / len(jobs)
+    other = sum(_imitation_kl(model, _other_speech(jobs), records, hidden)) / len(jobs)
+    row = {"overrides": args.overrides, "steps": args.steps, "init_scale": args.init_scale,
+           "train_s": round(seconds), "kl_own": round(own, 4), "kl_other": round(other, 4),
+           "gap": round(other - own, 4), "n": len(jobs)}
+    print(json.dumps(row))
+    results = args.demo / "probes" / "results.jsonl"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
