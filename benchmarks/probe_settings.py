@@ -2,16 +2,22 @@
 the held-out imitation KL with each utterance's own clip and with another utterance's clip (as in
 ``mtbi-fast eval``). This is how the demo's stride and schedule were chosen (README, "The demo").
 
-    mtbi-fast behaviors --config configs/demo.yaml --manifest data/demo/test.jsonl \
-        --output runs/heldout40 --per-utterance 1 --max-new-tokens 32 --cache-hidden
-    python benchmarks/probe_settings.py runs/demo runs/heldout40 --steps 250 model.adapter.stride=4
-    python benchmarks/probe_settings.py runs/demo runs/heldout40 --steps 100 --init-scale 10
+    for split in train heldout_task; do
+      mtbi-fast behaviors --config configs/demo.yaml --manifest data/demo/test.jsonl \
+          --output runs/heldout-$split --split $split --per-utterance 2 --max-new-tokens 32 --cache-hidden
+    done
+    H=runs/heldout-heldout_task,runs/heldout-train
+    python benchmarks/probe_settings.py runs/demo $H --steps 300                        # the demo's settings
+    python benchmarks/probe_settings.py runs/demo $H --steps 300 'data.spec_augment={}'
+    python benchmarks/probe_settings.py runs/demo $H --steps 300 model.train_encoder_layers=2
+    python benchmarks/probe_settings.py runs/demo $H --steps 100 --init-scale 10
 
 DEMO is a ``mtbi-fast demo`` output folder (its resolved ``run/config.yaml``, manifests and
-behaviors); HELDOUT a behaviors folder with cached teacher states (``--cache-hidden``) for
-utterances of ``data/demo/test.jsonl``. Trains in plain PyTorch without intermediate evaluation
-or checkpoints, into ``--output`` (default DEMO/probes/<overrides>), and appends a JSON line to
-DEMO/probes/results.jsonl.
+behaviors); HELDOUT one or more (comma-separated) behaviors folders with cached teacher states
+(``--cache-hidden``) for utterances of ``data/demo/test.jsonl``, each scored on its own. Trains in
+plain PyTorch without intermediate evaluation or checkpoints, into ``--output`` (default
+DEMO/probes/<overrides>), and appends a JSON line per HELDOUT folder to DEMO/probes/results.jsonl
+(the 300-step probes of the README: ``benchmarks/results/demo_probes.jsonl``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("demo", type=Path, help="a mtbi-fast demo output folder")
-    ap.add_argument("heldout", type=Path, help="held-out behaviors with cached teacher states")
+    ap.add_argument("heldout", help="held-out behaviors with cached teacher states (several: "
+                                    "comma-separated folders, each scored on its own)")
     ap.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--init-scale", type=float, default=1.0,
@@ -51,12 +58,14 @@ def main() -> None:
                                f"interleave.steps={args.steps}", "train.eval_every=0",
                                "train.save_every=0", "deepspeed=null", "train.log_every=10",
                                *args.overrides])
-    records = read_behaviors(args.heldout)
-    hidden = _load_hidden_cache(str(args.heldout))
     audio = {u.id: u.audio for u in read_manifest(args.manifest)}
-    missing = sorted({r["utt_id"] for r in records} - set(audio))
-    if missing:
-        raise SystemExit(f"{args.heldout}: utterances not in {args.manifest}: {missing[:5]}")
+    heldout = {}
+    for folder in args.heldout.split(","):
+        records = read_behaviors(folder)
+        missing = sorted({r["utt_id"] for r in records} - set(audio))
+        if missing:
+            raise SystemExit(f"{folder}: utterances not in {args.manifest}: {missing[:5]}")
+        heldout[folder] = (records, _load_hidden_cache(folder))
     trainer = Trainer(cfg)
     if args.init_scale != 1.0:
         with torch.no_grad():
@@ -66,17 +75,18 @@ def main() -> None:
     trainer.train(resume=False)
     seconds = time.time() - t
     model = trainer.model.eval()
-    jobs = [{"id": r["id"], "utt_id": r["utt_id"], "audio": audio[r["utt_id"]]} for r in records]
-    own = sum(_imitation_kl(model, jobs, records, hidden)) / len(jobs)
-    other = sum(_imitation_kl(model, _other_speech(jobs), records, hidden)) / len(jobs)
-    row = {"overrides": args.overrides, "steps": args.steps, "init_scale": args.init_scale,
-           "train_s": round(seconds), "kl_own": round(own, 4), "kl_other": round(other, 4),
-           "gap": round(other - own, 4), "n": len(jobs)}
-    print(json.dumps(row))
     results = args.demo / "probes" / "results.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
-    with open(results, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    for folder, (records, hidden) in heldout.items():
+        jobs = [{"id": r["id"], "utt_id": r["utt_id"], "audio": audio[r["utt_id"]]} for r in records]
+        own = sum(_imitation_kl(model, jobs, records, hidden)) / len(jobs)
+        other = sum(_imitation_kl(model, _other_speech(jobs), records, hidden)) / len(jobs)
+        row = {"overrides": args.overrides, "steps": args.steps, "init_scale": args.init_scale,
+               "heldout": folder, "train_s": round(seconds), "kl_own": round(own, 4),
+               "kl_other": round(other, 4), "gap": round(other - own, 4), "n": len(jobs)}
+        print(json.dumps(row))
+        with open(results, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def spec_augment(mel: torch.Tensor, *, freq_masks: int = 2, freq_width: int = 27
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """SpecAugment on one [n_mels, frames] log-mel: ``freq_masks`` bands of up to ``freq_width``
     bins and ``time_masks`` spans of up to ``time_width`` of the frames (a fraction, or frames if
-    >= 1) set to the utterance mean. Returns a new tensor; off unless the config enables it."""
+    >= 1) set to the utterance mean. Returns a new tensor. Training applies it to its inputs when
+    the run config sets ``data.spec_augment`` (these keywords; {} for the defaults)."""
     out = mel.clone()
     n_mels, frames = out.shape
     fill = out.mean()

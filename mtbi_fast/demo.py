@@ -27,7 +27,7 @@ DEMO_DATA = ROOT / "data" / "demo"
 
 SETTINGS = {
     "full": dict(config="demo.yaml", per_utterance=1, max_new_tokens=32, steps=300,
-                 examples_per_step=4, eval_utts=16, eval_tokens=32,
+                 examples_per_step=4, eval_utts=40, eval_tokens=32,
                  train_utts=200),
     "tiny": dict(config="tiny_train.yaml", per_utterance=1, max_new_tokens=12, steps=30,
                  examples_per_step=4, eval_utts=4, eval_tokens=8,
@@ -131,7 +131,7 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False,
     models["untrained"] = SpeechLLM.from_config(trained.config)
     result = evaluate(models, test_utts, library, split,
                       out / "eval", per_split=1, max_new_tokens=s["eval_tokens"],
-                      embedder=Embedder(embedder_dir))
+                      embedder=Embedder(embedder_dir), batch_size=16)
     times["evaluation"] = time.time() - t
 
     print("[5/5] report")
@@ -184,6 +184,7 @@ def _report(metrics, result, times, tiny) -> str:
              "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]
     lines += ["", "## Agreement with the teacher on held-out utterances", "",
-              markdown(result["summary"]).split("\n\nPer task")[0], "",
+              markdown(result["summary"], result["deltas"], result["baseline"]).split("\n\nPer task")[0],
+              "",
               "![loss curve](loss_curve.png)", "", "![generalization](eval/eval.png)", ""]
     return "\n".join(lines)

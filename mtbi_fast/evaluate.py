@@ -12,8 +12,12 @@ wrong clip; one that has only learned what speech in general sounds like does no
 rows in the same table: the untrained SLLM (lower bound) and the teacher itself (upper bound:
 agreement 1 by construction, its own repeat WER).
 
-Writes ``eval.json``, ``eval.md`` (a summary table per model and split, then per task) and
-``eval.png`` (a bar chart).
+Every model is also compared with the lower bound (``baseline``, the untrained SLLM) prompt by
+prompt: the mean difference per split and metric with a 95% paired-bootstrap confidence interval,
+so that a difference can be told from the noise of a few dozen prompts.
+
+Writes ``eval.json``, ``eval.md`` (a summary table per model and split, the differences from the
+baseline, then per task) and ``eval.png`` (a bar chart).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ SPLITS = ("train", "heldout_wording", "heldout_task")
 SPLIT_NAMES = {"train": "seen task, seen wording", "heldout_wording": "seen task, new wording",
                "heldout_task": "new task"}
 METRICS = ("rouge_l", "chrf", "similarity", "kl", "kl_other", "wer")
+DELTA_METRICS = ("rouge_l", "chrf", "similarity", "kl")  # compared with the baseline, per prompt
 
 
 def rouge_l(hyp: str, ref: str) -> float:
@@ -99,9 +104,11 @@ def plan_eval(utts: list[Utterance], library: TaskLibrary, split: TaskSplit, per
 
 def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: TaskSplit,
              out_dir: str | Path, *, per_split: int = 2, max_new_tokens: int = 48, seed: int = 0,
-             embedder: Embedder | None = None, progress: bool = True, batch_size: int = 8) -> dict:
+             embedder: Embedder | None = None, progress: bool = True, batch_size: int = 8,
+             baseline: str | None = "untrained") -> dict:
     """Score each SLLM in ``models`` ({"name": SpeechLLM}) against the teacher (the first model's
-    LLM with adapters off). Returns the results dict written to ``eval.json``."""
+    LLM with adapters off), and each against ``models[baseline]`` when there is one (paired
+    bootstrap). Returns the results dict written to ``eval.json``."""
     import sacrebleu
 
     if batch_size < 1:
@@ -160,12 +167,14 @@ def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: T
                 row["kl_other"] = kls_other[name][i]
             rows.append(row)
     summary = _summarize(rows)
+    deltas = paired_deltas(rows, baseline, seed=seed) if baseline in models else {}
     result = {"jobs": len(jobs), "seconds": round(time.time() - t0, 1), "summary": summary,
-              "rows": rows, "split": split.to_dict()}
+              "deltas": deltas, "baseline": baseline if deltas else None, "rows": rows,
+              "split": split.to_dict()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
-    atomic_write_text(out / "eval.md", markdown(summary))
+    atomic_write_text(out / "eval.md", markdown(summary, deltas, baseline))
     plot(summary, out / "eval.png")
     return result
 
@@ -227,7 +236,65 @@ def _summarize(rows: list[dict]) -> dict:
     return summary
 
 
-def markdown(summary: dict) -> str:
+def paired_deltas(rows: list[dict], baseline: str, *, n_boot: int = 2000, seed: int = 0,
+                  level: float = 0.95) -> dict:
+    """Per model (other than the teacher and ``baseline``), split and metric: the mean over prompts
+    of (model - baseline) and its ``level`` percentile-bootstrap confidence interval, resampling
+    prompts (paired: both models answered the same prompts). {model: {split: {metric:
+    {"mean", "lo", "hi", "n"}}}}."""
+    import numpy as np
+
+    by = defaultdict(dict)
+    for r in rows:
+        by[r["model"]][r["id"]] = r
+    base = by.get(baseline, {})
+    rng = np.random.default_rng(seed)
+    out: dict = {}
+    for model, answers in by.items():
+        if model in ("teacher", baseline):
+            continue
+        for kind in SPLITS:
+            for m in DELTA_METRICS:
+                d = np.array([a[m] - base[k][m] for k, a in answers.items()
+                              if a["split"] == kind and m in a and m in base.get(k, {})])
+                if d.size == 0:
+                    continue
+                means = d[rng.integers(0, d.size, (n_boot, d.size))].mean(axis=1)
+                lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+                out.setdefault(model, {}).setdefault(kind, {})[m] = {
+                    "mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size)}
+    return out
+
+
+def delta_markdown(deltas: dict, baseline: str) -> str:
+    """The differences from the baseline as a table: mean [95% CI]; marked when the interval
+    excludes 0 (better: higher agreement, lower KL)."""
+    if not deltas:
+        return ""
+    lines = [f"Difference from the {baseline} model, prompt by prompt (mean [95% bootstrap CI]; "
+             "+ better / - worse where the interval excludes 0):", "",
+             "| model | split | ROUGE-L | chrF | similarity | imitation KL | n |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for model, splits in deltas.items():
+        for kind in SPLITS:
+            if kind not in splits:
+                continue
+            cells, n = [], 0
+            for m in DELTA_METRICS:
+                d = splits[kind].get(m)
+                if d is None:
+                    cells.append("-")
+                    continue
+                n = d["n"]
+                sign = -1 if m == "kl" else 1  # a lower KL is better
+                lo, hi = sorted((sign * d["lo"], sign * d["hi"]))  # the interval of the gain
+                mark = " (+)" if lo > 0 else " (-)" if hi < 0 else ""
+                cells.append(f"{_signed(d['mean'])} [{_signed(d['lo'])}, {_signed(d['hi'])}]{mark}")
+            lines.append(f"| {model} | {SPLIT_NAMES[kind]} | " + " | ".join(cells) + f" | {n} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(summary: dict, deltas: dict | None = None, baseline: str | None = None) -> str:
     lines = ["| model | split | ROUGE-L | chrF | similarity | imitation KL | KL, other speech | repeat WER | n |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for model in summary:
@@ -239,6 +306,8 @@ def markdown(summary: dict) -> str:
             wer = summary[model].get(f"repeat|{split}", {}).get("wer")
             lines.append(f"| {model} | {SPLIT_NAMES[split]} | " + " | ".join(cells)
                          + f" | {_f(wer)} | {s['n']} |")
+    if deltas:
+        lines += ["", delta_markdown(deltas, baseline).rstrip("\n")]
     per_task = ["", "Per task (ROUGE-L / chrF):", "",
                 "| model | task | split | ROUGE-L | chrF |", "|---|---|---|---:|---:|"]
     for model in summary:
@@ -272,9 +341,12 @@ def plot(summary: dict, path: Path):
         ax.set_xticklabels(["seen", "new wording", "new task"])
         ax.set_title(titles[m], fontsize=10)
         ax.margins(y=0.15)
-    axes[0][0].legend(fontsize=8)
+    # one legend under the panels, where it cannot cover a bar or its label
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(len(models), 1), fontsize=8,
+               frameon=False)
     fig.suptitle("SLLM vs the teacher's answers on held-out utterances (the teacher scores 1)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -283,6 +355,10 @@ def plot(summary: dict, path: Path):
 
 def _norm(s: str) -> str:
     return " ".join("".join(c for c in s.lower() if c.isalnum() or c in " '").split())
+
+
+def _signed(x: float) -> str:
+    return f"{round(x, 3) + 0.0:+.3f}"  # + 0.0: no "-0.000"
 
 
 def _f(x) -> str:

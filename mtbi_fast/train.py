@@ -39,7 +39,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from mtbi_fast.audio import log_mel, load_audio
+from mtbi_fast.audio import log_mel, load_audio, spec_augment
 from mtbi_fast.behaviors import read_behaviors
 from mtbi_fast.data import read_manifest
 from mtbi_fast.interleave import RatioSchedule, example_pair, transcript
@@ -53,7 +53,8 @@ from mtbi_fast.packing import pack
 SCHEMA = {
     "model": dict,
     "data": {"train_manifest": str, "behaviors": str, "eval_manifest": (str, type(None)),
-             "eval_behaviors": (str, type(None)), "teacher_cache": bool, "tasks": (list, type(None))},
+             "eval_behaviors": (str, type(None)), "teacher_cache": bool, "tasks": (list, type(None)),
+             "spec_augment": (dict, type(None))},
     "interleave": {"schedule": str, "start": (int, float), "end": (int, float), "steps": int,
                    "mean_span": (int, float)},
     "packing": {"max_tokens": int, "examples_per_step": int, "overlong": str},
@@ -65,7 +66,8 @@ SCHEMA = {
     "output_dir": str,
 }
 DEFAULTS = {
-    "data": {"eval_manifest": None, "eval_behaviors": None, "teacher_cache": False, "tasks": None},
+    "data": {"eval_manifest": None, "eval_behaviors": None, "teacher_cache": False, "tasks": None,
+             "spec_augment": None},
     "interleave": {"schedule": "cosine", "start": 0.8, "end": 0.0, "steps": 1000, "mean_span": 3.0},
     "packing": {"max_tokens": 1024, "examples_per_step": 8, "overlong": "truncate"},
     "train": {"steps": 1000, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 50, "grad_accum": 1,
@@ -118,6 +120,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         elif not isinstance(cfg[section], spec):
             raise ValueError(f"{path}: {section} must be {_type_name(spec)}, got {cfg[section]!r}")
     ModelConfig.from_dict(cfg["model"], where="model")
+    _check_spec_augment(cfg["data"]["spec_augment"], path)
     sched = {k: v for k, v in cfg["interleave"].items() if k != "mean_span"}
     RatioSchedule.from_config(sched)
     for key in ("steps", "grad_accum"):
@@ -129,6 +132,24 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         if v is not None and not os.path.isabs(v) and not Path(v).exists() and (base / v).exists():
             cfg["data"][key] = str(base / v)
     return cfg
+
+
+def _check_spec_augment(sa: dict | None, path) -> None:
+    """data.spec_augment: null (off) or a mapping of spec_augment's keyword arguments ({} for its
+    defaults)."""
+    import inspect
+
+    if sa is None:
+        return
+    params = inspect.signature(spec_augment).parameters
+    allowed = [k for k in params if k not in ("mel", "generator")]
+    for k, v in sa.items():
+        if k not in allowed:
+            raise ValueError(f"{path}: unknown key data.spec_augment.{k} (allowed: {allowed})")
+        kind = type(params[k].default)  # int counts and widths; time_width may be a fraction
+        if isinstance(v, bool) or not isinstance(v, (int, kind)) or v < 0:
+            raise ValueError(f"{path}: data.spec_augment.{k} must be {'an integer' if kind is int else 'a number'}"
+                             f" >= 0, got {v!r}")
 
 
 def _type_name(t) -> str:
@@ -145,7 +166,7 @@ class MTBIData:
 
     def __init__(self, manifest: str, behaviors: str, model: SpeechLLM, seed: int, mean_span: float,
                  max_tokens: int, overlong: str, teacher_cache: bool = False,
-                 tasks: list[str] | None = None):
+                 tasks: list[str] | None = None, spec_augment: dict | None = None):
         self.utts = {u.id: u for u in read_manifest(manifest, require_words=True)}
         self.records = read_behaviors(behaviors)
         if tasks is not None:  # a baseline on fewer tasks (e.g. [continue]: BLSP-style alignment)
@@ -160,6 +181,7 @@ class MTBIData:
         tok = model.tokenizer
         self.tokenize = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         self._mels: dict[str, torch.Tensor] = {}
+        self.spec_augment = spec_augment  # SpecAugment's settings for training inputs, or None
         self.cache = _load_hidden_cache(behaviors) if teacher_cache else None
 
     def __len__(self) -> int:
@@ -194,6 +216,9 @@ class MTBIData:
             r = self.records[i]
             u = self.utts[r["utt_id"]]
             mel = self.mel(u.id)
+            if self.spec_augment is not None:  # masks seeded by example and step (resumable)
+                ga = torch.Generator().manual_seed(self.seed * 6007 + salt * 15_485_863 + i)
+                mel = spec_augment(mel, generator=ga, **self.spec_augment)
             n_frames = self.model.adapter.n_frames(math.ceil(mel.shape[1] / 2))
             g = torch.Generator().manual_seed(self.seed * 7919 + salt * 104_729 + i)
             s, t = example_pair(r["id"], u.words, n_frames, self.model.frame_rate, ratio,
@@ -281,7 +306,8 @@ class Trainer:
         common = dict(seed=t["seed"], mean_span=cfg["interleave"]["mean_span"],
                       max_tokens=cfg["packing"]["max_tokens"], overlong=cfg["packing"]["overlong"])
         self.data = MTBIData(d["train_manifest"], d["behaviors"], self.model,
-                             teacher_cache=d["teacher_cache"], tasks=d["tasks"], **common)
+                             teacher_cache=d["teacher_cache"], tasks=d["tasks"],
+                             spec_augment=d["spec_augment"], **common)
         self.eval_data = None
         if d["eval_manifest"] and d["eval_behaviors"]:
             self.eval_data = MTBIData(d["eval_manifest"], d["eval_behaviors"], self.model, **common)

@@ -19,6 +19,7 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     assert evals[-1]["eval_kl"] < evals[0]["eval_kl"]  # held-out imitation improves
     result = json.loads((out / "eval" / "eval.json").read_text())
     assert {r["model"] for r in result["rows"]} == {"teacher", "mtbi", "untrained"}
+    assert set(result["deltas"]) == {"mtbi"} and "Difference from the untrained model" in report
     # a second run resumes from what is there: nothing is regenerated or retrained
     stamp = (out / "behaviors" / "shard-00000.jsonl").stat().st_mtime
     assert cli(["demo", "--tiny", "--output", str(out)]) == 0
@@ -38,6 +39,8 @@ def test_tiny_demo_with_baselines(tmp_path):
     assert ratios == {0.0}
     models = {r["model"] for r in json.loads((out / "eval" / "eval.json").read_text())["rows"]}
     assert models == {"teacher", "mtbi", "continue-only", "no-interleave", "untrained"}
+    deltas = json.loads((out / "eval" / "eval.json").read_text())["deltas"]
+    assert set(deltas) == {"mtbi", "continue-only", "no-interleave"}  # each against the untrained
 
 
 def test_demo_steps_must_be_sensible(tmp_path):

@@ -62,7 +62,58 @@ def test_evaluate_tiny(tmp_path):
     assert any("wer" in r for r in rows)  # the repeat task is always among the seen prompts
     md = (tmp_path / "eval" / "eval.md").read_text()
     assert "seen task, new wording" in md and "new task" in md and "KL, other speech" in md
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["jobs"] == 2 * (3 * 2 + 1)  # + a repeat prompt
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert saved["jobs"] == 2 * (3 * 2 + 1)  # + a repeat prompt
+    # the differences from the untrained model are paired by prompt
+    assert saved["baseline"] == "untrained" and set(saved["deltas"]) == {"mtbi"}
+    by = {(r["model"], r["id"]): r for r in rows}
+    for kind, metrics in saved["deltas"]["mtbi"].items():
+        ids = [r["id"] for r in rows if r["model"] == "mtbi" and r["split"] == kind]
+        for m, d in metrics.items():
+            diffs = [by["mtbi", i][m] - by["untrained", i][m] for i in ids]
+            assert d["n"] == len(ids) and d["mean"] == pytest.approx(sum(diffs) / len(diffs))
+            assert min(diffs) - 1e-12 <= d["lo"] <= d["mean"] <= d["hi"] <= max(diffs) + 1e-12
+    assert "Difference from the untrained model" in md
+
+
+def _rows(diffs, metric="rouge_l", split="heldout_task"):
+    rows = []
+    for i, d in enumerate(diffs):
+        rows.append({"model": "untrained", "id": f"p{i}", "split": split, metric: 0.5})
+        rows.append({"model": "mtbi", "id": f"p{i}", "split": split, metric: 0.5 + d})
+    return rows
+
+
+def test_paired_bootstrap_matches_the_normal_interval():
+    """With many prompts the percentile bootstrap of the mean difference agrees with the CLT's
+    mean +- 1.96 sd / sqrt(n) (float64 numpy reference); a constant difference has a zero-width
+    interval; the models' own levels cancel (paired)."""
+    import numpy as np
+
+    from mtbi_fast.evaluate import paired_deltas
+
+    d = np.random.default_rng(1).normal(0.1, 0.3, 800)
+    got = paired_deltas(_rows(d.tolist()), "untrained", n_boot=4000)["mtbi"]["heldout_task"]["rouge_l"]
+    half = 1.96 * d.std(ddof=1) / np.sqrt(d.size)
+    assert got["mean"] == pytest.approx(d.mean())
+    assert got["lo"] == pytest.approx(d.mean() - half, abs=0.1 * half)
+    assert got["hi"] == pytest.approx(d.mean() + half, abs=0.1 * half)
+    const = paired_deltas(_rows([0.2] * 10), "untrained")["mtbi"]["heldout_task"]["rouge_l"]
+    assert const["lo"] == pytest.approx(0.2) and const["hi"] == pytest.approx(0.2)
+
+
+def test_delta_table_marks_only_intervals_that_exclude_zero():
+    from mtbi_fast.evaluate import delta_markdown, paired_deltas
+
+    better = paired_deltas(_rows([0.1, 0.12, 0.09, 0.11] * 5), "untrained")
+    worse_kl = paired_deltas(_rows([0.3, 0.25, 0.35] * 5, metric="kl"), "untrained")  # higher KL
+    noise = paired_deltas(_rows([0.2, -0.2] * 10), "untrained")
+    assert "(+)" in delta_markdown(better, "untrained")
+    assert "(-)" in delta_markdown(worse_kl, "untrained")
+    lower_kl = paired_deltas(_rows([-0.3, -0.25, -0.35] * 5, metric="kl"), "untrained")
+    assert "(+)" in delta_markdown(lower_kl, "untrained")
+    table = delta_markdown(noise, "untrained")
+    assert "(+)" not in table and "(-)" not in table and "+0.000" in table
 
 
 def test_imitation_kl_batched_matches_direct_forward(tmp_path):

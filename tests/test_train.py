@@ -103,6 +103,10 @@ def test_kill_and_resume_gives_the_same_curve(data, tmp_path, monkeypatch):
     (["model.adapter={strid: 4}"], r"unknown key model.adapter.strid"),
     (["interleave.schedule=step"], r"interleave.schedule must be one of"),
     (["trainsteps"], r"override 'trainsteps' must look like section.key=value"),
+    (["data.spec_augment={time_mask: 2}"], r"unknown key data.spec_augment.time_mask \(allowed: "),
+    (["data.spec_augment={freq_masks: 1.5}"], r"data.spec_augment.freq_masks must be an integer >= 0, got 1.5"),
+    (["data.spec_augment={time_width: -1}"], r"data.spec_augment.time_width must be a number >= 0"),
+    (["data.spec_augment=true"], r"data.spec_augment must be dict or null, got bool True"),
 ])
 def test_config_errors(extra, message):
     with pytest.raises(ValueError, match=message):
@@ -174,3 +178,30 @@ def test_baseline_switches(data, tmp_path):
     cfg = load_config(CONFIG, overrides(data, tmp_path / "c", "data.tasks=[no_such_task]"))
     with pytest.raises(ValueError, match=r"data.tasks=\['no_such_task'\]: .* has no behaviors of these tasks"):
         Trainer(cfg)
+
+
+def test_spec_augment_masks_training_inputs_only(data, tmp_path):
+    """data.spec_augment masks the training log-mels (reproducibly per example and step, with the
+    settings given) and never the evaluation inputs."""
+    settings = {"freq_masks": 1, "freq_width": 10, "time_masks": 1, "time_width": 0.2}
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "sa", "train.steps=1",
+                                        "data.spec_augment=" + json.dumps(settings)))
+    trainer = Trainer(cfg)
+    plain = {u: trainer.data.mel(u) for u in trainer.data.utts}
+    seen = []
+    for salt in (0, 1):
+        batch = trainer.data.batch([0, 1], 0.5, salt=salt)
+        for i, mel in zip([0, 1], batch["mels"]):
+            clean = plain[trainer.data.records[i]["utt_id"]]
+            changed = mel != clean
+            assert changed.any() and torch.all(mel[changed] == clean.mean())
+            # whole mel bands and whole frame spans, no wider than the settings allow
+            rows, cols = changed.all(1), changed.all(0)
+            assert torch.equal(changed, rows[:, None] | cols[None, :])
+            assert int(rows.sum()) <= 10 and int(cols.sum()) <= int(0.2 * clean.shape[1])
+            seen.append(mel)
+    assert not torch.equal(seen[0], seen[2])  # the same example masked differently at another step
+    again = trainer.data.batch([0, 1], 0.5, salt=1)["mels"]
+    assert all(torch.equal(a, b) for a, b in zip(again, batch["mels"]))
+    eval_mels = trainer.eval_data.batch([0], 0.0, salt=0)["mels"]
+    assert torch.equal(eval_mels[0], trainer.eval_data.mel(trainer.eval_data.records[0]["utt_id"]))
