@@ -11,12 +11,15 @@ the held-out imitation KL with each utterance's own clip and with another uttera
     python benchmarks/probe_settings.py runs/demo $H --steps 300 'data.spec_augment={}'
     python benchmarks/probe_settings.py runs/demo $H --steps 300 model.train_encoder_layers=2
     python benchmarks/probe_settings.py runs/demo $H --steps 100 --init-scale 10
+    python benchmarks/probe_settings.py runs/demo $H --model runs/demo/run/final   # score, no training
 
 DEMO is a ``mtbi-fast demo`` output folder (its resolved ``run/config.yaml``, manifests and
 behaviors); HELDOUT one or more (comma-separated) behaviors folders with cached teacher states
 (``--cache-hidden``) for utterances of ``data/demo/test.jsonl``, each scored on its own. Trains in
 plain PyTorch without intermediate evaluation or checkpoints, into ``--output`` (default
-DEMO/probes/<overrides>), and appends a JSON line per HELDOUT folder to DEMO/probes/results.jsonl
+DEMO/probes/<overrides>), and appends a JSON line per HELDOUT folder to DEMO/probes/results.jsonl.
+``--model DIR`` scores a trained model (a ``save_pretrained`` folder, e.g. a demo's ``run/final``)
+instead of training one
 (the 300-step probes of the README: ``benchmarks/results/demo_probes.jsonl``).
 """
 
@@ -32,6 +35,7 @@ import torch
 from mtbi_fast.behaviors import read_behaviors
 from mtbi_fast.data import read_manifest
 from mtbi_fast.evaluate import _imitation_kl, _other_speech
+from mtbi_fast.model import SpeechLLM
 from mtbi_fast.train import Trainer, _load_hidden_cache, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +52,7 @@ def main() -> None:
                     help="multiply the adapter's last layer at initialization (its output scale)")
     ap.add_argument("--manifest", type=Path, default=ROOT / "data" / "demo" / "test.jsonl")
     ap.add_argument("--output", type=Path)
+    ap.add_argument("--model", type=Path, help="score this trained model instead of training one")
     args = ap.parse_intermixed_args()
     config = args.demo / "run" / "config.yaml"
     if not config.is_file():
@@ -66,15 +71,19 @@ def main() -> None:
         if missing:
             raise SystemExit(f"{folder}: utterances not in {args.manifest}: {missing[:5]}")
         heldout[folder] = (records, _load_hidden_cache(folder))
-    trainer = Trainer(cfg)
-    if args.init_scale != 1.0:
-        with torch.no_grad():
-            trainer.model.adapter.proj[-1].weight.mul_(args.init_scale)
-            trainer.model.adapter.proj[-1].bias.mul_(args.init_scale)
-    t = time.time()
-    trainer.train(resume=False)
-    seconds = time.time() - t
-    model = trainer.model.eval()
+    if args.model is not None:
+        model, seconds = SpeechLLM.from_pretrained(args.model).eval(), 0.0
+        args.overrides, args.steps, args.init_scale = [f"model={args.model}"], None, None
+    else:
+        trainer = Trainer(cfg)
+        if args.init_scale != 1.0:
+            with torch.no_grad():
+                trainer.model.adapter.proj[-1].weight.mul_(args.init_scale)
+                trainer.model.adapter.proj[-1].bias.mul_(args.init_scale)
+        t = time.time()
+        trainer.train(resume=False)
+        seconds = time.time() - t
+        model = trainer.model.eval()
     results = args.demo / "probes" / "results.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
     for folder, (records, hidden) in heldout.items():

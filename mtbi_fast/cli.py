@@ -215,7 +215,7 @@ def _eval(args) -> int:
     result = evaluate(models, read_manifest(args.manifest), library, split, args.output,
                       per_split=args.per_split, max_new_tokens=args.max_new_tokens, embedder=embedder,
                       batch_size=args.batch_size)
-    print(markdown(result["summary"], result["deltas"], result["baseline"]).split("\n\nPer task")[0])
+    print(markdown(result["summary"], result["deltas"], result["baseline"], per_task=False), end="")
     print(f"{result['jobs']} prompts in {result['seconds']} s -> {args.output} (eval.json, eval.md, eval.png)")
     return 0
 

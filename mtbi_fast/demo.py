@@ -184,7 +184,6 @@ def _report(metrics, result, times, tiny) -> str:
              "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]
     lines += ["", "## Agreement with the teacher on held-out utterances", "",
-              markdown(result["summary"], result["deltas"], result["baseline"]).split("\n\nPer task")[0],
-              "",
+              markdown(result["summary"], result["deltas"], result["baseline"], per_task=False),
               "![loss curve](loss_curve.png)", "", "![generalization](eval/eval.png)", ""]
     return "\n".join(lines)

@@ -294,7 +294,10 @@ def delta_markdown(deltas: dict, baseline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(summary: dict, deltas: dict | None = None, baseline: str | None = None) -> str:
+def markdown(summary: dict, deltas: dict | None = None, baseline: str | None = None,
+             per_task: bool = True) -> str:
+    """The summary table per model and split, the differences from ``baseline`` when given, then
+    (``per_task``) ROUGE-L / chrF per task."""
     lines = ["| model | split | ROUGE-L | chrF | similarity | imitation KL | KL, other speech | repeat WER | n |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for model in summary:
@@ -308,14 +311,16 @@ def markdown(summary: dict, deltas: dict | None = None, baseline: str | None = N
                          + f" | {_f(wer)} | {s['n']} |")
     if deltas:
         lines += ["", delta_markdown(deltas, baseline).rstrip("\n")]
-    per_task = ["", "Per task (ROUGE-L / chrF):", "",
+    if not per_task:
+        return "\n".join(lines) + "\n"
+    tasks = ["", "Per task (ROUGE-L / chrF):", "",
                 "| model | task | split | ROUGE-L | chrF |", "|---|---|---|---:|---:|"]
     for model in summary:
         for key, s in sorted(summary[model].items()):
             task, split = key.split("|")
             if task != "all":
-                per_task.append(f"| {model} | {task} | {split} | {_f(s.get('rouge_l'))} | {_f(s.get('chrf'))} |")
-    return "\n".join(lines + per_task) + "\n"
+                tasks.append(f"| {model} | {task} | {split} | {_f(s.get('rouge_l'))} | {_f(s.get('chrf'))} |")
+    return "\n".join(lines + tasks) + "\n"
 
 
 def plot(summary: dict, path: Path):
