@@ -1,4 +1,4 @@
-"""Fused linear + KL imitation loss in Triton: the logits are never materialized.
+"""The imitation loss through the LM head at the 3-GEMM floor: cuBLAS logits, one Triton row pass.
 
 For student rows ``h_s`` [N, H], teacher rows ``h_t`` [N, Ht], head weights ``W`` [V, H] and
 ``W_t`` [V, Ht] (optional biases), temperature ``T``, and integer targets with an ignore index::
@@ -8,57 +8,36 @@ For student rows ``h_s`` [N, H], teacher rows ``h_t`` [N, Ht], head weights ``W`
              + ce_weight * CE(z_s, target)                   (0 on ignored rows)
 
 and, in the same call, the gradients of ``sum_i row_scale[i] * row_loss[i]`` with respect to
-``h_s``, ``W`` and ``b`` (the loss is the last op of a step, so they are formed in the forward and
-only scaled in backward; the head weight is not needed again after this call).
+``h_s``, ``W`` and ``b`` (the loss is the last op of a step: the gradients are formed in the
+forward and only scaled in backward, so the head is not needed after this call).
 
-1. ``_stats_kernel``, grid (row blocks, vocabulary splits). Each program walks its share of the
-   vocabulary in BLOCK_V tiles, forming both logit tiles with ``tl.dot`` (fp32 accumulation over
-   BLOCK_K slices of the hidden size), and keeps per row the running max and sum of exp of both
-   tempered distributions, the running sum of ``exp(t - m_t) * (t - s)`` (rescaled with the teacher
-   sum whenever the teacher max moves), and for cross-entropy the running log-sum-exp of the
-   untempered student logits and the target logit. Splits are merged on the host (O(N) floats):
-   ``KL = acc / l_t - lse_t + lse_s`` after rescaling to common maxima.
-2. The gradient, over vocabulary chunks of at most ``grad_chunk`` columns: ``_grad_kernel``
-   recomputes the logit tiles and writes the logit gradient
-   ``G = row_scale * (kl_weight * T * (p_s - p_t) + ce_weight * (softmax(z_s) - onehot))`` of the
-   chunk ([N, chunk], input precision on GPU); then ``G @ W_chunk`` is added to the fp32 hidden
-   gradient and ``G^T @ h_s`` is the fp32 weight gradient of the chunk, both by cuBLAS with fp32
-   output. Atomics are avoided entirely, and the extra memory is one [N, chunk] buffer.
+Per chunk of rows (the chunk size comes from a memory budget, 1 GiB by default):
 
-All logits and softmax arithmetic are fp32 whatever the input dtype (bf16 tiles are never rounded
-after the dot). Under the Triton interpreter (``TRITON_INTERPRET=1``, the CPU tests) half-precision
-tiles are upcast to fp32 right after loading, since the interpreter's bf16 arithmetic is unreliable.
+1. One GEMM of the stacked rows ``[h_s; h_t]`` against the shared head (two GEMMs when the teacher
+   has its own head) into an fp32 buffer ``[2 * rows, V]``: half inputs on tensor cores with fp32
+   accumulation *and* fp32 output, so a logit is never rounded to half (the rounding that costs
+   Liger-Kernel 4-23% gradient error, its issue #1432).
+2. ``_kl_rows_kernel``, one program per row: it reads the row's two logit vectors once for the
+   statistics (per-lane running max and sum of exp of both tempered distributions, the running
+   ``sum e^(t - m_t) (t - s)`` for the KL, the untempered log-sum-exp for CE) and once more to
+   write the logit gradient ``G = row_scale * (kl_weight T (p_s - p_t) + ce_weight (softmax(z_s)
+   - onehot))`` in place of the student logits (in the input's half dtype, or fp32).
+3. ``G @ W`` into the fp32 hidden gradient; ``G^T @ h_s`` and ``sum_rows G`` only when the head's
+   weight or bias requires grad.
+
+That is 3 GEMMs of N x H x V per step (6 N H V flops), the floor for a frozen head shared by
+teacher and student; the two-pass design in ``linear_kl_recompute`` forms the logits twice
+(5 GEMM-equivalents) but needs only O(N) extra memory besides a gradient chunk.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # triton is a dependency on Linux; keep a failed import readable elsewhere
-    import triton
-    import triton.language as tl
+from .compile_check import LaunchConfig
+from .runtime import addmm_fp32_, mm_fp32, require_triton_device, tl, triton
 
-    _TRITON_IMPORT_ERROR = None
-except Exception as exc:  # pragma: no cover - only on machines without triton
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = exc
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
-
-
-def triton_available(device: torch.device | str | None = None) -> bool:
-    """Whether the Triton kernels can run on tensors of ``device``."""
-    if triton is None:
-        return False
-    if device is not None and torch.device(device).type == "cuda":
-        return True
-    return interpreter_enabled()
+DEFAULT_MEMORY_BUDGET = 2**30  # bytes of extra memory per call (the chunk's logits)
 
 
 def fused_linear_kl(
@@ -78,285 +57,222 @@ def fused_linear_kl(
     need_grad_hidden: bool = True,
     need_grad_weight: bool = False,
     need_grad_bias: bool = False,
-    block_m: int | None = None,
-    block_v: int | None = None,
-    block_k: int | None = None,
-    vocab_splits: int | None = None,
-    grad_chunk: int | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
 ):
     """Row losses and gradients of ``sum(row_scale * row_loss)`` (see the module docstring).
 
     Shapes: ``student_hidden`` [N, H], ``teacher_hidden`` [N, Ht], ``weight`` [V, H],
-    ``teacher_weight`` [V, Ht], biases [V], ``target`` [N] (int) or None, ``row_scale`` [N].
-    Inputs are assumed validated by the caller (``mtbi_fast.loss``). Tuning knobs: tile sizes,
-    ``vocab_splits`` (programs per row block in the statistics pass) and ``grad_chunk``
-    (vocabulary columns per gradient chunk, bounding the extra memory to N x grad_chunk).
+    ``teacher_weight`` [V, Ht] (``teacher_weight is weight`` selects the stacked single GEMM),
+    biases [V], ``target`` [N] (int) or None, ``row_scale`` [N]. Inputs are assumed validated by
+    the caller (``mtbi_fast.loss``). ``chunk_size`` rows per chunk, or derived from
+    ``memory_budget`` bytes (default 1 GiB): the chunk's fp32 logits, ``8 * V`` bytes a row.
 
     Returns ``(row_kl [N] fp32, row_ce [N] fp32, grad_hidden [N, H] fp32 | None, grad_weight
     [V, H] fp32 | None, grad_bias [V] fp32 | None)``: the unweighted KL and CE of each row (0 on
-    ignored rows; CE 0 when ``ce_weight`` is 0), ``row_loss = kl_weight T^2 row_kl + ce_weight
-    row_ce``.
+    ignored rows; CE 0 when ``ce_weight`` is 0).
     """
-    if triton is None:
-        raise RuntimeError(f"triton could not be imported: {_TRITON_IMPORT_ERROR!r}")
+    require_triton_device(student_hidden, "the triton loss backend", "backend='chunked'")
     device = student_hidden.device
-    interpret = device.type != "cuda"
-    if interpret and not interpreter_enabled():
-        raise RuntimeError(
-            f"the triton backend needs CUDA tensors (got tensors on {device.type!r}); set "
-            "TRITON_INTERPRET=1 before importing triton to run the kernels in the CPU "
-            "interpreter, or use backend='chunked'")
-
-    h_s, h_t = student_hidden.contiguous(), teacher_hidden.contiguous()
-    w, w_t = weight.contiguous(), teacher_weight.contiguous()
-    n, hidden = h_s.shape
-    vocab, hidden_t = w.shape[0], h_t.shape[1]
+    n, hidden = student_hidden.shape
+    vocab = weight.shape[0]
     f32 = dict(device=device, dtype=torch.float32)
-    dummy = torch.empty(1, **f32)
-    b = bias.contiguous() if bias is not None else dummy
-    b_t = teacher_bias.contiguous() if teacher_bias is not None else dummy
-    has_target = target is not None
-    tgt = target.contiguous().to(torch.int64) if has_target else torch.empty(1, device=device, dtype=torch.int64)
+    shared_head = teacher_weight is weight or (
+        teacher_weight.data_ptr() == weight.data_ptr() and teacher_weight.shape == weight.shape)
+    h_s, h_t = student_hidden.contiguous(), teacher_hidden.contiguous()
+    w = weight.contiguous()
+    w_t = w if shared_head else teacher_weight.contiguous()
+    if shared_head and h_t.dtype != h_s.dtype:
+        h_t = h_t.to(h_s.dtype)
 
-    # fp32 inputs: exact fp32 dots (no TF32). Half inputs on GPU: tensor-core dots, fp32 accumulate.
-    fp32_dots = interpret or h_s.dtype == torch.float32
-    block_m = block_m or (32 if interpret else 64)
-    block_v = block_v or (64 if interpret else 128)
-    block_k = block_k or (32 if interpret else 64)
-    row_blocks = triton.cdiv(max(n, 1), block_m)
-    if vocab_splits is None:  # enough programs to fill the GPU when there are few rows
-        vocab_splits = 1 if interpret else max(1, min(triton.cdiv(vocab, 8 * block_v),
-                                                      triton.cdiv(2 * _sm_count(device), row_blocks)))
-    tiles_per_split = triton.cdiv(triton.cdiv(vocab, block_v), vocab_splits)
-    vocab_splits = triton.cdiv(triton.cdiv(vocab, block_v), tiles_per_split)
+    valid = (target != ignore_index) if target is not None else torch.ones(n, dtype=torch.bool,
+                                                                            device=device)
+    # the kernel reads "ignored" as a negative target; without targets every row counts
+    tgt = torch.where(valid, target, -1) if target is not None else torch.zeros(n, device=device)
+    tgt = tgt.to(torch.int64).contiguous()
+    scale = torch.where(valid, row_scale.to(torch.float32), 0.0).contiguous()
+    need_grad = need_grad_hidden or need_grad_weight or need_grad_bias
+    half = h_s.dtype in (torch.float16, torch.bfloat16) and w.dtype == h_s.dtype
+    g_dtype = h_s.dtype if half else torch.float32
 
-    inv_t = 1.0 / float(temperature)
-    do_ce = ce_weight != 0.0
-    separate_ce = do_ce and inv_t != 1.0
-    flags = dict(HAS_BIAS=bias is not None, HAS_T_BIAS=teacher_bias is not None,
-                 HAS_TARGET=has_target, FP32_DOTS=fp32_dots,
-                 BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k)
-
-    # 1. per-row statistics, one partial set per vocabulary split: m_s l_s m_t l_t acc m_c l_c z_tgt
-    part = torch.empty(8, vocab_splits, n, **f32)
-    if n > 0:
-        _stats_kernel[(row_blocks, vocab_splits)](
-            h_s, h_t, w, w_t, b, b_t, tgt, part,
-            n, vocab, hidden, hidden_t, tiles_per_split,
-            h_s.stride(0), h_t.stride(0), w.stride(0), w_t.stride(0), inv_t,
-            DO_CE=do_ce, SEPARATE_CE=separate_ce, **flags)
-    m_s, l_s, m_t, l_t, acc, m_c, l_c, z_tgt = part.unbind(0)
-    lse_s = _merge_lse(m_s, l_s)[0]
-    lse_t, l_t_all, scale_t = _merge_lse(m_t, l_t)
-    kl = (acc * scale_t).sum(0) / l_t_all - lse_t + lse_s  # acc holds unshifted t - s
-    valid = (tgt != ignore_index) if has_target else torch.ones(n, device=device, dtype=torch.bool)
-    row_kl = torch.where(valid, kl, 0.0)
-    if do_ce:
-        lse_c = _merge_lse(m_c, l_c)[0] if separate_ce else lse_s  # T == 1: same softmax
-        row_ce = torch.where(valid, lse_c - z_tgt.sum(0), 0.0)
-    else:
-        lse_c, row_ce = lse_s, torch.zeros_like(row_kl)
-
-    # 2. gradients, one vocabulary chunk at a time
+    row_kl, row_ce = torch.zeros(n, **f32), torch.zeros(n, **f32)
     grad_hidden = torch.zeros(n, hidden, **f32) if need_grad_hidden else None
     grad_weight = torch.zeros(vocab, hidden, **f32) if need_grad_weight else None
     grad_bias = torch.zeros(vocab, **f32) if need_grad_bias else None
-    if n == 0 or not (need_grad_hidden or need_grad_weight or need_grad_bias):
+    if n == 0:
         return row_kl, row_ce, grad_hidden, grad_weight, grad_bias
-    scale = torch.where(valid, row_scale.to(torch.float32), 0.0).contiguous()
-    g_dtype = torch.float32 if fp32_dots else h_s.dtype
-    if grad_chunk is None:  # about 256 MiB of logit gradient at a time
-        grad_chunk = max(block_v, (256 * 2**20 // (n * torch.finfo(g_dtype).bits // 8)) // block_v * block_v)
-    grad_chunk = min(grad_chunk, triton.cdiv(vocab, block_v) * block_v)
-    g_buf = torch.empty(n, grad_chunk, device=device, dtype=g_dtype)
-    for v0 in range(0, vocab, grad_chunk):
-        v1 = min(v0 + grad_chunk, vocab)
-        g = g_buf[:, : v1 - v0]
-        _grad_kernel[(row_blocks, triton.cdiv(v1 - v0, block_v))](
-            h_s, h_t, w, w_t, b, b_t, tgt, scale, lse_s, lse_t, lse_c, g,
-            n, v0, v1, hidden, hidden_t, g.stride(0),
-            h_s.stride(0), h_t.stride(0), w.stride(0), w_t.stride(0),
+
+    rows = chunk_rows(n, vocab, chunk_size, memory_budget)
+    logits = torch.empty(2 * rows, vocab, **f32)
+    dummy = torch.empty(1, **f32)
+    b = bias.contiguous() if bias is not None else dummy
+    b_t = teacher_bias.contiguous() if teacher_bias is not None else dummy
+    block_v, num_warps = row_config(vocab)
+    inv_t = 1.0 / float(temperature)
+    do_ce = ce_weight != 0.0
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        c = r1 - r0
+        z_s, z_t = logits[:c], logits[c:2 * c]
+        if shared_head:  # one GEMM over the stacked rows
+            mm_fp32(torch.cat([h_s[r0:r1], h_t[r0:r1]]), w.t(), out=logits[:2 * c])
+        else:
+            mm_fp32(h_s[r0:r1], w.t(), out=z_s)
+            mm_fp32(h_t[r0:r1], w_t.t(), out=z_t)
+        # G overwrites the student logits; in half precision it is a [c, V] view with row stride
+        # 2V (the first half of each fp32 row's bytes), which the kernel writes behind its reads.
+        g = z_s.view(g_dtype)[:, :vocab] if half else z_s
+        _kl_rows_kernel[(c,)](
+            z_s, z_t, b, b_t, tgt[r0:], scale[r0:], row_kl[r0:], row_ce[r0:], g,
+            vocab, z_s.stride(0), z_t.stride(0), g.stride(0),
             inv_t, kl_weight * float(temperature), ce_weight,
-            DO_CE=do_ce, **flags)
+            HAS_BIAS=bias is not None, HAS_T_BIAS=teacher_bias is not None, DO_CE=do_ce,
+            SEPARATE_CE=do_ce and inv_t != 1.0, WRITE_GRAD=need_grad, BLOCK_V=block_v,
+            num_warps=num_warps)
         if need_grad_hidden:
-            grad_hidden += _mm_fp32(g, w[v0:v1])
-        if need_grad_weight:
-            grad_weight[v0:v1] = _mm_fp32(g.t(), h_s)
+            mm_fp32(g, w, out=grad_hidden[r0:r1])
+        if need_grad_weight:  # ignored rows may hold NaN padding: 0 * NaN would poison G^T h
+            h_rows = torch.where(valid[r0:r1, None], h_s[r0:r1], 0)
+            addmm_fp32_(grad_weight, g.t(), h_rows)
         if need_grad_bias:
-            grad_bias[v0:v1] = g.sum(0, dtype=torch.float32)
+            grad_bias += g.sum(0, dtype=torch.float32)
     return row_kl, row_ce, grad_hidden, grad_weight, grad_bias
 
 
-def _merge_lse(m, l):
-    """Merge per-split (max, sum of exp) pairs [S, N]: (log-sum-exp, sum at the common max, the
-    per-split rescaling factors)."""
-    m_all = m.amax(0)
-    scale = torch.exp(m - m_all)
-    l_all = (l * scale).sum(0)
-    return m_all + torch.log(l_all), l_all, scale
+def chunk_rows(n: int, vocab: int, chunk_size: int | None = None,
+               memory_budget: int | None = None) -> int:
+    """Rows per chunk: ``chunk_size``, or as many as fit ``memory_budget`` bytes of fp32 logits
+    (two rows of V floats per row), a multiple of 64 when above 64 (GEMM tiles), at least 1."""
+    if chunk_size is None:
+        budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+        chunk_size = max(1, budget // (8 * vocab))
+        if chunk_size > 64:
+            chunk_size -= chunk_size % 64
+    return max(1, min(int(chunk_size), n))
 
 
-def _mm_fp32(a, b):
-    """a @ b with fp32 output: half inputs stay half on CUDA (fp32 accumulate), upcast elsewhere."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and a.dtype == b.dtype:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
-            pass
-    return a.float() @ b.float()
+def row_config(vocab: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernel: 2048-column tiles, 8 warps (8 floats a thread per
+    tile and vector: no spills), smaller for small vocabularies."""
+    if vocab >= 8192:
+        return 2048, 8
+    if vocab >= 1024:
+        return 1024, 4
+    return max(16, 1 << (vocab - 1).bit_length()), 4
 
 
-def _sm_count(device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def launch_configs() -> list[LaunchConfig]:
+    """Every compilation the launcher above can ask for on a GPU (for ``compile_check``): each
+    tile size of ``row_config``, each input dtype (the bias and G are in it) and CE off or on at
+    T != 1 (the most state); biases on."""
+    configs = []
+    for block_v, warps in sorted({row_config(v) for v in (128256, 4096, 200)}):
+        for ty in ("bf16", "fp16", "fp32"):
+            for ce in (False, True):
+                configs.append(LaunchConfig(
+                    name=f"_kl_rows_kernel {ty} BLOCK_V={block_v} ce={ce}",
+                    kernel="mtbi_kernels.fused_linear_kl:_kl_rows_kernel",
+                    signature=dict(ZS="*fp32", ZT="*fp32", B=f"*{ty}", BT=f"*{ty}", TGT="*i64",
+                                   SCALE="*fp32", KL="*fp32", CE="*fp32", G=f"*{ty}",
+                                   n_vocab="i32", stride_zs="i32", stride_zt="i32",
+                                   stride_g="i32", inv_t="fp32", kl_grad_scale="fp32",
+                                   ce_weight="fp32"),
+                    constexprs=dict(HAS_BIAS=True, HAS_T_BIAS=True, DO_CE=ce, SEPARATE_CE=ce,
+                                    WRITE_GRAD=True, BLOCK_V=block_v),
+                    num_warps=warps))
+    return configs
 
 
 if triton is not None:
 
     @triton.jit
-    def _logits_tile(X, Wm, offs_m, offs_v, mask_m, mask_v, n_k, stride_x, stride_w,
-                     FP32_DOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-        """[BLOCK_M, BLOCK_V] fp32 tile of X[offs_m] @ W[offs_v]^T, reduced over n_k columns."""
-        acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-        for k0 in range(0, n_k, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < n_k
-            x = tl.load(X + offs_m[:, None] * stride_x + offs_k[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            wt = tl.load(Wm + offs_v[:, None] * stride_w + offs_k[None, :],
-                         mask=mask_v[:, None] & mask_k[None, :], other=0.0)
-            if FP32_DOTS:
-                acc += tl.dot(x.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(wt))
-        return acc
-
-    @triton.jit
-    def _tempered_tiles(HS, HT, W, WT, B, BT, offs_m, offs_v, mask_m, mask_v,
-                        n_hidden, n_hidden_t, stride_hs, stride_ht, stride_w, stride_wt, inv_t,
-                        HAS_BIAS: tl.constexpr, HAS_T_BIAS: tl.constexpr, FP32_DOTS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Student and teacher logit tiles (with biases), untempered, fp32."""
-        zs = _logits_tile(HS, W, offs_m, offs_v, mask_m, mask_v, n_hidden, stride_hs, stride_w,
-                          FP32_DOTS, BLOCK_M, BLOCK_V, BLOCK_K)
-        zt = _logits_tile(HT, WT, offs_m, offs_v, mask_m, mask_v, n_hidden_t, stride_ht, stride_wt,
-                          FP32_DOTS, BLOCK_M, BLOCK_V, BLOCK_K)
-        if HAS_BIAS:
-            zs += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-        if HAS_T_BIAS:
-            zt += tl.load(BT + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-        return zs, zt
-
-    @triton.jit
-    def _stats_kernel(
-        HS, HT, W, WT, B, BT, TGT, PART,
-        n_rows, n_vocab, n_hidden, n_hidden_t, tiles_per_split,
-        stride_hs, stride_ht, stride_w, stride_wt, inv_t,
-        DO_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_T_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr,
-        FP32_DOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        split = tl.program_id(1)
-        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        mask_m = offs_m < n_rows
-        neg_inf = float("-inf")
-        m_s = tl.full((BLOCK_M,), neg_inf, tl.float32)
-        l_s = tl.zeros((BLOCK_M,), tl.float32)
-        m_t = tl.full((BLOCK_M,), neg_inf, tl.float32)
-        l_t = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M,), tl.float32)  # sum exp(t - m_t) * (t - s)
-        m_c = tl.full((BLOCK_M,), neg_inf, tl.float32)
-        l_c = tl.zeros((BLOCK_M,), tl.float32)
-        z_tgt = tl.zeros((BLOCK_M,), tl.float32)
-        if HAS_TARGET:
-            tgt = tl.load(TGT + offs_m, mask=mask_m, other=-1)
-        else:
-            tgt = tl.full((BLOCK_M,), -1, tl.int64)
-
-        v_start = split * tiles_per_split * BLOCK_V
-        v_stop = tl.minimum(v_start + tiles_per_split * BLOCK_V, n_vocab)
-        for v0 in range(v_start, v_stop, BLOCK_V):
-            offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-            mask_v = offs_v < v_stop
-            zs, zt = _tempered_tiles(HS, HT, W, WT, B, BT, offs_m, offs_v, mask_m, mask_v,
-                                     n_hidden, n_hidden_t, stride_hs, stride_ht, stride_w,
-                                     stride_wt, inv_t, HAS_BIAS, HAS_T_BIAS, FP32_DOTS,
-                                     BLOCK_M, BLOCK_V, BLOCK_K)
-            s = tl.where(mask_v[None, :], zs * inv_t, neg_inf)
-            t = tl.where(mask_v[None, :], zt * inv_t, neg_inf)
-
-            m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
-            l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new[:, None]), axis=1)
-            m_s = m_s_new
-
-            m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
-            alpha_t = tl.exp(m_t - m_t_new)
-            e_t = tl.exp(t - m_t_new[:, None])  # 0 on padded columns
-            l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
-            acc = acc * alpha_t + tl.sum(e_t * ((zt - zs) * inv_t), axis=1)
-            m_t = m_t_new
-
-            if DO_CE:
-                if SEPARATE_CE:
-                    c = tl.where(mask_v[None, :], zs, neg_inf)
-                    m_c_new = tl.maximum(m_c, tl.max(c, axis=1))
-                    l_c = l_c * tl.exp(m_c - m_c_new) + tl.sum(tl.exp(c - m_c_new[:, None]), axis=1)
-                    m_c = m_c_new
-                hit = offs_v[None, :] == tgt[:, None]
-                z_tgt += tl.sum(tl.where(hit, zs, 0.0), axis=1)
-
-        stride_part = tl.num_programs(1) * n_rows
-        out = PART + split * n_rows + offs_m
-        tl.store(out, m_s, mask=mask_m)
-        tl.store(out + stride_part, l_s, mask=mask_m)
-        tl.store(out + 2 * stride_part, m_t, mask=mask_m)
-        tl.store(out + 3 * stride_part, l_t, mask=mask_m)
-        tl.store(out + 4 * stride_part, acc, mask=mask_m)
-        tl.store(out + 5 * stride_part, m_c, mask=mask_m)
-        tl.store(out + 6 * stride_part, l_c, mask=mask_m)
-        tl.store(out + 7 * stride_part, z_tgt, mask=mask_m)
-
-    @triton.jit
-    def _grad_kernel(
-        HS, HT, W, WT, B, BT, TGT, SCALE, LSE_S, LSE_T, LSE_C, G,
-        n_rows, v_begin, v_end, n_hidden, n_hidden_t, stride_g,
-        stride_hs, stride_ht, stride_w, stride_wt,
+    def _kl_rows_kernel(
+        ZS, ZT, B, BT, TGT, SCALE, KL, CE, G,
+        n_vocab, stride_zs, stride_zt, stride_g,
         inv_t, kl_grad_scale, ce_weight,
-        DO_CE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_T_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr,
-        FP32_DOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_T_BIAS: tl.constexpr, DO_CE: tl.constexpr,
+        SEPARATE_CE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_v = tl.program_id(1)
-        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offs_v = (v_begin + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-        mask_m = offs_m < n_rows
-        mask_v = offs_v < v_end
-        mask = mask_m[:, None] & mask_v[None, :]
-        out = G + offs_m[:, None] * stride_g + (offs_v - v_begin)[None, :]
-        scale = tl.load(SCALE + offs_m, mask=mask_m, other=0.0)
-        if tl.max(tl.abs(scale), axis=0) == 0.0:
-            # every row of the tile is ignored or padding: no logits needed
-            tl.store(out, tl.zeros((BLOCK_M, BLOCK_V), tl.float32).to(G.dtype.element_ty), mask=mask)
-        else:
-            zs, zt = _tempered_tiles(HS, HT, W, WT, B, BT, offs_m, offs_v, mask_m, mask_v,
-                                     n_hidden, n_hidden_t, stride_hs, stride_ht, stride_w,
-                                     stride_wt, inv_t, HAS_BIAS, HAS_T_BIAS, FP32_DOTS,
-                                     BLOCK_M, BLOCK_V, BLOCK_K)
-            lse_s = tl.load(LSE_S + offs_m, mask=mask_m, other=0.0)
-            lse_t = tl.load(LSE_T + offs_m, mask=mask_m, other=0.0)
-            g = kl_grad_scale * (tl.exp(zs * inv_t - lse_s[:, None]) - tl.exp(zt * inv_t - lse_t[:, None]))
-            if DO_CE:
-                tgt = tl.load(TGT + offs_m, mask=mask_m, other=-1)
-                lse_c = tl.load(LSE_C + offs_m, mask=mask_m, other=0.0)
-                onehot = tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
-                g += ce_weight * (tl.exp(zs - lse_c[:, None]) - onehot)
-            g = tl.where(mask, g * scale[:, None], 0.0)
-            tl.store(out, g.to(G.dtype.element_ty), mask=mask)
+        """One row: KL (and CE) from its fp32 logits, then the logit gradient in place."""
+        row = tl.program_id(0).to(tl.int64)
+        zs_row = ZS + row * stride_zs
+        zt_row = ZT + row * stride_zt
+        offs = tl.arange(0, BLOCK_V)
+        floor = -1.0e30  # finite start for the running maxima: exp(floor - floor) stays defined
+        m_s = tl.full((BLOCK_V,), floor, tl.float32)
+        l_s = tl.zeros((BLOCK_V,), tl.float32)
+        m_t = tl.full((BLOCK_V,), floor, tl.float32)
+        l_t = tl.zeros((BLOCK_V,), tl.float32)
+        acc = tl.zeros((BLOCK_V,), tl.float32)  # per lane: sum e^(t - m_t) (t - s)
+        m_c = tl.full((BLOCK_V,), floor, tl.float32)
+        l_c = tl.zeros((BLOCK_V,), tl.float32)
+        for v0 in range(0, n_vocab, BLOCK_V):
+            cols = v0 + offs
+            mask = cols < n_vocab
+            zs = tl.load(zs_row + cols, mask=mask, other=0.0)
+            zt = tl.load(zt_row + cols, mask=mask, other=0.0)
+            if HAS_BIAS:
+                zs += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_T_BIAS:
+                zt += tl.load(BT + cols, mask=mask, other=0.0).to(tl.float32)
+            s = tl.where(mask, zs * inv_t, float("-inf"))
+            t = tl.where(mask, zt * inv_t, float("-inf"))
+            m_new = tl.maximum(m_s, s)
+            l_s = l_s * tl.exp(m_s - m_new) + tl.exp(s - m_new)
+            m_s = m_new
+            m_new = tl.maximum(m_t, t)
+            alpha = tl.exp(m_t - m_new)
+            e_t = tl.exp(t - m_new)
+            l_t = l_t * alpha + e_t
+            acc = acc * alpha + e_t * ((zt - zs) * inv_t)
+            m_t = m_new
+            if SEPARATE_CE:  # CE's softmax is untempered
+                c = tl.where(mask, zs, float("-inf"))
+                m_new = tl.maximum(m_c, c)
+                l_c = l_c * tl.exp(m_c - m_new) + tl.exp(c - m_new)
+                m_c = m_new
+
+        top_s = tl.max(m_s, axis=0)
+        lse_s = top_s + tl.log(tl.sum(l_s * tl.exp(m_s - top_s), axis=0))
+        top_t = tl.max(m_t, axis=0)
+        rescale_t = tl.exp(m_t - top_t)
+        sum_t = tl.sum(l_t * rescale_t, axis=0)
+        lse_t = top_t + tl.log(sum_t)
+        kl = tl.sum(acc * rescale_t, axis=0) / sum_t - lse_t + lse_s
+        tgt = tl.load(TGT + row)
+        valid = tgt >= 0
+        tl.store(KL + row, tl.where(valid, kl, 0.0))
+        lse_c = lse_s
+        if DO_CE:
+            if SEPARATE_CE:
+                top_c = tl.max(m_c, axis=0)
+                lse_c = top_c + tl.log(tl.sum(l_c * tl.exp(m_c - top_c), axis=0))
+            safe = tl.where(valid, tgt, 0)
+            z_tgt = tl.load(zs_row + safe)
+            if HAS_BIAS:
+                z_tgt += tl.load(B + safe).to(tl.float32)
+            tl.store(CE + row, tl.where(valid, lse_c - z_tgt, 0.0))
+
+        if WRITE_GRAD:
+            scale = tl.load(SCALE + row)
+            g_row = G + row * stride_g
+            for v0 in range(0, n_vocab, BLOCK_V):
+                cols = v0 + offs
+                mask = cols < n_vocab
+                if scale == 0.0:  # ignored row: a zero gradient, whatever its logits hold
+                    g = tl.zeros((BLOCK_V,), tl.float32)
+                else:
+                    zs = tl.load(zs_row + cols, mask=mask, other=0.0)
+                    zt = tl.load(zt_row + cols, mask=mask, other=0.0)
+                    if HAS_BIAS:
+                        zs += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+                    if HAS_T_BIAS:
+                        zt += tl.load(BT + cols, mask=mask, other=0.0).to(tl.float32)
+                    g = kl_grad_scale * (tl.exp(zs * inv_t - lse_s) - tl.exp(zt * inv_t - lse_t))
+                    if DO_CE:
+                        g += ce_weight * (tl.exp(zs - lse_c) - tl.where(cols == tgt, 1.0, 0.0))
+                    g = g * scale
+                # every lane has read this tile before any lane writes G over it (G may alias
+                # the student logits, in half precision at half the byte offsets)
+                tl.debug_barrier()
+                tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import torch
 
-from .fused_linear_kl import interpreter_enabled, triton
+from .compile_check import LaunchConfig
+from .runtime import require_triton_device, tl, triton
 
-if triton is not None:
-    import triton.language as tl
+
+# Tile of positions x hidden columns per program, and warps: 8 warps keep the int64 row offsets
+# of a 32 x 128 tile out of spill territory on sm_80 (4 warps spilled; tests/test_compile.py).
+BLOCK_N, BLOCK_H, NUM_WARPS = 32, 128, 8
 
 
 def triton_pack_embeddings(source: torch.Tensor, embed_weight: torch.Tensor,
-                           frames: torch.Tensor, block_n: int = 32, block_h: int = 128) -> torch.Tensor:
+                           frames: torch.Tensor, block_n: int = BLOCK_N,
+                           block_h: int = BLOCK_H) -> torch.Tensor:
     """[N, H] rows gathered from ``embed_weight`` (source >= 0) or ``frames`` (source < 0)."""
     _check_device(source)
     n, h = source.numel(), embed_weight.shape[1]
@@ -30,12 +34,13 @@ def triton_pack_embeddings(source: torch.Tensor, embed_weight: torch.Tensor,
     if fr.numel() == 0:  # no speech in the batch: any valid pointer will do, nothing is read
         fr = emb
     grid = (triton.cdiv(n, block_n), triton.cdiv(h, block_h))
-    _pack_kernel[grid](source.contiguous(), emb, fr, out, n, h, BLOCK_N=block_n, BLOCK_H=block_h)
+    _pack_kernel[grid](source.contiguous(), emb, fr, out, n, h, BLOCK_N=block_n, BLOCK_H=block_h,
+                       num_warps=NUM_WARPS)
     return out
 
 
 def triton_unpack_grad(source: torch.Tensor, grad_out: torch.Tensor, n_frames: int,
-                       vocab: int | None, block_n: int = 32, block_h: int = 128):
+                       vocab: int | None, block_n: int = BLOCK_N, block_h: int = BLOCK_H):
     """Gradients of ``triton_pack_embeddings``: (grad_frames [F, H] fp32, grad_embed [V, H] fp32
     or None when ``vocab`` is None)."""
     _check_device(source)
@@ -46,18 +51,32 @@ def triton_unpack_grad(source: torch.Tensor, grad_out: torch.Tensor, n_frames: i
     if n > 0:
         grid = (triton.cdiv(n, block_n), triton.cdiv(h, block_h))
         _unpack_grad_kernel[grid](source.contiguous(), grad_out.contiguous(), g_fr, g_emb, n, h,
-                                  GRAD_EMBED=vocab is not None, BLOCK_N=block_n, BLOCK_H=block_h)
+                                  GRAD_EMBED=vocab is not None, BLOCK_N=block_n, BLOCK_H=block_h,
+                                  num_warps=NUM_WARPS)
     return g_fr[:n_frames], (g_emb if vocab is not None else None)
 
 
+def launch_configs() -> list[LaunchConfig]:
+    """Every compilation the launchers above can ask for on a GPU (``compile_check``)."""
+    configs = []
+    for ty in ("bf16", "fp16", "fp32"):
+        configs.append(LaunchConfig(
+            name=f"_pack_kernel {ty}", kernel="mtbi_kernels.pack:_pack_kernel",
+            signature=dict(SRC="*i64", EMB=f"*{ty}", FR=f"*{ty}", OUT=f"*{ty}", n="i32", h="i32"),
+            constexprs=dict(BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H), num_warps=NUM_WARPS))
+        for grad_embed in (False, True):
+            configs.append(LaunchConfig(
+                name=f"_unpack_grad_kernel {ty} grad_embed={grad_embed}",
+                kernel="mtbi_kernels.pack:_unpack_grad_kernel",
+                signature=dict(SRC="*i64", GOUT=f"*{ty}", GFR="*fp32", GEMB="*fp32", n="i32",
+                               h="i32"),
+                constexprs=dict(GRAD_EMBED=grad_embed, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H),
+                num_warps=NUM_WARPS))
+    return configs
+
+
 def _check_device(t: torch.Tensor):
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    if t.device.type != "cuda" and not interpreter_enabled():
-        raise RuntimeError(
-            f"the triton packing kernel needs CUDA tensors (got {t.device.type!r}); set "
-            "TRITON_INTERPRET=1 before importing triton for the CPU interpreter, or use "
-            "backend='torch'")
+    require_triton_device(t, "the triton packing kernel", "backend='torch'")
 
 
 if triton is not None:

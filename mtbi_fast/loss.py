@@ -11,11 +11,18 @@ with ``z_s = h_s W^T (+ b)`` and ``z_t = h_t W_t^T (+ b_t)``; rows whose target 
 
 Backends (one signature, see ``_chunked_linear_kl``):
 
-- ``"triton"``: fused kernels in ``mtbi_kernels.fused_linear_kl`` (CUDA, or the CPU interpreter
-  with ``TRITON_INTERPRET=1``); never forms a rows x vocab buffer.
-- ``"chunked"``: plain PyTorch over chunks of rows, at most ``chunk_size`` x V logits at a time;
-  the default on CPU.
+- ``"triton"``: the 3-GEMM design, ``mtbi_kernels.fused_linear_kl`` (CUDA, or the CPU interpreter
+  with ``TRITON_INTERPRET=1``): per chunk of rows one fp32-output GEMM of ``[h_s; h_t]`` against
+  the head, one Triton pass per row for the statistics and the logit gradient, then ``G @ W``.
+  The chunk's logits are the extra memory, bounded by ``memory_budget`` (1 GiB by default).
+- ``"triton_recompute"``: ``mtbi_kernels.linear_kl_recompute``, two Triton passes that form every
+  logit tile twice (5 GEMM-equivalents) and never store the logits: O(N) extra memory plus one
+  gradient chunk (``memory_budget`` bounds it too).
+- ``"chunked"``: plain PyTorch over chunks of rows (the same 3-GEMM structure as ``"triton"``,
+  with three or four chunk x V buffers); the default on CPU.
 - ``"eager"``: ``mtbi_fast.reference.eager_row_losses``, everything materialized through autograd.
+
+``backend="auto"`` picks from measured data (see ``AUTO_BACKEND``).
 
 The fused backends compute the gradients in the forward pass (the loss is the last op of a step)
 and only scale them in backward, so the head weight is not needed after the call. That is what
@@ -31,8 +38,17 @@ from torch import nn
 
 from .reference import eager_row_losses
 
-BACKENDS = ("auto", "triton", "chunked", "eager")
+BACKENDS = ("auto", "triton", "triton_recompute", "chunked", "eager")
 REDUCTIONS = ("mean", "sum", "none")
+
+# What ``backend="auto"`` runs, by device, and the measurement behind it.
+# - cpu: "chunked". benchmarks/bench_loss.py on 2 CPU cores (benchmarks/results/loss_cpu.md):
+#   the chunked PyTorch path beats eager; the Triton kernels only run in the interpreter there.
+# - cuda: "triton", the 3-GEMM design: 6 N H V flops against the 10 N H V of
+#   "triton_recompute", at an extra memory of one chunk's fp32 logits (<= memory_budget). Not yet
+#   measured on a GPU: benchmarks/gpu_suite.sh times both designs and the chunked path at several
+#   budgets, and this table follows its results.
+AUTO_BACKEND = {"cpu": "chunked", "cuda": "triton"}
 
 
 def imitation_loss(
@@ -50,6 +66,7 @@ def imitation_loss(
     reduction: str = "mean",
     backend: str = "auto",
     chunk_size: int | None = None,
+    memory_budget: int | None = None,
     return_parts: bool = False,
 ):
     """Imitation loss of student hidden states against teacher hidden states (module docstring).
@@ -58,11 +75,14 @@ def imitation_loss(
     hidden size H_t; ``lm_head_weight`` [V, H]; ``target_ids`` with the leading shape (int);
     ``lm_head_bias`` [V] (shared by both sides unless ``teacher_lm_head_weight`` [V, H_t] is given).
     Returns a scalar (``reduction`` "mean" or "sum") or per-row losses with the leading shape
-    ("none"). The loss is float32 whatever the input dtype. With ``return_parts=True`` it returns
+    ("none"). The loss is float32 whatever the input dtype. ``memory_budget``: bytes of extra
+    memory a fused backend may use for its chunk buffers (default 1 GiB; the chunks are rows for
+    "triton" and "chunked", vocabulary columns for "triton_recompute"); ``chunk_size`` sets the
+    rows per chunk of "triton" and "chunked" directly. With ``return_parts=True`` it returns
     ``(loss, {"kl": ..., "ce": ...})``: the unweighted KL (at temperature T) and CE, reduced the
     same way (detached; CE is 0 when ``ce_weight`` is 0).
     """
-    _check_options(temperature, reduction, backend)
+    _check_options(temperature, reduction, backend, chunk_size, memory_budget)
     if target_ids is None and ce_weight != 0.0:
         raise ValueError(f"ce_weight={ce_weight} needs target_ids (the teacher's response tokens)")
     lead = _check_inputs(student_hidden, teacher_hidden, lm_head_weight, target_ids, lm_head_bias,
@@ -89,9 +109,11 @@ def imitation_loss(
                                               target, return_parts=True, **options)
             loss = _reduce(_combine(row_kl, row_ce, options), target, ignore_index, reduction)
         else:
-            impl = _triton_impl() if name == "triton" else _chunked_linear_kl
-            if name == "chunked" and chunk_size is not None:
+            impl = _fused_impl(name)
+            if chunk_size is not None and name != "triton_recompute":
                 options["chunk_size"] = int(chunk_size)
+            if memory_budget is not None:
+                options["memory_budget"] = int(memory_budget)
             loss, row_kl, row_ce = _FusedImitation.apply(
                 h_s, h_t, weight, teacher_weight, bias, teacher_bias, target, reduction, impl,
                 options)
@@ -112,9 +134,9 @@ class ImitationLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, kl_weight: float = 1.0, ce_weight: float = 0.0,
                  ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, memory_budget: int | None = None):
         super().__init__()
-        _check_options(temperature, reduction, backend)
+        _check_options(temperature, reduction, backend, chunk_size, memory_budget)
         self.temperature = temperature
         self.kl_weight = kl_weight
         self.ce_weight = ce_weight
@@ -122,6 +144,7 @@ class ImitationLoss(nn.Module):
         self.reduction = reduction
         self.backend = backend
         self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
 
     def forward(self, student_hidden, teacher_hidden, lm_head_weight, target_ids=None,
                 lm_head_bias=None, teacher_lm_head_weight=None, return_parts=False):
@@ -129,7 +152,8 @@ class ImitationLoss(nn.Module):
             student_hidden, teacher_hidden, lm_head_weight, target_ids, lm_head_bias,
             teacher_lm_head_weight, temperature=self.temperature, kl_weight=self.kl_weight,
             ce_weight=self.ce_weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            backend=self.backend, chunk_size=self.chunk_size, return_parts=return_parts)
+            backend=self.backend, chunk_size=self.chunk_size, memory_budget=self.memory_budget,
+            return_parts=return_parts)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, kl_weight={self.kl_weight}, "
@@ -204,11 +228,12 @@ class _FusedImitation(torch.autograd.Function):
 def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, target, row_scale, *,
                        temperature=1.0, kl_weight=1.0, ce_weight=0.0, ignore_index=-100,
                        need_grad_hidden=True, need_grad_weight=False, need_grad_bias=False,
-                       chunk_size=None):
+                       chunk_size=None, memory_budget=None):
     """Plain-PyTorch fused backend with the signature of ``mtbi_kernels.fused_linear_kl``
     (returns the rows' KL and CE, and the gradients).
 
-    Works on ``chunk_size`` rows at a time (default: about 16M logits per chunk) and computes the
+    Works on ``chunk_size`` rows at a time (default: about 16M logits per chunk, fewer when
+    ``memory_budget`` bytes cannot hold the chunk's buffers) and computes the
     row losses and the gradients of ``sum(row_scale * row_loss)`` in one pass: three GEMMs per chunk
     (student logits, teacher logits, gradient), the GEMMs the eager path needs too. It holds three
     chunk x V buffers at most (four with CE at T != 1). The softmax math is arranged to touch each
@@ -220,9 +245,14 @@ def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, tar
     """
     n, hidden = h_s.shape
     vocab = weight.shape[0]
+    dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    do_ce = ce_weight != 0.0
+    n_bufs = 4 if (do_ce and temperature != 1.0) else 3
     if chunk_size is None:
         chunk_size = max(16, min(4096, (1 << 24) // max(vocab, 1)))
-    dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+        if memory_budget is not None:
+            row_bytes = n_bufs * max(vocab, 1) * torch.finfo(dtype).bits // 8
+            chunk_size = max(1, min(chunk_size, int(memory_budget) // row_bytes))
     inv_t = 1.0 / temperature
     w = weight.detach().to(dtype)
     w_t = teacher_weight.detach().to(dtype)
@@ -230,7 +260,6 @@ def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, tar
     b = bias.detach().to(dtype) * inv_t if bias is not None else None
     b_t = teacher_bias.detach().to(dtype) * inv_t if teacher_bias is not None else None
     kl_g = kl_weight * temperature  # d(kl_weight T^2 KL)/dz_s = kl_weight T (p_s - p_t)
-    do_ce = ce_weight != 0.0
     need_grad = need_grad_hidden or need_grad_weight or need_grad_bias
 
     zeros = lambda *shape: torch.zeros(shape, device=h_s.device, dtype=dtype)  # noqa: E731
@@ -245,7 +274,6 @@ def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, tar
     # faults on every first touch (about 3x the time of the exp that fills it, measured).
     n_chunks = -(-n // chunk_size)
     chunk_size = -(-n // n_chunks)
-    n_bufs = 4 if (do_ce and inv_t != 1.0) else 3
     bufs = torch.empty(n_bufs, chunk_size, vocab, device=h_s.device, dtype=dtype)
 
     for r0 in range(0, n, chunk_size):
@@ -322,21 +350,24 @@ def _rowdot(a, b):
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
 
 
-def _triton_impl():
-    from mtbi_kernels import fused_linear_kl  # imported lazily: triton import is slow
+def _fused_impl(name: str):
+    """The function behind a fused backend (Triton is imported lazily: its import is slow)."""
+    if name == "chunked":
+        return _chunked_linear_kl
+    import mtbi_kernels
 
-    return fused_linear_kl
+    return mtbi_kernels.fused_linear_kl if name == "triton" else mtbi_kernels.linear_kl_recompute
 
 
 def _resolve_backend(backend: str, h_s: torch.Tensor) -> str:
     if backend == "auto":
-        return "triton" if h_s.is_cuda else "chunked"
-    if backend == "triton":
-        from mtbi_kernels.fused_linear_kl import interpreter_enabled
+        return AUTO_BACKEND["cuda" if h_s.is_cuda else "cpu"]
+    if backend.startswith("triton"):
+        from mtbi_kernels import interpreter_enabled
 
         if not h_s.is_cuda and not interpreter_enabled():
             raise ValueError(
-                f"backend='triton' needs CUDA tensors, but student_hidden is on {h_s.device}; "
+                f"backend={backend!r} needs CUDA tensors, but student_hidden is on {h_s.device}; "
                 "set TRITON_INTERPRET=1 before importing triton to run the kernels in the CPU "
                 "interpreter (slow, for tests), or use backend='chunked' or 'auto'")
     return backend
@@ -384,13 +415,16 @@ def _gathered(*params):
         yield True
 
 
-def _check_options(temperature, reduction, backend):
+def _check_options(temperature, reduction, backend, chunk_size=None, memory_budget=None):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    for name, value in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1 (or None for the default), got {value!r}")
 
 
 def _check_inputs(h_s, h_t, weight, target, bias, teacher_weight, ignore_index):

@@ -10,7 +10,7 @@ import mtbi_fast
 from mtbi_fast import ImitationLoss, imitation_loss
 from mtbi_fast.reference import eager_row_losses
 
-BACKENDS = ["eager", "chunked", "triton"]
+BACKENDS = ["eager", "chunked", "triton", "triton_recompute"]
 GRAD_KEYS = ("student_hidden", "lm_head_weight", "lm_head_bias")
 
 
@@ -141,7 +141,7 @@ def test_huge_logits(backend):
     assert_matches(out, grads, ref_out, ref_grads, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_recompute"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_error_within_twice_eager(backend, dtype):
     """At bf16/fp16 the fused paths' error (vs float64 on the same rounded inputs) is at most twice
@@ -256,7 +256,7 @@ def _base():
         (lambda a: a.__setitem__(3, None), {"ce_weight": 0.5}, r"ce_weight=0.5 needs target_ids"),
         (lambda a: None, {"reduction": "avg"}, r"reduction must be one of"),
         (lambda a: None, {"backend": "cuda"}, r"backend must be one of"),
-        (lambda a: None, {"temperature": 0.0}, r"temperature must be > 0"),
+        (lambda a: None, {"temperature": 0.0}, r"temperature must be a finite number > 0"),
     ],
 )
 def test_bad_inputs_name_the_tensor_and_dim(mutate, kwargs, message):
@@ -271,6 +271,22 @@ def test_module_rejects_bad_options():
         ImitationLoss(reduction="avg")
     with pytest.raises(ValueError, match="backend must be one of"):
         ImitationLoss(backend="fast")
+    with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1 .*got 0"):
+        ImitationLoss(chunk_size=0)
+    with pytest.raises(ValueError, match=r"memory_budget must be an int >= 1 .*got -5"):
+        ImitationLoss(memory_budget=-5)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got inf"):
+        ImitationLoss(temperature=float("inf"))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_recompute"])
+def test_memory_budget_changes_chunks_not_results(backend):
+    """A budget too small for more than one row (or one tile of columns) at a time gives the same
+    loss and gradients as the default."""
+    x = make_inputs(n=23, h=16, v=203, bias=True, ignore=(5,))
+    ref_out, ref_grads = reference(x, temperature=1.3, ce_weight=0.2)
+    out, grads = run(x, backend, temperature=1.3, ce_weight=0.2, memory_budget=1)
+    assert_matches(out, grads, ref_out, ref_grads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
