@@ -8,13 +8,16 @@
 Each step takes the next ``packing.examples_per_step`` behavior records of a seeded, endless
 shuffle (micro-batch ``(step * grad_accum + k) * world + rank``: a pure function of the step, so a
 resumed run sees exactly the batches an uninterrupted run sees), interleaves each utterance at the
-scheduled text ratio, packs student and teacher versions, and minimizes the imitation loss. Under
+scheduled text ratio, packs student and teacher versions, and minimizes the imitation loss. The
+batches (audio decode, log-mel, SpecAugment, interleaving, packing) are built ahead of the step by
+``data.num_workers`` DataLoader worker processes; the time the loop still waits for them is logged
+(``data_wait_s``, ``data_wait_share``). Under
 DeepSpeed ZeRO-3 the frozen LLM is partitioned from the start (built under ``zero.Init``) and only
 the adapter (and LoRA / top encoder layers when enabled) is optimized.
 
 Everything a run writes goes under ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``
-(one row per logged step: step, loss, kl, ce, tokens_per_s, lr, ratio; evaluation rows, from
-step 0 on: step, eval_kl),
+(one row per logged step: step, loss, kl, ce, tokens_per_s, lr, ratio, data_wait_s,
+data_wait_share; evaluation rows, from step 0 on: step, eval_kl),
 TensorBoard events when tensorboard is installed, ``checkpoints/step-NNNNNN/`` (DeepSpeed's own
 format or ``trainer.pt``, plus ``model/``, an exported ``save_pretrained`` folder; the last
 ``keep_last`` are kept) and ``final/`` (the exported model after the last step).
@@ -39,7 +42,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from mtbi_fast.audio import log_mel, load_audio, spec_augment
+from mtbi_fast.audio import encoder_frames, log_mel, load_audio, spec_augment
 from mtbi_fast.behaviors import read_behaviors
 from mtbi_fast.data import read_manifest
 from mtbi_fast.interleave import RatioSchedule, example_pair, transcript
@@ -54,7 +57,7 @@ SCHEMA = {
     "model": dict,
     "data": {"train_manifest": str, "behaviors": str, "eval_manifest": (str, type(None)),
              "eval_behaviors": (str, type(None)), "teacher_cache": bool, "tasks": (list, type(None)),
-             "spec_augment": (dict, type(None))},
+             "spec_augment": (dict, type(None)), "num_workers": int, "prefetch_factor": int},
     "interleave": {"schedule": str, "start": (int, float), "end": (int, float), "steps": int,
                    "mean_span": (int, float)},
     "packing": {"max_tokens": int, "examples_per_step": int, "overlong": str},
@@ -65,9 +68,14 @@ SCHEMA = {
     "deepspeed": (str, type(None)),
     "output_dir": str,
 }
+# data.num_workers: 2 batch-building processes per rank (with prefetch_factor 2, up to 4
+# micro-batches built ahead of the step) hide the CPU work behind the GPU step, and 8 ranks on a
+# node add only 16 single-threaded processes. A fixed value rather than one picked by device, so
+# that config.yaml says what ran (the batches are the same for any value). 0 builds the batches in
+# the training process (debugging; tiny runs, where a worker costs more to start than it saves).
 DEFAULTS = {
     "data": {"eval_manifest": None, "eval_behaviors": None, "teacher_cache": False, "tasks": None,
-             "spec_augment": None},
+             "spec_augment": None, "num_workers": 2, "prefetch_factor": 2},
     "interleave": {"schedule": "cosine", "start": 0.8, "end": 0.0, "steps": 1000, "mean_span": 3.0},
     "packing": {"max_tokens": 1024, "examples_per_step": 8, "overlong": "truncate"},
     "train": {"steps": 1000, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 50, "grad_accum": 1,
@@ -123,9 +131,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     _check_spec_augment(cfg["data"]["spec_augment"], path)
     sched = {k: v for k, v in cfg["interleave"].items() if k != "mean_span"}
     RatioSchedule.from_config(sched)
-    for key in ("steps", "grad_accum"):
-        if cfg["train"][key] < 1:
-            raise ValueError(f"{path}: train.{key} must be >= 1")
+    for section, key, low in (("train", "steps", 1), ("train", "grad_accum", 1),
+                              ("data", "num_workers", 0), ("data", "prefetch_factor", 1)):
+        if cfg[section][key] < low:
+            raise ValueError(f"{path}: {section}.{key} must be an int >= {low}, got "
+                             f"{cfg[section][key]!r}")
     base = path.parent
     for key in ("train_manifest", "behaviors", "eval_manifest", "eval_behaviors"):
         v = cfg["data"].get(key)
@@ -162,7 +172,9 @@ def _type_name(t) -> str:
 
 
 class MTBIData:
-    """Behavior records joined with their utterances; deterministic micro-batches."""
+    """Behavior records joined with their utterances; deterministic micro-batches. Holds what the
+    batches need from the model as plain values (tokenizer, mel bins, adapter stride, frame rate),
+    never the model: it goes to DataLoader worker processes."""
 
     def __init__(self, manifest: str, behaviors: str, model: SpeechLLM, seed: int, mean_span: float,
                  max_tokens: int, overlong: str, teacher_cache: bool = False,
@@ -176,10 +188,10 @@ class MTBIData:
         missing = sorted({r["utt_id"] for r in self.records} - set(self.utts))
         if missing:
             raise ValueError(f"{behaviors}: behaviors refer to utterances not in {manifest}: {missing[:5]}")
-        self.model, self.seed, self.mean_span = model, seed, mean_span
+        self.seed, self.mean_span = seed, mean_span
         self.max_tokens, self.overlong = max_tokens, overlong
-        tok = model.tokenizer
-        self.tokenize = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.tokenizer, self.n_mels = model.tokenizer, model.encoder.num_mel_bins
+        self.stride, self.frame_rate = model.adapter.stride, model.frame_rate
         self._mels: dict[str, torch.Tensor] = {}
         self.spec_augment = spec_augment  # SpecAugment's settings for training inputs, or None
         self.cache = _load_hidden_cache(behaviors) if teacher_cache else None
@@ -204,10 +216,12 @@ class MTBIData:
             self._perm_epoch = epoch
         return self._perm
 
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def mel(self, utt_id: str) -> torch.Tensor:
         if utt_id not in self._mels:
-            self._mels[utt_id] = log_mel(load_audio(self.utts[utt_id].audio),
-                                         self.model.encoder.num_mel_bins)
+            self._mels[utt_id] = log_mel(load_audio(self.utts[utt_id].audio), self.n_mels)
         return self._mels[utt_id]
 
     def batch(self, indices: list[int], ratio: float, salt: int) -> dict:
@@ -219,9 +233,9 @@ class MTBIData:
             if self.spec_augment is not None:  # masks seeded by example and step (resumable)
                 ga = torch.Generator().manual_seed(self.seed * 6007 + salt * 15_485_863 + i)
                 mel = spec_augment(mel, generator=ga, **self.spec_augment)
-            n_frames = self.model.adapter.n_frames(math.ceil(mel.shape[1] / 2))
+            n_frames = math.ceil(encoder_frames(mel.shape[1]) / self.stride)  # Adapter.n_frames
             g = torch.Generator().manual_seed(self.seed * 7919 + salt * 104_729 + i)
-            s, t = example_pair(r["id"], u.words, n_frames, self.model.frame_rate, ratio,
+            s, t = example_pair(r["id"], u.words, n_frames, self.frame_rate, ratio,
                                 r["prefix_ids"], r["suffix_ids"], r["response_ids"], self.tokenize,
                                 mean_span=self.mean_span, generator=g, duration=u.duration)
             if list(t.prompt[1].ids) != r["transcript_ids"]:
@@ -237,6 +251,23 @@ class MTBIData:
             counts = torch.bincount(out["student"].loss_example, minlength=len(ids)).tolist()
             out["teacher_hidden"] = torch.cat([self.cache[k][:c] for k, c in zip(ids, counts)])
         return out
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item j: this rank's j-th training micro-batch (step ``j // grad_accum``), the global
+    micro-batch ``j * world + rank``. A pure function of the seed and j, so DataLoader workers
+    (any number) give the batches the training process would build, and a run resumed at step s
+    starts at item ``s * grad_accum``."""
+
+    def __init__(self, data: MTBIData, schedule: RatioSchedule, examples_per_step: int,
+                 grad_accum: int, world: int = 1, rank: int = 0):
+        self.data, self.schedule, self.examples = data, schedule, examples_per_step
+        self.grad_accum, self.world, self.rank = grad_accum, world, rank
+
+    def __getitem__(self, j: int) -> dict:
+        micro = j * self.world + self.rank  # = (step * grad_accum + k) * world + rank
+        indices = self.data.record_indices(micro, self.examples)
+        return self.data.batch(indices, self.schedule(j // self.grad_accum), salt=micro)
 
 
 def _single_process_env():
@@ -327,6 +358,7 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, sched_fn)
         self.step = 0
+        self.data_wait_s = 0.0  # seconds the loop waited for its batches (this process, this run)
         self.tb = None
 
     # -- setup -------------------------------------------------------------------------------
@@ -376,64 +408,87 @@ class Trainer:
             self.evaluate()  # the starting point of the held-out curve
         bar = tqdm(total=t["steps"], initial=self.step, desc="train", unit="step",
                    disable=self.rank != 0)
-        window = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "tokens": 0, "n": 0}
-        t_window = time.time()
+        window = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "tokens": 0, "n": 0, "data_wait": 0.0}
+        t_window = time.perf_counter()
         last = {}
-        while self.step < t["steps"]:
-            ratio = self.schedule(self.step)
-            for k in range(t["grad_accum"]):
-                micro = (self.step * t["grad_accum"] + k) * self.world + self.rank
-                idx = self.data.record_indices(micro, self.cfg["packing"]["examples_per_step"])
-                batch = self.data.batch(idx, ratio, salt=micro)
-                kwargs = {"mels": [m.to(device) for m in batch["mels"]]}
-                if "teacher_hidden" in batch:
-                    kwargs["teacher_hidden"] = batch["teacher_hidden"]
-                else:
-                    kwargs["teacher"] = batch["teacher"]
-                out = self.engine(batch["student"], **kwargs)
-                if self.ds_config:
-                    self.engine.backward(out["loss"])
-                    self.engine.step()
-                else:
-                    (out["loss"] / t["grad_accum"]).backward()
-                for key in ("loss", "kl", "ce"):
-                    window[key] += float(out[key].detach()) / t["grad_accum"]
-                window["tokens"] += batch["student"].n_tokens
-            if not self.ds_config:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad], t["clip_grad"])
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            window["n"] += 1
-            self.step += 1
-            bar.update(1)
-            if self.step % t["log_every"] == 0 or self.step == t["steps"]:
-                last = self._log(window, time.time() - t_window, ratio)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", kl=f"{last['kl']:.4f}",
-                                tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{last['lr']:.2e}")
-                window = {k: 0 if k == "tokens" else 0.0 for k in window}
-                window["n"] = 0
-                t_window = time.time()
-            if t["eval_every"] and (self.step % t["eval_every"] == 0 or self.step == t["steps"]):
-                self.evaluate()
-            if t["save_every"] and self.step % t["save_every"] == 0:
-                self.save_checkpoint()
+        batches = iter(self.train_loader(device))
+        try:
+            while self.step < t["steps"]:
+                ratio = self.schedule(self.step)
+                for _ in range(t["grad_accum"]):
+                    t_wait = time.perf_counter()
+                    batch = next(batches)
+                    kwargs = {"mels": [m.to(device, non_blocking=True) for m in batch["mels"]]}
+                    if "teacher_hidden" in batch:
+                        kwargs["teacher_hidden"] = batch["teacher_hidden"].to(device, non_blocking=True)
+                    else:
+                        kwargs["teacher"] = batch["teacher"]
+                    waited = time.perf_counter() - t_wait
+                    window["data_wait"] += waited
+                    self.data_wait_s += waited
+                    out = self.engine(batch["student"], **kwargs)
+                    if self.ds_config:
+                        self.engine.backward(out["loss"])
+                        self.engine.step()
+                    else:
+                        (out["loss"] / t["grad_accum"]).backward()
+                    for key in ("loss", "kl", "ce"):
+                        window[key] += float(out[key].detach()) / t["grad_accum"]
+                    window["tokens"] += batch["student"].n_tokens
+                if not self.ds_config:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in self.model.parameters() if p.requires_grad], t["clip_grad"])
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                window["n"] += 1
+                self.step += 1
+                bar.update(1)
+                if self.step % t["log_every"] == 0 or self.step == t["steps"]:
+                    last = self._log(window, time.perf_counter() - t_window, ratio)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", kl=f"{last['kl']:.4f}",
+                                    tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{last['lr']:.2e}",
+                                    data_wait=f"{last['data_wait_share']:.0%}")
+                    window = {k: 0 if k in ("tokens", "n") else 0.0 for k in window}
+                    t_window = time.perf_counter()
+                if t["eval_every"] and (self.step % t["eval_every"] == 0 or self.step == t["steps"]):
+                    self.evaluate()
+                if t["save_every"] and self.step % t["save_every"] == 0:
+                    self.save_checkpoint()
+        finally:
+            del batches  # stops the loader's workers now, also when the loop raises
         bar.close()
         self.export(self.out / "final")
         if self.tb is not None:
             self.tb.close()
         return last
 
+    def train_loader(self, device: torch.device) -> torch.utils.data.DataLoader:
+        """This rank's micro-batches from the current step to the last, built ahead by
+        ``data.num_workers`` worker processes (CPU only: the encoder, the adapter and the online
+        teacher run in this process). One pass over it is the whole run, so its workers start
+        once and live as long as the run."""
+        d, t = self.cfg["data"], self.cfg["train"]
+        items = MicroBatches(self.data, self.schedule, self.cfg["packing"]["examples_per_step"],
+                             t["grad_accum"], self.world, self.rank)
+        workers = d["num_workers"]
+        return torch.utils.data.DataLoader(
+            items, batch_size=None, sampler=range(self.step * t["grad_accum"], t["steps"] * t["grad_accum"]),
+            num_workers=workers, prefetch_factor=d["prefetch_factor"] if workers else None,
+            pin_memory=device.type == "cuda")  # pinned pages: asynchronous copies to the GPU
+
     def _log(self, window, seconds, ratio) -> dict:
-        vals = torch.tensor([window["loss"], window["kl"], window["ce"], float(window["tokens"])])
+        seconds = max(seconds, 1e-9)
+        vals = torch.tensor([window["loss"], window["kl"], window["ce"], float(window["tokens"]),
+                             window["data_wait"], window["data_wait"] / seconds])
         if self.world > 1:
             torch.distributed.all_reduce(vals)
-            vals[:3] /= self.world
+            vals[[0, 1, 2, 4, 5]] /= self.world  # means over ranks; tokens are summed
         n = max(window["n"], 1)
         row = {"step": self.step, "loss": vals[0].item() / n, "kl": vals[1].item() / n,
-               "ce": vals[2].item() / n, "tokens_per_s": vals[3].item() / max(seconds, 1e-9),
-               "lr": self.scheduler.get_last_lr()[0], "ratio": ratio, "time": time.time()}
+               "ce": vals[2].item() / n, "tokens_per_s": vals[3].item() / seconds,
+               "lr": self.scheduler.get_last_lr()[0], "ratio": ratio,
+               "data_wait_s": vals[4].item(), "data_wait_share": vals[5].item(), "time": time.time()}
         if self.rank == 0:
             self._write_metrics(row)
         return row
@@ -586,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.rank == 0:
         print(f"done: {trainer.step} steps in {time.time() - t0:.0f} s, final loss "
               f"{last.get('loss', float('nan')):.4f}, {trainer.n_trainable / 1e6:.2f} M trainable "
-              f"parameters -> {trainer.out}")
+              f"parameters, {trainer.data_wait_s:.1f} s waiting for data -> {trainer.out}")
     return 0
 
 

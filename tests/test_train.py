@@ -1,8 +1,12 @@
-"""mtbi_fast/train.py: config checking, a single-process run, kill-and-resume, ZeRO-3 on 2 ranks."""
+"""mtbi_fast/train.py: config checking, a single-process run, kill-and-resume, ZeRO-3 on 2 ranks,
+the DataLoader workers that build the batches."""
 
+import dataclasses
 import json
 import os
+import pickle
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ from mtbi_fast.data import read_manifest, write_manifest
 from mtbi_fast.hub import load_llm
 from mtbi_fast.model import ModelConfig, SpeechLLM
 from mtbi_fast.tasks import TaskLibrary
-from mtbi_fast.train import Trainer, load_config
+from mtbi_fast.train import MicroBatches, Trainer, load_config
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "tiny_train.yaml"
@@ -24,7 +28,8 @@ CONFIG = ROOT / "configs" / "tiny_train.yaml"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """12 training and 4 eval demo utterances with behaviors from the tiny_train LLM."""
+    """12 training and 4 eval demo utterances with behaviors from the tiny_train LLM (training
+    behaviors with cached teacher states)."""
     d = tmp_path_factory.mktemp("mtbi")
     train = read_manifest(ROOT / "data" / "demo" / "train.jsonl")[:12]
     test = read_manifest(ROOT / "data" / "demo" / "test.jsonl")[:4]
@@ -34,7 +39,8 @@ def data(tmp_path_factory):
     llm, tok = load_llm(ModelConfig.from_dict(cfg["model"]).llm)
     lib = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
     bc = BehaviorConfig(per_utterance=2, max_new_tokens=12)
-    generate_behaviors(train, lib, llm, tok, d / "beh", bc, progress=False)
+    generate_behaviors(train, lib, llm, tok, d / "beh", dataclasses.replace(bc, cache_hidden=True),
+                       progress=False)
     generate_behaviors(test, lib, llm, tok, d / "beh-eval", bc, progress=False)
     return d
 
@@ -49,6 +55,11 @@ def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_data_wait(rows):
+    for r in rows:
+        assert r["data_wait_s"] >= 0 and 0 <= r["data_wait_share"] <= 1, r
+
+
 def test_single_process_run(data, tmp_path):
     out = tmp_path / "run"
     # a constant ratio (pure speech), so that the task does not change while the loss is compared
@@ -56,8 +67,9 @@ def test_single_process_run(data, tmp_path):
                                                  "interleave.start=0.0", "train.save_every=10")]) == 0
     rows = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 31))
-    for key in ("step", "loss", "kl", "ce", "tokens_per_s", "lr", "ratio"):
+    for key in ("step", "loss", "kl", "ce", "tokens_per_s", "lr", "ratio", "data_wait_s", "data_wait_share"):
         assert key in rows[0]
+    assert_data_wait(rows)
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
     assert last < 0.9 * first, (first, last)
     evals = [r for r in metrics(out) if "eval_kl" in r]
@@ -69,8 +81,9 @@ def test_single_process_run(data, tmp_path):
     assert (out / "config.yaml").is_file()
 
 
-def test_kill_and_resume_gives_the_same_curve(data, tmp_path, monkeypatch):
-    args = ["train.steps=12", "train.save_every=4", "train.eval_every=0"]
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill_and_resume_gives_the_same_curve(data, tmp_path, monkeypatch, workers):
+    args = ["train.steps=12", "train.save_every=4", "train.eval_every=0", f"data.num_workers={workers}"]
     full = tmp_path / "full"
     train_mod.main(["--config", str(CONFIG), *overrides(data, full, *args)])
 
@@ -93,13 +106,19 @@ def test_kill_and_resume_gives_the_same_curve(data, tmp_path, monkeypatch):
     assert [r["step"] for r in b] == list(range(1, 13))
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), (x, y)
+    assert_data_wait(a + b)
 
 
 @pytest.mark.parametrize("extra, message", [
     (["train.lrr=0.1"], r"unknown key train.lrr"),
     (["train.steps=ten"], r"train.steps must be int, got str 'ten'"),
     (["optimizer.lr=1"], r"unknown key 'optimizer'"),
-    (["train.grad_accum=0"], r"train.grad_accum must be >= 1"),
+    (["train.grad_accum=0"], r"train.grad_accum must be an int >= 1, got 0"),
+    (["data.num_workers=-1"], r"data.num_workers must be an int >= 0, got -1"),
+    (["data.num_workers=two"], r"data.num_workers must be int, got str 'two'"),
+    (["data.num_workers=true"], r"data.num_workers must be int, got bool True"),
+    (["data.prefetch_factor=0"], r"data.prefetch_factor must be an int >= 1, got 0"),
+    (["data.prefetch_factor=1.5"], r"data.prefetch_factor must be int, got float 1.5"),
     (["model.adapter={strid: 4}"], r"unknown key model.adapter.strid"),
     (["interleave.schedule=step"], r"interleave.schedule must be one of"),
     (["trainsteps"], r"override 'trainsteps' must look like section.key=value"),
@@ -122,6 +141,69 @@ def test_missing_manifest_is_named(data, tmp_path):
     cfg = load_config(CONFIG, overrides(data, tmp_path / "o", "data.train_manifest=/nope/train.jsonl"))
     with pytest.raises(FileNotFoundError, match=r"manifest not found: /nope/train.jsonl"):
         Trainer(cfg)
+
+
+# ---- the input pipeline: DataLoader workers build the batches ----------------------------------
+
+def assert_same_batch(a, b):
+    assert a.keys() == b.keys()
+    assert len(a["mels"]) == len(b["mels"]) and all(torch.equal(x, y) for x, y in zip(a["mels"], b["mels"]))
+    for key in ("student", "teacher"):
+        for field in dataclasses.fields(a[key]):
+            x, y = getattr(a[key], field.name), getattr(b[key], field.name)
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, (key, field.name)
+    if "teacher_hidden" in a:
+        assert torch.equal(a["teacher_hidden"], b["teacher_hidden"])
+
+
+def test_workers_build_the_in_process_batches(data, tmp_path):
+    """Two workers give, tensor for tensor and from a resumed run's first step on, the batches
+    built in this process from their definition: the records of micro-batch
+    (step * grad_accum + k) * world + rank at the step's scheduled ratio, salted by the
+    micro-batch (SpecAugment on, cached teacher states)."""
+    settings = {"freq_masks": 1, "freq_width": 10, "time_masks": 1, "time_width": 0.2}
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "w", "train.steps=6", "train.grad_accum=2",
+                                        "data.teacher_cache=true", "data.num_workers=2",
+                                        "data.spec_augment=" + json.dumps(settings)))
+    trainer = Trainer(cfg)
+    d, n, ratio = trainer.data, cfg["packing"]["examples_per_step"], trainer.schedule
+
+    def built_here(step, k, world=1, rank=0):
+        micro = (step * cfg["train"]["grad_accum"] + k) * world + rank
+        return d.batch(d.record_indices(micro, n), ratio(step), salt=micro)
+
+    trainer.step = 3  # as after resuming from the step-3 checkpoint
+    loader = trainer.train_loader(torch.device("cpu"))
+    assert (loader.num_workers, loader.prefetch_factor, loader.pin_memory) == (2, 2, False)
+    assert trainer.train_loader(torch.device("cuda")).pin_memory
+    got = list(loader)
+    assert len(got) == 6 and len({ratio(s) for s in (3, 4, 5)}) == 3
+    for batch, (step, k) in zip(got, [(s, k) for s in (3, 4, 5) for k in (0, 1)]):
+        assert_same_batch(batch, built_here(step, k))
+    # rank 1 of 2 takes every other micro-batch; the dataset pickles without the model
+    items = MicroBatches(d, ratio, n, grad_accum=2, world=2, rank=1)
+    for j in (0, 3, 7):
+        assert_same_batch(items[j], built_here(*divmod(j, 2), world=2, rank=1))
+    blob = pickle.dumps(items)
+    assert b"SpeechLLM" not in blob and b"torch.nn" not in blob
+    assert_same_batch(pickle.loads(blob)[5], items[5])
+
+
+def test_a_slow_input_pipeline_shows_as_data_wait(data, tmp_path, monkeypatch):
+    real = MicroBatches.__getitem__
+
+    def slow(self, j):
+        time.sleep(0.3)
+        return real(self, j)
+
+    monkeypatch.setattr(MicroBatches, "__getitem__", slow)
+    out = tmp_path / "slow"
+    cfg = load_config(CONFIG, overrides(data, out, "train.steps=2", "train.eval_every=0",
+                                        "train.save_every=0", "data.num_workers=0"))
+    Trainer(cfg).train(resume=False)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["data_wait_s"] >= 0.3 and 0.2 < r["data_wait_share"] <= 1 for r in rows), rows
 
 
 # ---- DeepSpeed ZeRO-3, 2 CPU ranks over gloo ------------------------------------------------------
