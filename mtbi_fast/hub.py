@@ -8,13 +8,13 @@ under ``$MTBI_FAST_CACHE``, default ``~/.cache/mtbi_fast``) or ``{"hub": "org/mo
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 from pathlib import Path
 
 import torch
 
-from .packing import VARLEN_SDPA
+from .attention import (REGISTERED, TORCH_VARLEN, VARLEN_SDPA, flash_attn_available,
+                        torch_varlen_available)
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -33,12 +33,16 @@ def model_dir(name: str) -> Path:
 
 
 def resolve_attn(attn_implementation: str) -> str:
-    """"auto": flash-attention-2 when flash-attn is installed and CUDA is present, else the
-    varlen SDPA of ``mtbi_fast.packing`` (both keep packed examples apart at no extra cost)."""
+    """"auto": the fastest attention here that keeps packed examples apart at no extra cost:
+    flash-attention-2 (flash-attn installed, CUDA), else torch's own varlen kernel
+    (``TORCH_VARLEN``: torch >= 2.10, an sm80+ GPU), else SDPA per packed sequence
+    (``VARLEN_SDPA``); see ``mtbi_fast.attention``. Other names are returned as they are."""
     if attn_implementation != "auto":
         return attn_implementation
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if flash_attn_available():
         return "flash_attention_2"
+    if torch_varlen_available():
+        return TORCH_VARLEN
     return VARLEN_SDPA
 
 
@@ -63,10 +67,10 @@ def _cpu_has_bf16() -> bool:
 
 @contextlib.contextmanager
 def padded_attention(llm):
-    """Plain SDPA while running padded batches (generation with left padding): VARLEN_SDPA keeps
-    packed sequences apart through cu_seqlens and builds no padding mask."""
+    """Plain SDPA while running padded batches (generation with left padding): VARLEN_SDPA and
+    TORCH_VARLEN keep packed sequences apart through cu_seqlens and build no padding mask."""
     current = llm.config._attn_implementation
-    if current != VARLEN_SDPA:
+    if current not in REGISTERED:
         yield llm
         return
     llm.set_attn_implementation("sdpa")

@@ -17,8 +17,8 @@ into rows of at most ``max_tokens`` by first-fit-decreasing and returns a ``Pack
 Attention never crosses examples: ``model_inputs`` gives the keyword arguments for a transformers
 causal LM: restarting ``position_ids`` with no attention mask and no cache (transformers 5 turns
 them into a block-causal mask for SDPA and eager attention), an explicit block-diagonal causal
-mask, or the ``cu_seqlens`` for flash-attention-2's varlen kernel and for ``VARLEN_SDPA``, an
-attention function registered here that runs SDPA on each packed sequence on its own.
+mask, or the ``cu_seqlens`` for the varlen implementations (flash-attention-2, and
+``TORCH_VARLEN`` / ``VARLEN_SDPA`` of ``mtbi_fast.attention``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import torch
+
+# VARLEN_SDPA is re-exported: benchmarks/bench_packing.py imports it from here
+from .attention import VARLEN_IMPLEMENTATIONS, VARLEN_SDPA  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -278,9 +281,6 @@ def _example_source(ex: Example, frame_base: int) -> torch.Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
 
 
-VARLEN_SDPA = "mtbi_varlen_sdpa"
-
-
 def model_inputs(batch: PackedBatch, inputs_embeds: torch.Tensor, attention: str = "auto",
                  attn_implementation: str | None = None) -> dict:
     """Keyword arguments for a transformers causal LM over a packed batch.
@@ -292,15 +292,15 @@ def model_inputs(batch: PackedBatch, inputs_embeds: torch.Tensor, attention: str
     - "mask": an explicit [R, 1, L, L] block-diagonal causal mask (for model families that do not
       detect packed positions);
     - "varlen": the cu_seqlens, for flash-attention-2's varlen kernel or for
-      ``attn_implementation=VARLEN_SDPA`` (this module's per-sequence SDPA: no mask, and no work
-      across examples);
-    - "auto": "varlen" for those two attention implementations, else "position_ids".
+      ``attn_implementation=TORCH_VARLEN`` / ``VARLEN_SDPA`` (``mtbi_fast.attention``: torch's
+      varlen kernel, or SDPA per sequence; no mask, and no work across examples);
+    - "auto": "varlen" for those attention implementations, else "position_ids".
     """
     if attention not in ("auto", "position_ids", "mask", "varlen"):
         raise ValueError("attention must be 'auto', 'position_ids', 'mask' or 'varlen', "
                          f"got {attention!r}")
     if attention == "auto":
-        attention = "varlen" if attn_implementation in ("flash_attention_2", VARLEN_SDPA) else "position_ids"
+        attention = "varlen" if attn_implementation in VARLEN_IMPLEMENTATIONS else "position_ids"
     embeds = inputs_embeds.reshape(batch.rows, batch.row_len, -1)
     kw = dict(inputs_embeds=embeds, position_ids=batch.position_ids.to(embeds.device),
               use_cache=False)
@@ -311,63 +311,6 @@ def model_inputs(batch: PackedBatch, inputs_embeds: torch.Tensor, attention: str
         kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen,
                   max_length_k=batch.max_seqlen)
     return kw
-
-
-def varlen_sdpa_attention(module, query, key, value, attention_mask=None, dropout=0.0,
-                          scaling=None, **kwargs):
-    """A transformers attention function (registered as ``VARLEN_SDPA``): causal SDPA run on each
-    packed sequence separately, from ``cu_seq_lens_q`` over the flat R * L stream. It needs no
-    mask and spends nothing across examples; on machines without flash-attn it is the varlen path.
-    Without ``cu_seq_lens_q`` every row is one causal sequence (right padding only: no mask is
-    built for this implementation), and a single query attends to all cached keys (decoding).
-
-    query [R, heads, L, d], key/value [R, kv_heads, L, d] -> ([R, L, heads, d], None).
-    """
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:  # not packed: each row is one causal sequence (right padding only), or decoding
-        return _plain_sdpa(module, query, key, value, dropout, scaling)
-    rows, heads, length, dim = query.shape
-
-    def flat(x):  # [R, h, L, d] -> [h, R * L, d]; sequences never straddle rows
-        return x.transpose(0, 1).reshape(x.shape[1], rows * length, dim)
-
-    q, k, v = (_sdpa_dtype(flat(x)) for x in (query, key, value))
-    bounds = cu.tolist()
-    out = torch.cat([
-        torch.nn.functional.scaled_dot_product_attention(
-            q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True, scale=scaling,
-            dropout_p=dropout if module.training else 0.0, enable_gqa=k.shape[0] != heads)
-        for a, b in zip(bounds[:-1], bounds[1:])], dim=1).to(query.dtype)
-    return out.reshape(heads, rows, length, dim).permute(1, 2, 0, 3).contiguous(), None
-
-
-def _sdpa_dtype(x: torch.Tensor) -> torch.Tensor:
-    """CPU SDPA in half precision runs about 2x slower than in float32 (measured on an AVX512-BF16
-    EPYC, forward and backward): upcast there; keep the dtype on GPUs."""
-    return x.float() if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else x
-
-
-def _plain_sdpa(module, query, key, value, dropout, scaling):
-    q_len, k_len = query.shape[2], key.shape[2]
-    if q_len != k_len and q_len != 1:
-        raise ValueError(f"{VARLEN_SDPA}: {q_len} queries against {k_len} cached keys is not "
-                         "supported; use attn_implementation='sdpa' for chunked prefill")
-    out = torch.nn.functional.scaled_dot_product_attention(
-        _sdpa_dtype(query), _sdpa_dtype(key), _sdpa_dtype(value), is_causal=q_len == k_len and q_len > 1,
-        scale=scaling, dropout_p=dropout if module.training else 0.0,
-        enable_gqa=key.shape[1] != query.shape[1]).to(query.dtype)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register_varlen_sdpa():
-    try:
-        from transformers import AttentionInterface
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return
-    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
-
-
-_register_varlen_sdpa()
 
 
 def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:

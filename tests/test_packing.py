@@ -7,7 +7,8 @@ import pytest
 import torch
 import transformers
 
-from mtbi_fast.packing import (VARLEN_SDPA, Example, PackedBatch, Speech, Text, block_causal_mask,
+from mtbi_fast.attention import VARLEN_SDPA
+from mtbi_fast.packing import (Example, PackedBatch, Speech, Text, block_causal_mask,
                                first_fit_decreasing, gather_loss_rows, iter_packed, model_inputs,
                                pack, pack_embeddings)
 
@@ -216,48 +217,62 @@ def single_embeds(ex, embed, frames, base):
     pieces = []
     for p in ex.prompt:
         if isinstance(p, Text):
-            pieces.append(embed[torch.tensor(p.ids, dtype=torch.long)])
+            pieces.append(embed[torch.tensor(p.ids, dtype=torch.long, device=embed.device)])
         else:
             pieces.append(frames[base + p.start: base + p.end])
-    pieces.append(embed[torch.tensor(ex.response, dtype=torch.long)])
+    pieces.append(embed[torch.tensor(ex.response, dtype=torch.long, device=embed.device)])
     return torch.cat(pieces)
+
+
+def run_packed(model, batch, examples, frames, weights, attention="auto"):
+    """The examples' logits [N, V] (input order) from one forward over the packed batch, and the
+    gradient of sum(logits * weights) over all packed positions with respect to ``frames``."""
+    frames = frames.detach().requires_grad_()
+    embed = model.get_input_embeddings().weight.detach()
+    embeds = pack_embeddings(batch.source, embed, frames, backend="torch")
+    kw = model_inputs(batch, embeds, attention=attention,
+                      attn_implementation=model.config._attn_implementation)
+    logits = model(**kw).logits.reshape(-1, VOCAB)
+    (logits.float() * weights).sum().backward()
+    mine = torch.cat([logits[s:s + len(ex)] for s, ex in zip(batch.example_starts, examples)])
+    return mine.detach(), frames.grad
+
+
+def run_alone(model, batch, examples, frames, weights):
+    """``run_packed``'s outputs with each example run on its own (no padding, no packing)."""
+    frames = frames.detach().requires_grad_()
+    embed = model.get_input_embeddings().weight.detach()
+    out, total = [], 0
+    for i, ex in enumerate(examples):
+        x = single_embeds(ex, embed, frames, int(batch.frame_offsets[i]))
+        alone = model(inputs_embeds=x[None], use_cache=False).logits[0]
+        s = batch.example_starts[i]
+        total = total + (alone.float() * weights[s:s + len(ex)]).sum()
+        out.append(alone.detach())
+    total.backward()
+    return torch.cat(out), frames.grad
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("attention", ["position_ids", "mask", "varlen"])
 def test_packed_forward_matches_each_example_alone(family, attention):
     model = tiny_model(family, attn=VARLEN_SDPA if attention == "varlen" else "sdpa")
-    embed = model.get_input_embeddings().weight.detach()
     examples = random_examples(9, seed=3)
     batch = pack(examples, max_tokens=max(map(len, examples)) + 30)
     assert batch.rows >= 2 and len(examples) > batch.rows  # rows really hold several examples
-    n_frames = int(batch.frame_offsets[-1])
-    frames = torch.randn(n_frames, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    frames = torch.randn(int(batch.frame_offsets[-1]), 64, generator=torch.Generator().manual_seed(1))
     weights = torch.randn(batch.source.numel(), VOCAB, generator=torch.Generator().manual_seed(2))
 
-    embeds = pack_embeddings(batch.source, embed, frames)
-    logits = model(**model_inputs(batch, embeds, attention=attention)).logits.reshape(-1, VOCAB)
-    logits = logits.reshape(-1, VOCAB)
-    (logits * weights).sum().backward()
-    packed_grad = frames.grad.clone()
-
-    frames.grad = None
-    total = 0
-    for i, ex in enumerate(examples):
-        x = single_embeds(ex, embed, frames, int(batch.frame_offsets[i]))
-        alone = model(inputs_embeds=x[None], use_cache=False).logits[0]
-        s = batch.example_starts[i]
-        torch.testing.assert_close(logits[s:s + len(ex)].detach(), alone.detach(), atol=1e-5, rtol=1e-5)
-        total = total + (alone * weights[s:s + len(ex)]).sum()
-    total.backward()
-    torch.testing.assert_close(packed_grad, frames.grad, atol=1e-5, rtol=1e-4)
+    packed, packed_grad = run_packed(model, batch, examples, frames, weights, attention)
+    alone, alone_grad = run_alone(model, batch, examples, frames, weights)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_grad, alone_grad, atol=1e-5, rtol=1e-4)
 
     if attention == "varlen":  # the custom attention really ran (no silent fallback)
         assert model.config._attn_implementation == VARLEN_SDPA
 
     # the loss rows line up with the response tokens
-    hidden_rows = gather_loss_rows(logits.detach(), batch)
-    assert hidden_rows.shape == (batch.target_ids.numel(), VOCAB)
+    assert gather_loss_rows(weights, batch).shape == (batch.target_ids.numel(), VOCAB)
 
 
 def test_padding_rows_attend_only_themselves():
