@@ -8,11 +8,27 @@ batches, encoder padded to 30 s, online teacher, float32), and ``no-<optimizatio
 with that one optimization off. Configs: ``tiny`` (random tiny models) and ``demo`` (Whisper
 tiny.en + SmolLM2-135M-Instruct, fetched if missing). Each step: forward, backward and an AdamW
 step over 8 demo utterances with 10-100 token responses.
-Results: benchmarks/results/train_<device>.json and .md.
+Results: benchmarks/results/train_cpu.json and .md.
+
+CUDA cases (marked ``cuda``, named ``test_cuda_*``; skipped without CUDA; ``-k cuda`` selects them):
+
+- ``test_cuda_zero3_step``: the full step (encoder, adapter, frozen LLM, loss, AdamW) through the
+  trainer's DeepSpeed ZeRO-3 engine on one GPU, random models of real shapes (Whisper tiny + a
+  SmolLM2-135M, Whisper base + a Qwen2.5-1.5B; configs/model_shapes.yaml) on 16-64 synthetic
+  utterances of 5-15 s with 50-300 token responses per step; mtbi-fast (bf16) against eager
+  (float32). tokens/s, s/step, peak GPU memory (``max_memory_allocated`` of the timed steps),
+  ratios to eager. Results: benchmarks/results/train_cuda.json and .md.
+- ``test_cuda_data_wait``: ``Trainer.train`` for 30 steps on the demo corpus with 4 DataLoader
+  workers; the mean ``data_wait_share`` of its logged windows. Results:
+  benchmarks/results/train_data_wait_cuda.json and .md.
+
+Each CUDA case runs in a fresh process (``train_cases.py zero3|data-wait``): a clean one-process
+DeepSpeed world and a clean allocator per case; an out-of-memory case is a row, not a crash.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,10 +38,11 @@ from pathlib import Path
 import pytest
 import results_table
 import torch
-from train_cases import VARIANTS, Step
+from train_cases import DATA_WAIT, GPU_CASES, GPU_VARIANTS, VARIANTS, Step, data_wait_supported
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = torch.cuda.is_available()
 PROBE = Path(__file__).with_name("train_cases.py")
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +55,7 @@ def train_rows():
                    ("peak_extra_mib", "peak extra (MiB)", ".0f"),
                    ("peak_extra_mib_vs_eager", "memory vs eager", ".2f")]
         print("\n" + results_table.write(
-            f"train_{DEVICE}", "MTBI training step, forward + backward + AdamW "
+            "train_cpu", "MTBI training step, forward + backward + AdamW "
             "(`python -m pytest benchmarks/bench_train.py`)", rows, columns, baseline="eager",
             ratios=("tokens_per_s", "peak_extra_mib")))
 
@@ -56,11 +73,91 @@ def test_train_step(benchmark, train_rows, config, variant):
     benchmark.pedantic(step, rounds=3 if config == "demo" else 6, warmup_rounds=0, iterations=1)
     seconds = benchmark.stats.stats.median
     tokens = sum(step.tokens) / len(step.tokens)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    probe = subprocess.run([sys.executable, str(PROBE), config, variant], capture_output=True,
-                           text=True, env=env)
-    if probe.returncode != 0:
-        raise RuntimeError(f"memory probe failed:\n{probe.stderr[-3000:]}")
-    extra = json.loads(probe.stdout.strip().splitlines()[-1])["extra_bytes"]
-    train_rows.append(dict(case=config, variant=variant, device=DEVICE, seconds=seconds,
+    extra = _probe([config, variant], timeout=None)["extra_bytes"]
+    train_rows.append(dict(case=config, variant=variant, device="cpu", seconds=seconds,
                            tokens_per_s=tokens / seconds, peak_extra_mib=extra / 2**20))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.fixture(scope="module")
+def zero3_rows():
+    return []
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("case, variant", [(c, v) for c in GPU_CASES for v in GPU_VARIANTS],
+                         ids=[f"{c}-{v}" for c in GPU_CASES for v in GPU_VARIANTS])
+def test_cuda_zero3_step(zero3_rows, case, variant):
+    _require("deepspeed", "soundfile")
+    row = _probe(["zero3", case, variant], timeout=GPU_CASES[case][3])
+    row["device"] = "cuda"
+    if row.get("oom"):
+        row["note"] = "out of memory"
+    zero3_rows.append(row)
+    columns = [("case", "models", ""), ("variant", "variant", ""), ("utterances", "utterances", "d"),
+               ("seconds", "s/step", ".3f"), ("tokens_per_s", "tokens/s", ".0f"),
+               ("tokens_per_s_vs_eager", "tokens/s vs eager", ".2f"),
+               ("peak_mib", "peak GPU memory (MiB)", ".0f"), ("peak_mib_vs_eager", "memory vs eager", ".2f"),
+               ("note", "note", "")]
+    # written after every case: a suite that stops mid-way keeps the rows it has
+    print("\n" + results_table.write(
+        "train_cuda", "MTBI training step through DeepSpeed ZeRO-3 on one GPU, forward + backward + "
+        "AdamW, random models of real shapes (`python -m pytest benchmarks/bench_train.py -k "
+        "zero3`). mtbi-fast: fused loss, packed rows, true-length encoder, cached teacher, bf16; "
+        "eager: eager loss, padded rows, encoder padded to 30 s, online teacher, float32. Targets: "
+        ">= 3x tokens/s, <= 0.5x peak memory", [dict(r) for r in zero3_rows], columns,
+        baseline="eager", ratios=("tokens_per_s", "peak_mib")))
+    if row.get("oom") and variant != "eager":
+        pytest.fail(f"{case} {variant}: out of memory ({row.get('error')})")
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_data_wait():
+    _require("deepspeed", "soundfile")
+    why = data_wait_supported()
+    if why:
+        pytest.skip(why)
+    row = _probe(["data-wait"], timeout=55)
+    if "skipped" in row:
+        pytest.skip(row["skipped"])
+    if "error" in row:
+        pytest.fail(f"data-wait run: {row['error']} (rows: {row.get('rows')})")
+    row["device"] = "cuda"
+    columns = [("case", "models", ""), ("variant", "loader", ""), ("examples", "examples/step", "d"),
+               ("steps", "steps", "d"), ("tokens_per_s", "tokens/s", ".0f"),
+               ("data_wait_share", "data wait (all windows)", ".1%"),
+               ("data_wait_share_steady", "data wait (after the first)", ".1%")]
+    print("\n" + results_table.write(
+        "train_data_wait_cuda", f"Data wait of the trainer (`Trainer.train`, DeepSpeed ZeRO-3, "
+        f"bf16) on the demo corpus: share of each {DATA_WAIT['log_every']}-step logging window spent "
+        "waiting for the next batch; the first window includes starting the workers. Target < 5%",
+        [row], columns, baseline=row["variant"], ratios=()))
+
+
+def _require(*modules):
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (benchmarks/gpu_setup.sh installs them "
+                    "from .gpu/wheels)")
+
+
+def _probe(args: list[str], timeout: float | None) -> dict:
+    """``train_cases.py ARGS`` in a fresh process; its ``RESULT {json}`` line."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TOKENIZERS_PARALLELISM="false")
+    try:
+        proc = subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stderr or b"")[-3000:]
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        pytest.fail(f"train_cases.py {' '.join(args)}: no result in {timeout} s\n{tail}")
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        raise RuntimeError(f"train_cases.py {' '.join(args)} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(results[-1][len("RESULT "):])

@@ -1,10 +1,23 @@
-"""One training step of each pipeline variant, for bench_train.py (and its memory probe).
+"""One training step of each pipeline variant, for bench_train.py (and its probes).
 
 The full mtbi-fast step (fused loss, packed batches, true-length encoder, cached teacher, frozen
 weights in ``model.dtype=auto``: bf16 on a GPU or an AVX512-BF16 CPU) and the reference eager step
 (eager loss, padded batches, encoder padded to 30 s, online teacher, float32), plus the fast step
-with each optimization switched off alone. Run as a script it is the memory probe: one variant
-in a fresh process, printing the peak resident memory the steps add (JSON).
+with each optimization switched off alone.
+
+- ``Step``: the CPU case, a plain model and torch AdamW on the demo corpus.
+- ``Zero3Step``: the GPU case, the real trainer's DeepSpeed ZeRO-3 engine (``mtbi_fast.train.Trainer``,
+  a one-process world) on random models of real shapes (configs/model_shapes.yaml) and synthetic
+  batches of realistic size (noise audio of 5-15 s with demo transcripts, random prompt and
+  response ids); the bf16 of mtbi-fast is DeepSpeed's bf16 mode, eager runs float32.
+- ``data_wait``: the real trainer for a few steps on the demo corpus with DataLoader workers,
+  reporting the share of wall time spent waiting for batches (``data_wait_share``).
+
+Run as a script, one case in a fresh process, printing one ``RESULT {json}`` line:
+
+    python benchmarks/train_cases.py tiny eager               # CPU memory probe (peak RSS added)
+    python benchmarks/train_cases.py zero3 whisper-tiny+smollm2-135m mtbi-fast
+    python benchmarks/train_cases.py data-wait --steps 30 --workers 4
 """
 
 from __future__ import annotations
@@ -12,8 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from mtbi_fast.audio import load_audio, log_mel  # noqa: E402
 from mtbi_fast.data import read_manifest  # noqa: E402
-from mtbi_fast.interleave import example_pair  # noqa: E402
+from mtbi_fast.interleave import Word, example_pair, transcript  # noqa: E402
 from mtbi_fast.model import ModelConfig, SpeechLLM  # noqa: E402
 from mtbi_fast.packing import pack  # noqa: E402
 
@@ -103,7 +120,296 @@ def _pad_encoder_to_30s(model):
     model.encoder.forward = forward
 
 
+# ---------------------------------------------------------------------------------------------
+# GPU: the full step through the trainer's DeepSpeed ZeRO-3 engine, random models of real shapes
+
+SHAPES = yaml.safe_load((ROOT / "configs" / "model_shapes.yaml").read_text())
+TRAIN_CONFIG = ROOT / "configs" / "tiny_train.yaml"
+DEMO_TRAIN = ROOT / "data" / "demo" / "train.jsonl"
+DS_ZERO3 = ROOT / "configs" / "ds_zero3.json"
+# name: (encoder, LLM, utterances per step, time limit in s of its process). Sized for the
+# 8-minute GPU suite (benchmarks/gpu_suite.sh gives all four processes 150 s): each spends about
+# 10-25 s on imports, random init (1.5 B parameters on the CPU) and ZeRO-3 partitioning, then
+# ZERO3_WARMUP + ZERO3_STEPS = 5 steps of about 0.3-1 s (mtbi-fast, bf16) or 1-3 s (eager,
+# float32 GEMMs). Realistic GPU batches: 64 utterances (~21k tokens) with the 135M LLM; 16 with
+# the 1.5B one, because eager float32 on padded rows keeps ~3 MB of activations per token (28
+# layers) plus [M, 151936] float32 logits through autograd: ~45 GB at 16 utterances, ~80 GB
+# (more than an H100 has) at 32.
+GPU_CASES = {
+    "whisper-tiny+smollm2-135m": ("whisper-tiny", "smollm2-135m", 64, 60),
+    "whisper-base+qwen2.5-1.5b": ("whisper-base", "qwen2.5-1.5b", 16, 90),
+}
+GPU_VARIANTS = ("mtbi-fast", "eager")
+ZERO3_BATCHES = 2   # distinct batches, cycled (shapes seen once in warm-up: compile, autotune)
+ZERO3_WARMUP = 2
+ZERO3_STEPS = 3
+SECONDS = (5.0, 15.0)      # synthetic clip lengths
+RESPONSE = (50, 300)       # response tokens
+TEXT_RATIO = 0.3           # share of each transcript given as text (the rest as speech)
+
+
+def model_source(kind: str, name: str) -> dict:
+    """A model source from configs/model_shapes.yaml (``kind``: encoders or llms); the name
+    ``tiny`` gives the bundled tiny model (CPU smoke runs)."""
+    return {"tiny": {}} if name == "tiny" else SHAPES[kind][name]
+
+
+def synthetic_behaviors(manifest: Path, out_dir: Path, tokenizer, vocab: int, seed: int = 0) -> Path:
+    """A behaviors folder for ``manifest`` without running an LLM: per utterance one record with
+    random prompt and response ids (RESPONSE tokens) and the transcript's real token ids (what
+    the trainer checks against the words). Only shapes matter to the benchmarks."""
+    rng = random.Random(seed)
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    lines = []
+    for u in _manifest_rows(manifest):
+        words = [Word(w["word"], w["start"], w["end"]) for w in u["words"]]
+        lines.append(json.dumps({
+            "id": f"{u['id']}/synthetic/0", "utt_id": u["id"], "task": "synthetic", "wording": 0,
+            "split": "train", "prompt": "", "response": "",
+            "prefix_ids": [rng.randrange(vocab) for _ in range(rng.randint(15, 25))],
+            "transcript_ids": enc(transcript(words)),
+            "suffix_ids": [rng.randrange(vocab) for _ in range(rng.randint(5, 10))],
+            "response_ids": [rng.randrange(vocab) for _ in range(rng.randint(*RESPONSE))]}))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "shard-00000.jsonl").write_text("".join(line + "\n" for line in lines))
+    return out_dir
+
+
+def trainer_config(workdir: Path, encoder: str, llm: str, variant: str = "mtbi-fast",
+                   extra: list[str] = ()) -> dict:
+    """The run config of a benchmark: configs/tiny_train.yaml with the given models, the demo
+    manifest, synthetic behaviors, DeepSpeed ZeRO-3 (bf16 when the variant has it), no eval and
+    no checkpoints; ``extra``: more ``section.key=value`` overrides."""
+    from mtbi_fast.hub import tiny_tokenizer
+    from mtbi_fast.train import load_config
+
+    on = VARIANTS[variant]
+    llm_src = model_source("llms", llm)
+    vocab = llm_src["tiny"].get("vocab_size", 512)
+    behaviors = synthetic_behaviors(DEMO_TRAIN, workdir / "behaviors", tiny_tokenizer(), vocab)
+    ds = json.loads(DS_ZERO3.read_text())
+    if "bf16" not in on:
+        ds["bf16"] = {"enabled": False}
+    ds_path = workdir / "ds_zero3.json"
+    ds_path.write_text(json.dumps(ds))
+    overrides = [
+        f"model.encoder={json.dumps(model_source('encoders', encoder))}",
+        f"model.llm={json.dumps(llm_src)}",
+        f"model.dtype={'auto' if 'bf16' in on else 'float32'}",
+        f"model.loss.backend={'auto' if 'fused_loss' in on else 'eager'}",
+        f"data.train_manifest={DEMO_TRAIN}", f"data.behaviors={behaviors}",
+        "data.eval_manifest=null", "data.eval_behaviors=null", "data.teacher_cache=false",
+        f"deepspeed={ds_path}", f"output_dir={workdir / 'run'}",
+        "train.eval_every=0", "train.save_every=0", *extra]
+    return load_config(TRAIN_CONFIG, overrides)
+
+
+class Zero3Step:
+    """The trainer's DeepSpeed engine and a fixed list of synthetic batches; one optimizer step
+    (engine forward, backward, step: what ``Trainer.train`` does per micro-batch) per call."""
+
+    def __init__(self, encoder: str, llm: str, variant: str, utterances: int, workdir: Path,
+                 n_batches: int = ZERO3_BATCHES, seed: int = 0):
+        from mtbi_fast.train import Trainer
+
+        on = VARIANTS[variant]
+        self.trainer = Trainer(trainer_config(workdir, encoder, llm, variant))
+        self.engine, model = self.trainer.engine, self.trainer.model
+        if "true_length" not in on:
+            _pad_encoder_to_30s(model)
+        self.device = next(p.device for p in model.adapter.parameters())
+        tok = model.tokenizer
+        enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        vocab = model.llm.config.vocab_size
+        rng = random.Random(seed)
+        g = torch.Generator().manual_seed(seed)
+        rows = _manifest_rows(DEMO_TRAIN)
+        self.batches = []
+        for b in range(n_batches):
+            students, teachers, mels = [], [], []
+            for k in range(utterances):
+                u = rows[(b * utterances + k) % len(rows)]
+                seconds = rng.uniform(*SECONDS)
+                scale = seconds / u["duration"]  # the demo transcript, stretched to the clip
+                words = [Word(w["word"], w["start"] * scale, w["end"] * scale) for w in u["words"]]
+                mel = log_mel(0.1 * torch.randn(int(seconds * 16000), generator=g),
+                              model.encoder.num_mel_bins)
+                n_frames = model.adapter.n_frames(math.ceil(mel.shape[1] / 2))
+                prefix = [rng.randrange(vocab) for _ in range(rng.randint(15, 25))]
+                suffix = [rng.randrange(vocab) for _ in range(rng.randint(5, 10))]
+                response = [rng.randrange(vocab) for _ in range(rng.randint(*RESPONSE))]
+                s, t = example_pair(f"{u['id']}-{b}-{k}", words, n_frames, model.frame_rate,
+                                    TEXT_RATIO, prefix, suffix, response, enc, duration=seconds,
+                                    generator=torch.Generator().manual_seed(b * 100_003 + k))
+                students.append(s)
+                teachers.append(t)
+                mels.append(mel)
+            bins = None if "packing" in on else [[i] for i in range(len(students))]
+            student = pack(students, 2048, bins=bins)
+            teacher = pack(teachers, 2048, bins=bins)
+            batch = {"student": student, "mels": mels}
+            if "cached_teacher" in on:
+                batch["teacher_hidden"] = model.teacher_states(teacher)
+            else:
+                batch["teacher"] = teacher
+            self.batches.append(batch)
+        self.i = 0
+
+    def __call__(self) -> int:
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        kw = {k: v for k, v in batch.items() if k in ("teacher", "teacher_hidden")}
+        out = self.engine(batch["student"], mels=[m.to(self.device) for m in batch["mels"]], **kw)
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        return batch["student"].n_tokens
+
+    def measure(self, warmup: int = ZERO3_WARMUP, steps: int = ZERO3_STEPS) -> dict:
+        """Median s/step, mean real tokens per step and (CUDA) the peak memory of timed steps."""
+        cuda = self.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        for _ in range(warmup):
+            self()
+        sync()
+        out = {}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            out["resident_mib"] = torch.cuda.memory_allocated() / 2**20
+        times, tokens = [], []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            tokens.append(self())
+            sync()
+            times.append(time.perf_counter() - t0)
+        if cuda:
+            out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        seconds = statistics.median(times)
+        n_tokens = statistics.mean(tokens)
+        students = [b["student"] for b in self.batches]
+        out.update(seconds=seconds, tokens=n_tokens, tokens_per_s=n_tokens / seconds,
+                   loss_rows=statistics.mean(s.target_ids.numel() for s in students),
+                   slots=statistics.mean(s.source.numel() for s in students),
+                   step_times=[round(t, 4) for t in times])
+        return out
+
+
+def run_zero3(case: str, variant: str, utterances: int | None = None) -> dict:
+    """One GPU case (GPU_CASES) and variant, in this process. An out-of-memory error is a result
+    (``oom``: true), not a crash."""
+    encoder, llm, n_utts, _ = GPU_CASES[case] if case in GPU_CASES else (*case.split("+"), 4, 0)
+    n_utts = utterances or n_utts
+    row = dict(case=case, variant=variant, utterances=n_utts)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mtbi-zero3-") as tmp:
+        try:
+            step = Zero3Step(encoder, llm, variant, n_utts, Path(tmp))
+            row["setup_s"] = time.perf_counter() - t0
+            row.update(step.measure())
+        except torch.cuda.OutOfMemoryError as exc:
+            row.update(oom=True, error=str(exc).splitlines()[0][:300])
+            if torch.cuda.is_available():
+                row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: data wait of the real trainer with DataLoader workers
+
+DATA_WAIT = dict(encoder="whisper-tiny", llm="smollm2-135m", examples=32, steps=30, workers=4,
+                 log_every=5)
+
+
+def data_wait_overrides(workers: int, examples: int, steps: int, log_every: int) -> list[str]:
+    return [f"data.num_workers={workers}", f"packing.examples_per_step={examples}",
+            "packing.max_tokens=2048", f"train.steps={steps}", f"train.log_every={log_every}",
+            f"train.warmup_steps={min(5, steps)}", f"interleave.steps={steps}"]
+
+
+def data_wait_supported() -> str | None:
+    """None when the trainer's config has ``data.num_workers`` and ``data.prefetch_factor``,
+    else why not."""
+    from mtbi_fast.train import load_config
+
+    try:
+        cfg = load_config(TRAIN_CONFIG, ["data.num_workers=4"])
+    except ValueError as exc:
+        return f"the trainer does not take data.num_workers yet ({exc})"
+    if "prefetch_factor" not in cfg["data"]:
+        return "the trainer's config has no data.prefetch_factor yet"
+    return None
+
+
+def run_data_wait(encoder=DATA_WAIT["encoder"], llm=DATA_WAIT["llm"], examples=DATA_WAIT["examples"],
+                  steps=DATA_WAIT["steps"], workers=DATA_WAIT["workers"],
+                  log_every=DATA_WAIT["log_every"]) -> dict:
+    """``Trainer.train`` for ``steps`` steps on the demo corpus; the ``data_wait_share`` of its
+    logged windows (the first includes starting the workers)."""
+    from mtbi_fast.train import Trainer
+
+    why = data_wait_supported()
+    if why:
+        return dict(skipped=why)
+    with tempfile.TemporaryDirectory(prefix="mtbi-data-wait-") as tmp:
+        cfg = trainer_config(Path(tmp), encoder, llm, "mtbi-fast",
+                             data_wait_overrides(workers, examples, steps, log_every))
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg)
+        setup = time.perf_counter() - t0
+        trainer.train(resume=False)
+        total = time.perf_counter() - t0
+        rows = [json.loads(line) for line in (Path(cfg["output_dir"]) / "metrics.jsonl").read_text().splitlines()
+                if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows or any("data_wait_share" not in r for r in rows):
+        return dict(error="metrics.jsonl training rows have no data_wait_share", rows=rows[:2])
+    shares = [r["data_wait_share"] for r in rows]
+    steady = shares[1:] or shares
+    return dict(case=f"{encoder}+{llm}", variant=f"num_workers={workers}", examples=examples,
+                steps=steps, windows=len(rows), setup_s=setup, total_s=total,
+                data_wait_share=statistics.mean(shares), data_wait_share_steady=statistics.mean(steady),
+                data_wait_shares=[round(x, 4) for x in shares],
+                data_wait_s=sum(r.get("data_wait_s", 0.0) for r in rows),
+                tokens_per_s=statistics.mean(r["tokens_per_s"] for r in rows[1:] or rows))
+
+
+def _manifest_rows(path: Path) -> list[dict]:
+    """A manifest's rows as plain JSON (no audio is opened: no soundfile needed)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: one case in this process, the result as one "RESULT {json}" line
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "zero3":
+        p = argparse.ArgumentParser(prog="train_cases.py zero3")
+        p.add_argument("case", help=f"one of {sorted(GPU_CASES)}, or ENCODER+LLM names "
+                       "(configs/model_shapes.yaml, or tiny)")
+        p.add_argument("variant", choices=sorted(VARIANTS))
+        p.add_argument("--utterances", type=int, help="per step (default: the case's)")
+        a = p.parse_args(argv[1:])
+        return _result(run_zero3(a.case, a.variant, a.utterances))
+    if argv and argv[0] == "data-wait":
+        p = argparse.ArgumentParser(prog="train_cases.py data-wait")
+        for key, value in DATA_WAIT.items():
+            p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+        a = p.parse_args(argv[1:])
+        return _result(run_data_wait(**vars(a)))
+    return memory_probe(argv)
+
+
+def _result(row: dict) -> int:
+    """Print the result and leave at once: no teardown of the one-process NCCL world, the
+    DataLoader workers' queues or the CUDA context to wait for (or hang in)."""
+    print("RESULT " + json.dumps(row), flush=True)
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def memory_probe(argv) -> int:
+    """The CPU memory probe: peak resident memory the steps of one variant add."""
     from loss_cases import reset_peak_rss, rss_bytes
 
     p = argparse.ArgumentParser()
@@ -117,7 +423,7 @@ def main(argv=None) -> int:
     before = rss_bytes()
     for _ in range(a.steps):
         step()
-    json.dump({"extra_bytes": max(rss_bytes("VmHWM") - before, 0)}, sys.stdout)
+    print("RESULT " + json.dumps({"extra_bytes": max(rss_bytes("VmHWM") - before, 0)}), flush=True)
     return 0
 
 
