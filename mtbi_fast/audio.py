@@ -7,7 +7,8 @@
 samples, hop 160, power spectrum, Slaney mel filters up to 8 kHz, log10 clamped at 1e-10, floor
 at max - 8, then (x + 4) / 4) but for the utterance's own length instead of 30 s of padding.
 Files are read with ``soundfile`` (``torchaudio.load`` needs torchcodec, whose PyPI build is
-CUDA-linked). Every failure names the file.
+CUDA-linked); torchaudio is needed only to resample audio that is not at 16 kHz (the mel filters
+are computed here, so a GPU machine without torchaudio still trains). Every failure names the file.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import os
 from functools import lru_cache
 
 import torch
-import torchaudio
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -51,6 +51,11 @@ def load_audio(path: str | os.PathLike, *, max_seconds: float | None = None,
         raise ValueError(f"audio file {path} is {seconds:.2f} s long, over the limit of "
                          f"{max_seconds} s")
     if sr != sample_rate:
+        try:
+            import torchaudio
+        except ImportError as exc:
+            raise ValueError(f"audio file {path} is at {sr} Hz; resampling it to {sample_rate} Hz "
+                             f"needs torchaudio ({exc})") from None
         wave = torchaudio.functional.resample(wave, sr, sample_rate)
     return wave.contiguous()
 
@@ -77,9 +82,35 @@ def mel_frames(n_samples: int) -> int:
 
 @lru_cache(maxsize=8)
 def _mel_filters_cpu(n_mels: int) -> torch.Tensor:
-    return torchaudio.functional.melscale_fbanks(
-        N_FFT // 2 + 1, f_min=0.0, f_max=8000.0, n_mels=n_mels, sample_rate=SAMPLE_RATE,
-        norm="slaney", mel_scale="slaney")  # [n_freqs, n_mels]
+    """Slaney-style mel filters [n_freqs, n_mels] from 0 to 8 kHz, area-normalized (what
+    Whisper's feature extractor and librosa's ``mel(htk=False, norm="slaney")`` use)."""
+    freqs = torch.linspace(0, SAMPLE_RATE / 2, N_FFT // 2 + 1, dtype=torch.float64)
+    mels = torch.linspace(float(_hz_to_mel(0.0)), float(_hz_to_mel(8000.0)), n_mels + 2,
+                          dtype=torch.float64)
+    edges = _mel_to_hz(mels)  # n_mels + 2 band edges in Hz
+    width = edges[1:] - edges[:-1]
+    slopes = edges[None, :] - freqs[:, None]  # [n_freqs, n_mels + 2]
+    rising = -slopes[:, :-2] / width[:-1]
+    falling = slopes[:, 2:] / width[1:]
+    filters = torch.clamp(torch.minimum(rising, falling), min=0.0)
+    filters *= 2.0 / (edges[2:] - edges[:-2])  # equal area per band
+    return filters.to(torch.float32)
+
+
+# The Slaney mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above.
+_F_SP, _MIN_LOG_HZ = 200.0 / 3, 1000.0
+_MIN_LOG_MEL, _LOG_STEP = _MIN_LOG_HZ / _F_SP, math.log(6.4) / 27.0
+
+
+def _hz_to_mel(hz: float) -> float:
+    if hz < _MIN_LOG_HZ:
+        return hz / _F_SP
+    return _MIN_LOG_MEL + math.log(hz / _MIN_LOG_HZ) / _LOG_STEP
+
+
+def _mel_to_hz(mels: torch.Tensor) -> torch.Tensor:
+    log_part = _MIN_LOG_HZ * torch.exp(_LOG_STEP * (mels - _MIN_LOG_MEL))
+    return torch.where(mels >= _MIN_LOG_MEL, log_part, _F_SP * mels)
 
 
 def _mel_filters(n_mels: int, device) -> torch.Tensor:

@@ -33,6 +33,17 @@ def test_log_mel_matches_whisper_feature_extractor(n_mels, seconds):
     np.testing.assert_allclose(ours.numpy(), expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_mel_filters_match_torchaudio(n_mels):
+    """The in-house Slaney filters (no torchaudio needed to train) equal torchaudio's."""
+    from mtbi_fast.audio import _mel_filters_cpu
+
+    expected = torchaudio.functional.melscale_fbanks(201, f_min=0.0, f_max=8000.0, n_mels=n_mels,
+                                                     sample_rate=16000, norm="slaney",
+                                                     mel_scale="slaney")
+    torch.testing.assert_close(_mel_filters_cpu(n_mels), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("ext, subtype", [("wav", "PCM_16"), ("flac", "PCM_16"), ("ogg", "VORBIS")])
 def test_load_audio_mixes_and_resamples(tmp_path, ext, subtype):
     sr = 44100
