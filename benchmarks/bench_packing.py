@@ -23,10 +23,11 @@ import results_table
 import torch
 import transformers
 
-from mtbi_fast.packing import (VARLEN_SDPA, Example, Speech, Text, iter_packed, model_inputs,
-                               pack_embeddings)
+from mtbi_fast.hub import resolve_attn
+from mtbi_fast.packing import Example, Speech, Text, iter_packed, model_inputs, pack_embeddings
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # the varlen kernels are half-only
 N_EXAMPLES = 64 if DEVICE == "cpu" else 512
 HIDDEN = 256
 BATCH = 8           # padded: examples per batch
@@ -55,22 +56,15 @@ def setup():
                                    num_key_value_heads=4, max_position_embeddings=1024,
                                    attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).model.to(DEVICE).eval().requires_grad_(False)
-    cfg_varlen = transformers.LlamaConfig(**{**cfg.to_dict(), "attn_implementation": _varlen_impl()})
-    varlen = transformers.LlamaForCausalLM(cfg_varlen).model.to(DEVICE).eval().requires_grad_(False)
+    model = transformers.LlamaForCausalLM(cfg).model.to(DEVICE, DTYPE).eval().requires_grad_(False)
+    cfg_varlen = transformers.LlamaConfig(**{**cfg.to_dict(),
+                                             "attn_implementation": resolve_attn("auto")})
+    varlen = transformers.LlamaForCausalLM(cfg_varlen).model.to(DEVICE, DTYPE).eval().requires_grad_(False)
     varlen.load_state_dict(model.state_dict())
     examples = librispeech_like(N_EXAMPLES)
     g = torch.Generator().manual_seed(1)
-    frames = [torch.randn(ex.n_frames, HIDDEN, generator=g).to(DEVICE) for ex in examples]
+    frames = [torch.randn(ex.n_frames, HIDDEN, generator=g).to(DEVICE, DTYPE) for ex in examples]
     return {"sdpa": model, "varlen": varlen}, examples, frames
-
-
-def _varlen_impl():
-    import importlib.util
-
-    if DEVICE == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return VARLEN_SDPA
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,20 @@ CPU_CASES = [
     ("smollm2-N1024", 1024, 576, 49152, "float32", "cpu"),
     ("smollm2-N4096", 4096, 576, 49152, "float32", "cpu"),
 ]
-CUDA_CASES = [
+CUDA_CASES = [  # Llama-3 8B's head at three row counts, and Qwen2.5-7B's head
     ("llama3-8b-N8192", 8192, 4096, 128256, "bfloat16", "cuda"),
+    ("llama3-8b-N16384", 16384, 4096, 128256, "bfloat16", "cuda"),
+    ("llama3-8b-N32768", 32768, 4096, 128256, "bfloat16", "cuda"),
     ("qwen2.5-7b-N8192", 8192, 3584, 151936, "bfloat16", "cuda"),
 ]
+# What runs on each device. "triton@256MiB": the 3-GEMM backend under a 256 MiB budget (the
+# trade-off against "triton_recompute", whose extra memory is O(N)). "liger_jsd": Liger-Kernel's
+# Triton LigerFusedLinearJSD at jsd_beta=0 (forward KL); "liger_chunked": its chunked
+# LigerFusedLinearJSDLoss at beta=0 (forward KL, torch.compile'd chunks), which always computes
+# the head's gradient too (frozen here), so it does 1.5x the GEMM work of the others.
+CPU_BACKENDS = ("eager", "chunked")
+CUDA_BACKENDS = ("eager", "chunked", "triton", "triton@256MiB", "triton_recompute", "liger_jsd",
+                 "liger_chunked")
 
 
 def make_case(n, h, v, dtype, device, seed=0):
@@ -41,8 +51,9 @@ def make_case(n, h, v, dtype, device, seed=0):
 
 
 def step_fn(backend, hs, ht, w, target):
-    """A closure running forward + backward of one backend on fresh leaf student states."""
-    if backend == "liger":
+    """A closure running forward + backward of one backend on fresh leaf student states (frozen
+    head, CE weight 0.5 on the teacher's tokens where the backend has it)."""
+    if backend == "liger_jsd":
         from liger_kernel.transformers import LigerFusedLinearJSD
 
         liger = LigerFusedLinearJSD(jsd_beta=0.0)  # beta 0: forward KL(teacher || student)
@@ -52,14 +63,37 @@ def step_fn(backend, hs, ht, w, target):
             liger(x, w, ht, w, target).backward()
             return x.grad
         return step
+    if backend == "liger_chunked":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=1.0, beta=0.0)
+
+        def step():
+            x = hs.detach().requires_grad_()
+            liger(x, w, ht, w, target).backward()
+            return x.grad
+        return step
 
     from mtbi_fast import imitation_loss
 
+    name, _, budget = backend.partition("@")
+    kw = dict(memory_budget=int(budget.removesuffix("MiB")) * 2**20) if budget else {}
+
     def step():
         x = hs.detach().requires_grad_()
-        imitation_loss(x, ht, w, target, ce_weight=0.5, backend=backend).backward()
+        imitation_loss(x, ht, w, target, ce_weight=0.5, backend=name, **kw).backward()
         return x.grad
     return step
+
+
+def cuda_peak_extra_bytes(step) -> int:
+    """Peak GPU memory one step allocates beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return max(torch.cuda.max_memory_allocated() - before, 0)
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -89,12 +123,7 @@ def main(argv=None) -> int:
     inputs = make_case(a.n, a.h, a.v, a.dtype, a.device)
     step = step_fn(a.backend, *inputs)
     if a.device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - before
+        extra = cuda_peak_extra_bytes(step)
     else:
         reset_peak_rss()
         before = rss_bytes()
