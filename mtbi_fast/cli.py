@@ -281,9 +281,16 @@ def _info() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from mtbi_kernels import triton_available
 
-    backends = ["chunked", "eager"] + (["triton"] if triton_available(device) else [])
-    print(f"loss backends on {device}: {', '.join(backends)} (auto -> "
-          f"{'triton' if device == 'cuda' else 'chunked'})")
+    from .attention import TORCH_VARLEN_KERNEL
+    from .hub import resolve_attn
+    from .loss import AUTO_BACKEND
+
+    backends = ["chunked", "eager"]
+    if triton_available(device):
+        backends += ["triton", "triton_recompute"]
+    print(f"loss backends on {device}: {', '.join(backends)} (auto -> {AUTO_BACKEND[device]})")
+    kernel = "none" if TORCH_VARLEN_KERNEL is None else "torch.nn.attention.varlen.varlen_attn"
+    print(f"attention: auto -> {resolve_attn('auto')} (torch varlen kernel: {kernel})")
     return 0
 
 

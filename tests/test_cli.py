@@ -15,6 +15,8 @@ def test_info_and_version(capsys):
     assert cli(["info"]) == 0
     out = capsys.readouterr().out
     assert "loss backends on cpu: chunked, eager" in out
+    assert "(auto -> chunked)" in out
+    assert "attention: auto -> mtbi_varlen_sdpa" in out  # no GPU here: SDPA per packed sequence
 
 
 def test_infer_streams_answers_and_reports_bad_audio(tmp_path, capsys):
