@@ -126,7 +126,9 @@ def spec_augment(mel: torch.Tensor, *, freq_masks: int = 2, freq_width: int = 27
     the run config sets ``data.spec_augment`` (these keywords; {} for the defaults)."""
     out = mel.clone()
     n_mels, frames = out.shape
-    fill = out.mean()
+    # the mean in float64 by numpy (one thread, a fixed order): torch's parallel reduction gives a
+    # result that depends on the thread count, and DataLoader workers run single-threaded
+    fill = float(out.detach().cpu().numpy().astype("float64").mean())
     max_t = int(time_width * frames) if time_width < 1 else int(time_width)
     for _ in range(freq_masks):
         w = int(torch.randint(0, freq_width + 1, (), generator=generator))
