@@ -173,8 +173,10 @@ pytest_args=(-q -rs -p no:cacheprovider)
 # the loss benchmark first: it is the headline, and a stage that hangs later cannot eat its time
 stage bench_loss 120 "$py" -m pytest benchmarks/bench_loss.py -k cuda "${pytest_args[@]}" \
     --junitxml="$out/bench_loss.xml" --benchmark-json="$out/bench_loss.json"
+# --continue-on-collection-errors: a test file importing a CPU-side package the GPU machine lacks
+# (torchaudio, pocketsphinx) must not stop the CUDA tests of the other files
 stage tests 70 env TRITON_INTERPRET=0 "$py" -m pytest tests -m cuda "${pytest_args[@]}" \
-    --junitxml="$out/tests.xml"
+    --continue-on-collection-errors --junitxml="$out/tests.xml"
 stage train_zero3 140 "$py" -m pytest benchmarks/bench_train.py -k "cuda and zero3" "${pytest_args[@]}" \
     --junitxml="$out/train_zero3.xml" --benchmark-json="$out/train_zero3.json"
 # bench_packing runs on the GPU whenever there is one (its cases are not named by device)
