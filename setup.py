@@ -43,7 +43,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "psutil", "jiwer", "peft>=0.13",
-                "pocketsphinx>=5"],
+                "pocketsphinx>=5",
+                "liger-kernel>=0.8"],  # the loss's peer: its chunked JSD at beta 0 is our KL
         "align": ["pocketsphinx>=5"],
         "flash": ["flash-attn>=2.6"],
         "lora": ["peft>=0.13"],

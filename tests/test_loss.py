@@ -160,6 +160,26 @@ def test_half_precision_error_within_twice_eager(backend, dtype):
         assert err <= 2 * err_eager + 1e-6, (what, err, err_eager)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_matches_liger_kernel_chunked_jsd_at_forward_kl(backend, temperature):
+    """A peer library: Liger-Kernel's chunked LigerFusedLinearJSDLoss at beta=0 is
+    KL(teacher || student) (not scaled by T^2) plus its weighted CE on the same targets."""
+    chunked_loss = pytest.importorskip("liger_kernel.chunked_loss")
+    x = {k: (v.float() if v.is_floating_point() else v)
+         for k, v in make_inputs(n=50, h=32, v=301, ignore=(0, 7)).items()}
+    peer = chunked_loss.LigerFusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=1.0,
+                                                beta=0.0, temperature=temperature, compiled=False)
+    hs_peer = x["student_hidden"].clone().requires_grad_()
+    want = peer(hs_peer, x["lm_head_weight"], x["teacher_hidden"], x["lm_head_weight"],
+                x["target_ids"])
+    want.backward()
+    out, grads = run(x, backend, ce_weight=0.5, temperature=temperature,
+                     kl_weight=1 / temperature**2)
+    torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads["student_hidden"], hs_peer.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_chunked_gradcheck_float64():
     x = make_inputs(n=7, h=5, v=11, bias=True, ignore=(2,))
     w_t = x["lm_head_weight"].clone()  # constant teacher head: gradcheck perturbs W on its own
