@@ -128,6 +128,43 @@ def test_one_row_ignored_gets_no_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_ignored_rows_changes_nothing(backend):
+    """Padding rows (target -100) may hold NaN or inf in either hidden state: the loss and every
+    gradient, the head's included, equal those of the same batch without those rows."""
+    x = make_inputs(n=20, bias=True, ignore=(4, 11))
+    x["student_hidden"][4] = float("nan")
+    x["teacher_hidden"][11] = float("inf")
+    keep = torch.tensor([i not in (4, 11) for i in range(20)])
+    clean = {k: (v[keep] if k in ("student_hidden", "teacher_hidden", "target_ids") else v)
+             for k, v in x.items()}
+    ref_out, ref_grads = reference(clean, ce_weight=0.5, reduction="sum")
+    out, grads = run(x, backend, ce_weight=0.5, reduction="sum")
+    torch.testing.assert_close(out.double(), ref_out, rtol=2e-5, atol=2e-6)
+    assert torch.count_nonzero(grads["student_hidden"][~keep]) == 0
+    torch.testing.assert_close(grads["student_hidden"][keep].double(), ref_grads["student_hidden"],
+                               rtol=2e-5, atol=2e-6)
+    for k in ("lm_head_weight", "lm_head_bias"):
+        torch.testing.assert_close(grads[k].double(), ref_grads[k], rtol=2e-5, atol=2e-6, msg=k)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "eager"])
+def test_non_finite_counted_rows_are_refused(backend):
+    x = {k: (v.float() if v.is_floating_point() else v) for k, v in make_inputs(n=9, ignore=(2,)).items()}
+    x["teacher_hidden"][5, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"teacher_hidden has NaN or inf in 1 counted row\(s\), "
+                                         r"the first at row 5 .*ignore_index \(-100\) may hold"):
+        imitation_loss(**x, backend=backend)
+    x["teacher_hidden"][5, 3] = 0.0
+    x["student_hidden"][2, 0] = float("nan")  # an ignored row: fine
+    assert torch.isfinite(imitation_loss(**x, backend=backend))
+    x["student_hidden"][7, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"student_hidden has NaN or inf in 1 counted row\(s\), "
+                                         r"the first at row 7"):
+        imitation_loss(**x, backend=backend)
+    assert torch.isnan(imitation_loss(**x, backend=backend, check_finite=False))  # unchecked: NaN
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_huge_logits(backend):
     """Logits of magnitude ~1e4 (near one-hot distributions) stay finite and accurate."""
     inputs = make_inputs(n=19, h=16, v=150, scale=1.0)
@@ -297,6 +334,10 @@ def test_module_rejects_bad_options():
         ImitationLoss(memory_budget=-5)
     with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got inf"):
         ImitationLoss(temperature=float("inf"))
+    with pytest.raises(ValueError, match=r"kl_weight must be a finite number >= 0, got -1.0"):
+        ImitationLoss(kl_weight=-1.0)
+    with pytest.raises(ValueError, match=r"ce_weight must be a finite number >= 0, got nan"):
+        ImitationLoss(ce_weight=float("nan"))
 
 
 @pytest.mark.parametrize("backend", ["chunked", "triton", "triton_recompute"])
