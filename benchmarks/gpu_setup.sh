@@ -10,7 +10,7 @@
 # On the GPU machine it installs every wheel in .gpu/wheels into SITE with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target SITE .gpu/wheels/*.whl
 # (deepspeed + hjson, pydantic, pydantic-core, annotated-types, typing-inspection; liger-kernel;
-# soundfile + cffi + pycparser; jiwer + rapidfuzz; gguf) when one of deepspeed, liger_kernel,
+# soundfile + cffi + pycparser; jiwer + rapidfuzz; gguf; typing-extensions) when one of deepspeed, liger_kernel,
 # soundfile, jiwer is not importable, and makes the Triton kernels importable as `mtbi_kernels`
 # (the project is not pip-installed there; its kernels folder is `kernels/`) with a symlink
 # SITE/mtbi_kernels -> kernels. Then it reports which packages import.
@@ -26,6 +26,9 @@ if [[ ${1:-} == --stage ]]; then
     src=${2:?usage: gpu_setup.sh --stage WHEEL_DIR}
     mkdir -p "$wheels"
     cp "$src"/*.whl "$wheels"/
+    # pydantic 2.14 needs typing-extensions >= 4.16, newer than a GPU image may have (pure Python)
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$wheels" \
+        "typing-extensions>=4.16" || echo "WARNING: could not download typing-extensions"
     echo "staged $(find "$wheels" -name '*.whl' | wc -l) wheels in $wheels (carry .gpu to the GPU run)"
     exit 0
 fi

@@ -7,6 +7,7 @@ readable error instead of an ImportError at package import.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -49,24 +50,51 @@ def require_triton_device(t: torch.Tensor, what: str, instead: str) -> None:
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` with fp32 output and fp32 accumulation. Half inputs stay half on CUDA (tensor
-    cores, ``torch.mm(..., out_dtype=float32)``: the product is never rounded to half); elsewhere,
-    or on a torch without ``out_dtype``, they are upcast first."""
-    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
-        try:
-            if out is not None:
-                return torch.mm(a, b, out_dtype=torch.float32, out=out)
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
-            pass
+    cores, ``torch.mm(..., out_dtype=float32)``, torch >= 2.8: the product is never rounded to
+    half); elsewhere, or where that is missing (a one-time warning), they are upcast first."""
+    if _native_fp32_out(a, b, "mm"):
+        if out is not None:
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        return torch.mm(a, b, out_dtype=torch.float32)
     a32, b32 = a.to(torch.float32), b.to(torch.float32)
     return torch.mm(a32, b32, out=out) if out is not None else a32 @ b32
 
 
 def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc += a @ b`` into the fp32 ``acc``, half inputs on tensor cores where torch allows."""
-    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
-        try:
-            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        except (TypeError, RuntimeError):
-            pass
+    if _native_fp32_out(a, b, "addmm"):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     return acc.addmm_(a.to(torch.float32), b.to(torch.float32))
+
+
+_NATIVE: dict = {}  # (op, device type) -> whether torch has the fp32-output half GEMM there
+
+
+def native_fp32_out(op: str, device: torch.device | str = "cuda") -> bool:
+    """Whether ``torch.mm``/``torch.addmm`` (``op``) take bf16 inputs with ``out_dtype=float32``
+    on ``device`` (probed once on tiny tensors; a missing op warns once: the loss then runs its
+    GEMMs in fp32, several times slower)."""
+    key = (op, torch.device(device).type)
+    if key not in _NATIVE:
+        x = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
+        acc = torch.zeros(16, 16, device=device, dtype=torch.float32)
+        try:
+            if op == "mm":
+                ok = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+            else:
+                ok = torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc).dtype == torch.float32
+        except (TypeError, NotImplementedError, RuntimeError) as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            ok = False
+            if key[1] == "cuda":
+                warnings.warn(f"torch {torch.__version__} has no {op}(bf16, bf16, "
+                              f"out_dtype=float32) on CUDA ({exc}); the fused loss upcasts its "
+                              "GEMM inputs to fp32 instead (slower)", stacklevel=3)
+        _NATIVE[key] = ok
+    return _NATIVE[key]
+
+
+def _native_fp32_out(a: torch.Tensor, b: torch.Tensor, op: str) -> bool:
+    return (a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16)
+            and native_fp32_out(op, a.device))
