@@ -81,7 +81,7 @@ def main() -> None:
                 trainer.model.adapter.proj[-1].weight.mul_(args.init_scale)
                 trainer.model.adapter.proj[-1].bias.mul_(args.init_scale)
         t = time.time()
-        trainer.train(resume=False)
+        trainer.train(resume=False, overwrite=True)  # a rerun moves the last probe aside
         seconds = time.time() - t
         model = trainer.model.eval()
     results = args.demo / "probes" / "results.jsonl"

@@ -9,6 +9,14 @@ as several dictionary words ("42" -> "forty two") takes the span of all of them.
 
 Utterances with words missing from the dictionary, or that fail to align, are reported and left
 out of the output (never written with bad times). Worker processes align in parallel.
+
+Coverage check: forced alignment always finds *some* path, so a transcript that covers only part
+of its audio (a 10-minute clip with an 18-word transcript) gets its words squeezed into a few
+seconds without an error. An utterance is flagged when its words (first start to last end) span
+less than ``min_coverage`` (default 0.5) of the audio *and* leave more than ``min_uncovered``
+(default 2 s) uncovered (so a one-word clip with ordinary silence around it is not flagged). A
+flagged utterance is kept, with an ``align_warning`` field in the output manifest saying so, and
+``mtbi-fast align`` prints a warning for each and their count.
 """
 
 from __future__ import annotations
@@ -47,6 +55,24 @@ def normalize_word(word: str) -> list[str]:
     for part in re.findall(r"\d+|[a-z]+(?:'[a-z]+)*", w):
         out += number_words(int(part)) if part.isdigit() and len(part) < 10 else [part]
     return out
+
+
+MIN_COVERAGE = 0.5    # share of the audio the words must span ...
+MIN_UNCOVERED = 2.0   # ... unless at most this many seconds are left uncovered
+
+
+def coverage_warning(words: list[Word], duration: float, min_coverage: float = MIN_COVERAGE,
+                     min_uncovered: float = MIN_UNCOVERED) -> str | None:
+    """Why the aligned ``words`` look wrong for ``duration`` s of audio (module docstring), or
+    None when they cover it plausibly."""
+    if not words or duration <= 0:
+        return None
+    span = words[-1].end - words[0].start
+    if span < min_coverage * duration and duration - span > min_uncovered:
+        return (f"the {len(words)} words span only {span / duration:.0%} of the audio "
+                f"({words[0].start:.2f}-{words[-1].end:.2f} s of {duration:.2f} s): the transcript "
+                "may cover only part of the clip")
+    return None
 
 
 @dataclass
@@ -128,8 +154,10 @@ def _force_align(dec, text: str, pcm: bytes):
             for s in seg if s.word not in ("<s>", "</s>", "<sil>", "[NOISE]")]
 
 
-def align_manifest(utts: list[Utterance], workers: int = 2, progress: bool = True):
-    """(aligned utterances, problems as "id: what")."""
+def align_manifest(utts: list[Utterance], workers: int = 2, progress: bool = True, *,
+                   min_coverage: float = MIN_COVERAGE, min_uncovered: float = MIN_UNCOVERED):
+    """(aligned utterances, problems as "id: what"). Aligned utterances whose words cover too
+    little of the audio (``coverage_warning``) carry an ``align_warning`` in ``extra``."""
     results = []
     if workers > 1 and len(utts) > 1:
         ctx = mp.get_context("spawn")
@@ -144,6 +172,10 @@ def align_manifest(utts: list[Utterance], workers: int = 2, progress: bool = Tru
     for u, r in zip(utts, results):
         if r.words is None:
             problems.append(f"{u.id}: {r.problem}")
-        else:
-            aligned.append(Utterance(u.id, u.audio, u.text, u.duration, r.words, u.extra))
+            continue
+        extra = {k: v for k, v in u.extra.items() if k != "align_warning"}
+        warning = coverage_warning(r.words, u.duration, min_coverage, min_uncovered)
+        if warning is not None:
+            extra["align_warning"] = warning
+        aligned.append(Utterance(u.id, u.audio, u.text, u.duration, r.words, extra))
     return aligned, problems

@@ -14,6 +14,16 @@ Each shard is written to a temporary name and renamed when complete, so a killed
 where it stopped with nothing duplicated or lost, and gives the same files as an uninterrupted
 run. With ``cache_hidden`` each shard also gets ``shard-NNNNN.safetensors``: the teacher's final
 hidden states at the response positions (bf16, one tensor per record id).
+
+Provenance (docs/data.md): ``plan.json`` records the teacher LLM (``teacher_fingerprint``: its
+source plus sha256 fingerprints of its config, tokenizer and weights), the generation settings,
+the task split and the jobs (utterance ids and texts, prompt wordings). A rerun into a folder made
+with anything different is refused with the differing fields listed; with ``overwrite=True`` the
+old files are moved aside to ``<folder>.replaced-<time>`` first. A rerun with identical settings
+resumes. Only ``cache_hidden`` may change between runs (it adds the missing hidden-state shards,
+which are the same with or without it). ``check_teacher`` tells the trainer whether a folder was
+made by the LLM its model config describes. One writer at a time: the folder is locked
+(``FolderLock``) while a run writes it.
 """
 
 from __future__ import annotations
@@ -22,9 +32,10 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +43,7 @@ from tqdm import tqdm
 
 from .data import Utterance
 from .io import atomic_write_text
+from .lock import LOCK_NAME, FolderLock
 from .tasks import PLACEHOLDER, TaskLibrary, TaskSplit
 
 
@@ -76,19 +88,30 @@ def plan(utterances: list[Utterance], split: TaskSplit, library: TaskLibrary,
 
 def generate_behaviors(utterances: list[Utterance], library: TaskLibrary, llm, tokenizer,
                        out_dir: str | os.PathLike, cfg: BehaviorConfig, *,
-                       split: TaskSplit | None = None, progress: bool = True) -> dict:
-    """Run (or resume) behavior generation into ``out_dir``; returns a summary."""
+                       split: TaskSplit | None = None, progress: bool = True,
+                       model_config: dict | None = None, overwrite: bool = False) -> dict:
+    """Run (or resume) behavior generation into ``out_dir``; returns a summary.
+
+    ``model_config``: the model section that ``llm`` and ``tokenizer`` were loaded from (its
+    ``llm`` source and ``init_seed``), recorded as the teacher's fingerprint; without it the
+    folder records no teacher and ``check_teacher`` refuses it. A folder made with other settings
+    is refused, or with ``overwrite`` moved aside first (module docstring)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     split = split or library.split()
-    split_path = out / "split.json"
-    if split_path.exists() and json.loads(split_path.read_text()) != split.to_dict():
-        raise ValueError(f"{split_path} records a different task split; use another output folder")
-    split.save(split_path)
-    jobs = plan(utterances, split, library, cfg)
-    atomic_write_text(out / "plan.json", json.dumps({"config": {k: (list(v) if isinstance(v, tuple) else v)
-                                                       for k, v in cfg.__dict__.items()},
-                                            "jobs": len(jobs)}, indent=2))
+    with FolderLock(out, "behaviors"):
+        jobs = plan(utterances, split, library, cfg)
+        record = _provenance(jobs, split, library, llm, cfg, model_config)
+        replaced = _check_folder(out, record, split, overwrite)
+        # plan.json first: a run killed before split.json is written still resumes
+        atomic_write_text(out / "plan.json", json.dumps(record, indent=2))
+        split.save(out / "split.json")
+        summary = _generate(jobs, library, llm, tokenizer, out, cfg, progress)
+    if replaced is not None:
+        summary["replaced"] = str(replaced)
+    return summary
+
+
+def _generate(jobs, library, llm, tokenizer, out: Path, cfg: BehaviorConfig, progress: bool) -> dict:
     shards = [jobs[i:i + cfg.shard_size] for i in range(0, len(jobs), cfg.shard_size)]
     todo = [k for k in range(len(shards)) if not (out / f"shard-{k:05d}.jsonl").exists()
             or (cfg.cache_hidden and not (out / f"shard-{k:05d}.safetensors").exists())]
@@ -135,6 +158,223 @@ def read_behaviors(out_dir: str | os.PathLike) -> list[dict]:
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{f}:{lineno}: not valid JSON ({exc.msg})") from None
     return records
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance
+
+PLAN_FORMAT = 2
+TEACHER_IDENTITY = ("config_sha256", "tokenizer_sha256", "weights")  # what check_teacher compares
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json")
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # weight files: 64 KiB at 16 evenly spaced offsets + the tail
+
+
+def teacher_fingerprint(model_config) -> dict:
+    """Who the teacher is, from a model config (the run config's ``model`` section, a dict or a
+    ``ModelConfig``): ``source`` (its ``llm`` entry; informational, a folder may move) and the
+    identity that ``check_teacher`` compares, computed without building the model:
+
+    - ``config_sha256``: the LLM's config (a tiny model: the transformers config arguments; a
+      folder: ``config.json`` without ``transformers_version`` and ``_name_or_path``);
+    - ``tokenizer_sha256``: the tokenizer files (a tiny model: the bundled tokenizer);
+    - ``weights``: ``"random init (seed N)"`` for a tiny model (``init_seed`` decides them);
+      ``"sha256:..."`` of a folder's weight files: names, sizes and 17 samples of 64 KiB of
+      each, the first, the last and 15 evenly spaced (about 1 MiB read a file: any change of
+      shape or dtype and any change of values that touches a sample shows; a full hash of a 7B
+      model would take a minute); ``"hub:ID"`` for a hub id (no local files to read).
+    """
+    if is_dataclass(model_config):
+        model_config = asdict(model_config)
+    source = model_config.get("llm") or {"tiny": {}}
+    if not isinstance(source, dict) or len(source) != 1:
+        raise ValueError(f"model.llm must be a one-key mapping (tiny, path, name or hub), got {source!r}")
+    kind, value = next(iter(source.items()))
+    if kind == "tiny":
+        from .hub import ASSETS
+        from .model import TINY_LLM
+
+        return {"source": {"tiny": dict(value or {})},
+                "config_sha256": _sha_json({**TINY_LLM, **(value or {})}),
+                "tokenizer_sha256": _sha_files([ASSETS / "tiny_tokenizer.json"]),
+                "weights": f"random init (seed {int(model_config.get('init_seed', 0))})"}
+    if kind == "hub":
+        return {"source": {"hub": value}, "config_sha256": None, "tokenizer_sha256": None,
+                "weights": f"hub:{value}"}
+    if kind == "path":
+        folder = Path(value)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder not found: {value}")
+    elif kind == "name":
+        from .hub import model_dir
+
+        folder = model_dir(value)
+    else:
+        raise ValueError(f"model.llm must be tiny, path, name or hub, got {kind!r}")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model folder {folder} has no config.json")
+    config = json.loads(config_file.read_text())
+    for key in ("transformers_version", "_name_or_path"):
+        config.pop(key, None)
+    weights = sorted(p for p in folder.iterdir() if p.is_file() and (
+        p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json")))
+    if not weights:
+        raise FileNotFoundError(f"model folder {folder} has no weight files (*.safetensors, *.bin)")
+    return {"source": {kind: str(folder.resolve()) if kind == "path" else value},
+            "config_sha256": _sha_json(config),
+            "tokenizer_sha256": _sha_files([folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]),
+            "weights": "sha256:" + _sha_weights(weights)}
+
+
+def check_teacher(behaviors_dir: str | os.PathLike, model_config) -> None:
+    """Raises ``ValueError`` naming the folder and the differing fields unless the behaviors in
+    ``behaviors_dir`` were made by the LLM that ``model_config`` (a run config's ``model``
+    section) describes. The trainer calls it when ``data.teacher_cache`` is on: the cached hidden
+    states are that LLM's, and another LLM's would be imitated without a word."""
+    folder = Path(behaviors_dir)
+    recorded = read_plan(folder).get("teacher")
+    if recorded is None:
+        raise ValueError(f"{folder}/plan.json records no teacher LLM (made by an older mtbi-fast, "
+                         "or by a library call without model_config); make the behaviors again "
+                         "with `mtbi-fast behaviors --config RUN.yaml ... --overwrite`")
+    now = teacher_fingerprint(model_config)
+    diffs = _diff({f"teacher.{k}": recorded.get(k) for k in TEACHER_IDENTITY},
+                  {f"teacher.{k}": now.get(k) for k in TEACHER_IDENTITY})
+    if diffs:
+        raise ValueError(f"{folder} was made by another LLM ({_short(recorded.get('source'))}) than "
+                         f"model.llm ({_short(now['source'])}) describes: {'; '.join(diffs)}; make "
+                         "the behaviors with this model config (`mtbi-fast behaviors --config ...`)")
+
+
+def read_plan(behaviors_dir: str | os.PathLike) -> dict:
+    """The folder's ``plan.json`` (what was asked, with which LLM and settings)."""
+    path = Path(behaviors_dir) / "plan.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {Path(behaviors_dir)} is not a behaviors folder "
+                                "made by `mtbi-fast behaviors`")
+    try:
+        out = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return out
+
+
+def _provenance(jobs, split: TaskSplit, library: TaskLibrary, llm, cfg: BehaviorConfig,
+                model_config) -> dict:
+    """What plan.json records (module docstring)."""
+    params = next(iter(llm.parameters()), None)
+    settings = {"per_utterance": cfg.per_utterance, "split": cfg.split,
+                "tasks": list(cfg.tasks) if cfg.tasks is not None else None, "seed": cfg.seed,
+                "shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
+                "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample,
+                "temperature": cfg.temperature if cfg.do_sample else None,
+                "top_p": cfg.top_p if cfg.do_sample else None,
+                "dtype": str(params.dtype).removeprefix("torch.") if params is not None else None}
+    asked = [(j["id"], j["text"], library.tasks[j["task"]][j["wording"]]) for j in jobs]
+    return {"format": PLAN_FORMAT,
+            "teacher": teacher_fingerprint(model_config) if model_config is not None else None,
+            "settings": settings, "task_split_sha256": _sha_json(split.to_dict()),
+            "jobs": len(jobs), "jobs_sha256": _sha_json(asked),
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
+
+
+def _check_folder(out: Path, record: dict, split: TaskSplit, overwrite: bool) -> Path | None:
+    """Refuse (or with ``overwrite`` move aside) what ``out`` holds unless it was made with the
+    same teacher, settings, split and jobs as ``record``; returns where old files went."""
+    present = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    if not any(p.name in ("plan.json", "split.json") or p.name.startswith("shard-") for p in present):
+        return None  # nothing of a behaviors run here
+    plan_path, diffs = out / "plan.json", []
+    if not plan_path.is_file():
+        diffs = ["plan.json is missing (these files record no teacher or settings)"]
+    else:
+        try:
+            old = read_plan(out)
+        except ValueError as exc:
+            old, diffs = {}, [str(exc)]
+        if not diffs and old.get("format") != PLAN_FORMAT:
+            diffs = ["plan.json is from an older mtbi-fast and records no teacher or settings"]
+        elif not diffs:
+            diffs = _diff(_flat(old), _flat(record))
+    split_path = out / "split.json"
+    if not diffs and split_path.is_file():
+        try:
+            same = json.loads(split_path.read_text()) == split.to_dict()
+        except json.JSONDecodeError:
+            same = False
+        if not same:
+            diffs = [f"{split_path} records a different task split"]
+    if not diffs:
+        return None
+    if not overwrite:
+        raise ValueError(f"{out} holds behaviors made differently: {'; '.join(diffs)}; use another "
+                         "output folder, or --overwrite (overwrite=True) to move the old files aside")
+    aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    aside.mkdir()
+    # plan.json first: a move cut short leaves shards without a plan, which is refused again
+    for p in sorted(present, key=lambda p: p.name != "plan.json"):
+        shutil.move(str(p), str(aside / p.name))
+    print(f"behaviors: {out} was made differently ({'; '.join(diffs)}); its files were moved to "
+          f"{aside}")
+    return aside
+
+
+def _flat(record: dict) -> dict:
+    """The fields of a plan.json that must match for a resume (cache_hidden may change)."""
+    teacher = record.get("teacher")
+    out = {f"teacher.{k}": (teacher or {}).get(k) for k in TEACHER_IDENTITY}
+    out["teacher"] = "recorded" if teacher is not None else "not recorded"
+    out.update({f"settings.{k}": v for k, v in (record.get("settings") or {}).items()})
+    for key in ("task_split_sha256", "jobs", "jobs_sha256"):
+        out[key] = record.get(key)
+    return out
+
+
+def _diff(old: dict, new: dict) -> list[str]:
+    return [f"{k} (recorded {_short(old.get(k))}, now {_short(new.get(k))})"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _short(v) -> str:
+    if isinstance(v, str) and v.startswith("sha256:"):
+        v = v[:19]
+    elif isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+        v = v[:12]
+    return json.dumps(v) if not isinstance(v, str) else repr(v)
+
+
+def _sha_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _sha_files(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{Path(p).name}\0".encode())
+        h.update(hashlib.sha256(Path(p).read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _sha_weights(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        size = p.stat().st_size
+        h.update(f"{p.name}\0{size}\0".encode())
+        offsets = {0, max(0, size - _SAMPLE_BYTES)}
+        offsets |= {size * i // _SAMPLES for i in range(_SAMPLES)}
+        with open(p, "rb") as f:
+            for off in sorted(offsets):
+                f.seek(off)
+                h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
 
 
 def template_halves(tokenizer, prompt: str, marker: str = PLACEHOLDER) -> tuple[list[int], list[int]]:

@@ -1,4 +1,9 @@
-"""The ``mtbi-fast`` console script."""
+"""The ``mtbi-fast`` console script.
+
+User errors (a missing file, a bad config key or manifest line, a folder in use) print one line,
+``mtbi-fast: error: ...``, with exit code 2; ``--debug`` (before or after the command) or
+``MTBI_FAST_DEBUG=1`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,15 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mtbi-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mtbi-fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error (also MTBI_FAST_DEBUG=1)")
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the command works too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+    sub = _Sub(parser.add_subparsers(dest="command"), common)
     sub.add_parser("info", help="versions and which loss backends run on this machine")
     models = sub.add_parser("models", help="real small models from PyPI packages (offline)")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -34,11 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy")
     b.add_argument("--cache-hidden", action="store_true",
                    help="also store the teacher's hidden states at the response positions")
+    b.add_argument("--overwrite", action="store_true",
+                   help="if the folder holds behaviors made with another LLM or other settings, "
+                   "move them aside to OUTPUT.replaced-<time> (without it: refused)")
 
     tr = sub.add_parser("train", help="train (one process; use `deepspeed mtbi_fast/train.py` for more)")
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", help="section.key=value")
     tr.add_argument("--no-resume", action="store_true")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="with --no-resume: move the old run aside instead of refusing")
 
     inf = sub.add_parser("infer", help="answer a prompt about audio files with a trained model")
     inf.add_argument("--model", required=True, help="a run folder (its final/) or a save_pretrained folder")
@@ -62,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     dm = sub.add_parser("demo", help="the whole method end to end on the bundled corpus")
     dm.add_argument("--tiny", action="store_true", help="random tiny models (a minute or two)")
     dm.add_argument("--output", default="runs/demo", help="report folder (resumable)")
+    dm.add_argument("--overwrite", action="store_true",
+                    help="move aside a training run made with other settings (e.g. --steps) "
+                         "instead of refusing")
     dm.add_argument("--steps", type=int, help="training steps (default 300; --tiny 30). Learning what is "
                     "said takes a few hundred steps (see the README)")
     dm.add_argument("--baselines", action="store_true",
@@ -71,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     al.add_argument("manifest")
     al.add_argument("-o", "--output", required=True)
     al.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    al.add_argument("--min-coverage", type=float, default=None,
+                    help="flag utterances whose words span less than this share of the audio "
+                    "(and leave over 2 s uncovered); default 0.5")
 
     v = sub.add_parser("manifest", help="validate a manifest or import LibriSpeech")
     vsub = v.add_subparsers(dest="manifest_command", required=True)
@@ -78,10 +100,46 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("manifest")
     val.add_argument("-o", "--output", help="where to write the good lines (with --skip-bad)")
     val.add_argument("--skip-bad", action="store_true")
+    val.add_argument("--no-decode", dest="decode", action="store_false",
+                     help="read only the audio headers (by default every file is decoded: "
+                     "unreadable, truncated, NaN or infinite audio is reported)")
+    val.add_argument("--decode", dest="decode", action="store_true", help=argparse.SUPPRESS)
+    val.add_argument("--config", help="a run or model config: report clips longer than its "
+                     "model takes (model.max_audio_seconds and the encoder's positions)")
     imp = vsub.add_parser("import-librispeech", help="LibriSpeech folder -> manifest")
     imp.add_argument("root")
     imp.add_argument("-o", "--output", required=True)
     args = parser.parse_args(argv)
+    from .errors import DEBUG_ENV, guard
+
+    debug = args.debug
+    previous = os.environ.get(DEBUG_ENV)
+    if debug:  # nested commands (training) see it too
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        return guard(lambda: _run(parser, args), debug=debug)
+    finally:
+        if debug:
+            if previous is None:
+                os.environ.pop(DEBUG_ENV, None)
+            else:
+                os.environ[DEBUG_ENV] = previous
+
+
+class _Sub:
+    """``add_subparsers`` whose parsers all take ``--debug``."""
+
+    def __init__(self, action, common):
+        self.action, self.common = action, common
+
+    def add_parser(self, *args, **kw):
+        p = self.action.add_parser(*args, parents=[self.common], **kw)
+        p.add_subparsers = lambda **k: _Sub(argparse.ArgumentParser.add_subparsers(p, **k),
+                                            self.common)
+        return p
+
+
+def _run(parser, args) -> int:
     if args.version:
         from .version import __version__
 
@@ -102,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.output, tiny=args.tiny, baselines=args.baselines, steps=args.steps)
+        run_demo(args.output, tiny=args.tiny, baselines=args.baselines, steps=args.steps,
+                 overwrite=args.overwrite)
         return 0
     if args.command == "eval":
         return _eval(args)
@@ -110,9 +169,31 @@ def main(argv: list[str] | None = None) -> int:
         from .train import main as train_main
 
         return train_main(["--config", args.config, *(["--no-resume"] if args.no_resume else []),
-                           *args.overrides])
+                           *(["--overwrite"] if args.overwrite else []), *args.overrides])
     parser.print_help()
     return 0
+
+
+def _model_section(path: str) -> dict:
+    """The ``model`` section of a run config, or a model-only config (a mapping with ``llm`` or
+    ``encoder``), read from ``path``; errors name the file."""
+    from pathlib import Path
+
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    try:
+        cfg = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
+        return cfg["model"]
+    if isinstance(cfg, dict) and ("llm" in cfg or "encoder" in cfg):
+        return cfg
+    raise ValueError(f"{path}: no 'model' section (a run config) and no 'llm' or 'encoder' key "
+                     "(a model config)")
 
 
 def _models(args) -> int:
@@ -134,24 +215,23 @@ def _models(args) -> int:
 
 
 def _behaviors(args) -> int:
-    import yaml
-
     from .behaviors import BehaviorConfig, generate_behaviors
     from .data import read_manifest
     from .hub import load_llm, resolve_dtype
     from .model import ModelConfig
     from .tasks import TaskLibrary
 
+    model_cfg = ModelConfig.from_dict(_model_section(args.config))
     utts = read_manifest(args.manifest)
     library = TaskLibrary.load(args.tasks)
-    model_cfg = ModelConfig.from_dict(yaml.safe_load(open(args.config))["model"])
     llm, tokenizer = load_llm(model_cfg.llm, seed=model_cfg.init_seed)
     llm.to(resolve_dtype(model_cfg.dtype))  # the teacher computes as the student's LLM will
     cfg = BehaviorConfig(per_utterance=args.per_utterance, split=args.split, seed=args.seed,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          shard_size=args.shard_size, do_sample=args.sample,
                          cache_hidden=args.cache_hidden)
-    generate_behaviors(utts, library, llm, tokenizer, args.output, cfg)
+    generate_behaviors(utts, library, llm, tokenizer, args.output, cfg,
+                       model_config=model_cfg.to_dict(), overwrite=args.overwrite)
     return 0
 
 
@@ -223,45 +303,70 @@ def _eval(args) -> int:
 def _align(args) -> int:
     import time
 
-    from .align import align_manifest
+    from .align import MIN_COVERAGE, align_manifest
     from .data import read_manifest, write_manifest
 
     utts = read_manifest(args.manifest)
     t0 = time.time()
-    aligned, problems = align_manifest(utts, workers=args.workers)
+    aligned, problems = align_manifest(
+        utts, workers=args.workers,
+        min_coverage=MIN_COVERAGE if args.min_coverage is None else args.min_coverage)
     for p in problems:
         print(f"not aligned: {p}", file=sys.stderr)
+    flagged = [u for u in aligned if "align_warning" in u.extra]
+    for u in flagged:
+        print(f"warning: {u.id}: {u.extra['align_warning']}", file=sys.stderr)
     write_manifest(args.output, aligned)
     seconds = sum(u.duration for u in utts)
     took = time.time() - t0
     print(f"aligned {len(aligned)}/{len(utts)} utterances ({seconds / 60:.1f} min of audio) in "
           f"{took:.1f} s ({seconds / max(took, 1e-9):.0f}x real time) -> {args.output}")
+    if flagged:
+        print(f"{len(flagged)} aligned utterance{'s' if len(flagged) != 1 else ''} flagged: the "
+              "words cover little of the audio (marked 'align_warning' in the output; check the "
+              "transcripts or drop them)")
     return 0 if aligned else 1
 
 
 def _manifest(args) -> int:
-    from .data import ManifestError, import_librispeech, read_manifest, write_manifest
+    import time
+
+    from .data import ManifestError, import_librispeech, max_audio_seconds, read_manifest, write_manifest
 
     if args.manifest_command == "import-librispeech":
         utts = import_librispeech(args.root)
         write_manifest(args.output, utts)
         print(f"{len(utts)} utterances -> {args.output}")
         return 0
+    limit = None
+    if args.config:
+        limit, why = max_audio_seconds(_model_section(args.config))
+        print(f"longest clip the model takes: {limit:g} s ({why})")
+    t0 = time.time()
+    kw = dict(decode=args.decode, max_seconds=limit, progress=sys.stderr.isatty())
+    what = "decoded" if args.decode else "headers read"
+    if args.skip_bad:
+        good, problems = read_manifest(args.manifest, skip_bad=True, **kw)
+        for p in problems:
+            print(p, file=sys.stderr)
+        if args.output:
+            write_manifest(args.output, good)
+        print(f"{len(good)} good lines, {len(problems)} bad line{'s' if len(problems) != 1 else ''}"
+              f" ({what}, {time.time() - t0:.1f} s)" + (f" -> {args.output}" if args.output else ""))
+        return 0
     try:
-        if args.skip_bad:
-            good, problems = read_manifest(args.manifest, skip_bad=True)
-            for p in problems:
-                print(p, file=sys.stderr)
-            if args.output:
-                write_manifest(args.output, good)
-            print(f"{len(good)} good lines, {len(problems)} problems"
-                  + (f" -> {args.output}" if args.output else ""))
-            return 0
-        utts = read_manifest(args.manifest)
-    except (ManifestError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        utts = read_manifest(args.manifest, **kw)
+    except ManifestError as exc:
+        for p in exc.problems:
+            print(p, file=sys.stderr)
+        print(f"{args.manifest}: {len(exc.problems)} bad line{'s' if len(exc.problems) != 1 else ''}"
+              " (--skip-bad -o GOOD.jsonl writes the good ones)", file=sys.stderr)
         return 1
-    print(f"{args.manifest}: {len(utts)} utterances, all good")
+    flagged = sum("align_warning" in u.extra for u in utts)
+    hours = sum(u.duration for u in utts) / 3600
+    print(f"{args.manifest}: {len(utts)} utterances ({hours:.2f} h), all good ({what}, "
+          f"{time.time() - t0:.1f} s)" + (f"; {flagged} flagged by alignment (align_warning)"
+                                           if flagged else ""))
     return 0
 
 

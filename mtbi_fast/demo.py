@@ -45,7 +45,7 @@ BASELINES = {
 
 
 def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False,
-             steps: int | None = None) -> Path:
+             steps: int | None = None, overwrite: bool = False) -> Path:
     from .behaviors import BehaviorConfig, generate_behaviors
     from .data import read_manifest, write_manifest
     from .evaluate import Embedder, evaluate
@@ -88,12 +88,14 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False,
     # reads them instead of running the teacher again (data.teacher_cache)
     bc = BehaviorConfig(per_utterance=s["per_utterance"], max_new_tokens=s["max_new_tokens"],
                         batch_size=16, cache_hidden=True)
-    generate_behaviors(train_utts, library, llm, tok, out / "behaviors", bc, split=split)
+    teacher = dict(model_config=model_cfg.to_dict())  # recorded: training checks its LLM against it
+    generate_behaviors(train_utts, library, llm, tok, out / "behaviors", bc, split=split, **teacher)
     generate_behaviors(test_utts, library, llm, tok, out / "behaviors-eval",
-                       dataclasses.replace(bc, cache_hidden=False), split=split)
+                       dataclasses.replace(bc, cache_hidden=False), split=split, **teacher)
     if baselines:  # continuation prompts for every utterance
         cont = dataclasses.replace(bc, per_utterance=1, tasks=("continue",))
-        generate_behaviors(train_utts, library, llm, tok, out / "behaviors-continue", cont, split=split)
+        generate_behaviors(train_utts, library, llm, tok, out / "behaviors-continue", cont,
+                           split=split, **teacher)
     del llm
     times["behaviors"] = time.time() - t
 
@@ -111,14 +113,15 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False,
         overrides += ["train.lr=0.003", "train.warmup_steps=5", "interleave.start=0.8"]
     cfg_path = out / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(run_cfg, sort_keys=False))
-    Trainer(load_config(cfg_path, overrides)).train()  # evaluates at step 0 too
+    # evaluates at step 0 too; overwrite: a run with other settings (e.g. --steps) moves aside
+    Trainer(load_config(cfg_path, overrides)).train(overwrite=overwrite)
     if baselines:
         for name, b in BASELINES.items():
             print(f"      baseline {name}")
             extra = [o for o in overrides if not o.startswith(("data.behaviors=", "output_dir="))]
             extra += [f"data.behaviors={out / b['behaviors']}", f"output_dir={out / ('run-' + name)}",
                       *b["overrides"]]
-            Trainer(load_config(cfg_path, extra)).train()
+            Trainer(load_config(cfg_path, extra)).train(overwrite=overwrite)
     times["training"] = time.time() - t
 
     t = time.time()

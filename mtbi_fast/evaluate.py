@@ -161,9 +161,9 @@ def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: T
                 import jiwer
 
                 row["wer"] = jiwer.wer(_norm(job["text"]), _norm(hyp) or "-")
-            if name in kls:
+            if name in kls and kls[name][i] is not None:  # None: an empty teacher answer
                 row["kl"] = kls[name][i]
-            if name in kls_other:
+            if name in kls_other and kls_other[name][i] is not None:
                 row["kl_other"] = kls_other[name][i]
             rows.append(row)
     summary = _summarize(rows)
@@ -180,18 +180,22 @@ def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: T
 
 
 def _imitation_kl(model, jobs, teacher_records, teacher_hidden: dict | None = None,
-                  batch_size: int = 8) -> list[float]:
+                  batch_size: int = 8) -> list[float | None]:
     """Per-prompt imitation KL of the SLLM (speech only) on the teacher's answers, packed
     ``batch_size`` prompts at a time (loss rows come back in input order). ``teacher_hidden``:
-    the teacher's states at the response positions by job id (else a teacher pass computes them)."""
+    the teacher's states at the response positions by job id (else a teacher pass computes them).
+    An empty teacher answer has no position to compare: its KL is None (the row gets no "kl" and
+    the means and paired differences leave it out), never the NaN mean of nothing."""
     from .audio import load_audio, log_mel
     from .loss import imitation_loss
 
-    out = []
+    out: list[float | None] = [None] * len(jobs)
+    scored = [i for i, r in enumerate(teacher_records[:len(jobs)]) if r["response_ids"]]
     head = model.llm.get_output_embeddings()
     with torch.no_grad():
-        for b in range(0, len(jobs), batch_size):
-            group = list(zip(jobs[b:b + batch_size], teacher_records[b:b + batch_size]))
+        for b in range(0, len(scored), batch_size):
+            index = scored[b:b + batch_size]
+            group = [(jobs[i], teacher_records[i]) for i in index]
             frames = model.speech_frames([log_mel(load_audio(j["audio"]), model.encoder.num_mel_bins)
                                           for j, _ in group])
             student = pack([Example(j["id"], [Text(r["prefix_ids"]), Speech(0, f.shape[0]),
@@ -206,8 +210,8 @@ def _imitation_kl(model, jobs, teacher_records, teacher_hidden: dict | None = No
                     for j, r in group], 4096))
             _, parts = imitation_loss(h_s, h_t, head.weight, lm_head_bias=getattr(head, "bias", None),
                                       reduction="none", return_parts=True)
-            for rows in parts["kl"].split([len(r["response_ids"]) for _, r in group]):
-                out.append(float(rows.mean()))
+            for i, rows in zip(index, parts["kl"].split([len(r["response_ids"]) for _, r in group])):
+                out[i] = float(rows.mean())
     return out
 
 

@@ -205,6 +205,35 @@ def pack(examples: Sequence[Example], max_tokens: int, *, pad_id: int = 0,
                    fill=n_tokens / (n_rows * max_tokens)))
 
 
+def truncate_together(examples: Sequence[Example], max_tokens: int,
+                      overlong: str = "truncate") -> list[Example]:
+    """Versions of one example that must keep the same response tokens (the speech student and
+    the text teacher of one behavior, packed into separate batches) fitted to ``max_tokens``
+    together: with "truncate" every version keeps the response prefix that fits the longest
+    prompt (``pack`` alone would cut each to its own prompt, so the speech version, whose prompt
+    is longer, would lose more tokens than its teacher). With "error", or a prompt that does not
+    fit alone, the error ``pack`` gives."""
+    if overlong not in ("error", "truncate"):
+        raise ValueError(f"overlong must be 'error' or 'truncate', got {overlong!r}")
+    if not examples:
+        return []
+    n = len(examples[0].response)
+    for ex in examples[1:]:
+        if len(ex.response) != n:
+            raise ValueError(f"examples {examples[0].id!r} and {ex.id!r} do not have the same "
+                             f"response length ({n} and {len(ex.response)})")
+    keep = min(n, *(max_tokens - ex.prompt_len for ex in examples))
+    out = []
+    for ex in examples:
+        if len(ex) > max_tokens and (overlong != "truncate" or ex.prompt_len >= max_tokens):
+            _fit(ex, max_tokens, overlong)  # raises the error naming the example
+        if keep < n:
+            mask = ex.response_mask[:keep] if ex.response_mask is not None else None
+            ex = Example(ex.id, ex.prompt, ex.response[:keep], mask, ex.n_frames)
+        out.append(ex)
+    return out
+
+
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bin indices of ``lengths`` into bins of ``capacity``: longest first, each into the first
     bin with room. Returns the bins (lists of indices, in placement order)."""
@@ -289,7 +318,8 @@ def model_inputs(batch: PackedBatch, inputs_embeds: torch.Tensor, attention: str
 
     - "position_ids": restarting positions, no mask, no cache; transformers builds the
       block-causal mask itself (SDPA and eager attention compute every row's full L x L scores);
-    - "mask": an explicit [R, 1, L, L] block-diagonal causal mask (for model families that do not
+    - "mask": an explicit [R, 1, L, L] block-diagonal causal mask, additive in the embeddings' dtype
+      (works with eager attention and SDPA; for model families that do not
       detect packed positions);
     - "varlen": the cu_seqlens, for flash-attention-2's varlen kernel or for
       ``attn_implementation=TORCH_VARLEN`` / ``VARLEN_SDPA`` (``mtbi_fast.attention``: torch's
@@ -304,8 +334,8 @@ def model_inputs(batch: PackedBatch, inputs_embeds: torch.Tensor, attention: str
     embeds = inputs_embeds.reshape(batch.rows, batch.row_len, -1)
     kw = dict(inputs_embeds=embeds, position_ids=batch.position_ids.to(embeds.device),
               use_cache=False)
-    if attention == "mask":
-        kw["attention_mask"] = block_causal_mask(batch.position_ids.to(embeds.device))
+    if attention == "mask":  # additive (0 / dtype min): eager attention adds the mask to the scores
+        kw["attention_mask"] = block_causal_mask(batch.position_ids.to(embeds.device), dtype=embeds.dtype)
     elif attention == "varlen":
         cu = batch.cu_seqlens.to(embeds.device)
         kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen,
@@ -313,15 +343,24 @@ def model_inputs(batch: PackedBatch, inputs_embeds: torch.Tensor, attention: str
     return kw
 
 
-def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """[R, 1, L, L] bool mask: True where query i may attend key j (same sequence, j <= i).
-    Sequences are delimited by ``position_ids`` restarting (any step other than +1)."""
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[R, 1, L, L] mask of where query i may attend key j (same sequence, j <= i). Sequences are
+    delimited by ``position_ids`` restarting (any step other than +1).
+
+    ``dtype`` None: a bool mask (True = attend). A floating ``dtype``: the additive form, 0 where
+    allowed and the dtype's minimum elsewhere, which every transformers attention takes as it is
+    (eager attention adds the mask to the scores, so a bool mask would add 1 and 0 there and
+    isolate nothing; SDPA accepts both forms)."""
     step = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1)
     seq = (step != 1).cumsum(-1)
     same = seq[:, :, None] == seq[:, None, :]
     causal = torch.ones(position_ids.shape[-1], position_ids.shape[-1], dtype=torch.bool,
                         device=position_ids.device).tril()
-    return (same & causal)[:, None]
+    allowed = (same & causal)[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)
 
 
 def gather_loss_rows(hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

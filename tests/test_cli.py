@@ -41,3 +41,101 @@ def test_models_list(capsys, monkeypatch, tmp_path):
     assert cli(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m-instruct" in out and "whisper-tiny.en" in out and str(tmp_path) in out
+
+
+# ---------------------------------------------------------------------------------------------
+# user errors: one line naming the file, key or utterance; exit code 2; --debug for the traceback
+
+
+def behaviors_args(manifest, out, config="configs/tiny.yaml", *extra):
+    return ["behaviors", "--manifest", str(manifest), "--config", str(ROOT / config), "-o", str(out),
+            "--per-utterance", "1", "--max-new-tokens", "2", *extra]
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err.rstrip("\n")
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    clips = ROOT / "tests" / "data" / "clips.jsonl"
+    missing = tmp_path / "missing.yaml"
+    assert cli(behaviors_args(clips, tmp_path / "b", missing)) == 2
+    assert one_error(capsys) == f"mtbi-fast: error: config not found: {missing}"
+    (tmp_path / "bad.yaml").write_text("model:\n  llm: {tiny: {}}\n  colour: red\n")
+    assert cli(behaviors_args(clips, tmp_path / "b", tmp_path / "bad.yaml")) == 2
+    assert one_error(capsys).startswith("mtbi-fast: error: unknown key model.colour (allowed: [")
+
+    m = tmp_path / "m.jsonl"
+    m.write_text(clips.read_text().replace("clip2.flac", "nope.flac").replace('"clip1.flac"',
+                                                                             f'"{ROOT}/tests/data/clip1.flac"'))
+    (tmp_path / "clip3.flac").write_bytes((ROOT / "tests" / "data" / "clip3.flac").read_bytes())
+    assert cli(behaviors_args(m, tmp_path / "b")) == 2
+    assert one_error(capsys) == f"mtbi-fast: error: {m}:2: clip2: audio file not found: {tmp_path / 'nope.flac'}"
+    m.write_text(m.read_text().replace("clip3.flac", "gone.flac"))
+    assert cli(behaviors_args(m, tmp_path / "b")) == 2
+    assert one_error(capsys) == (
+        f"mtbi-fast: error: {m}: 2 bad lines, the first: {m}:2: clip2: audio file not found: "
+        f"{tmp_path / 'nope.flac'} (+1 more line: run with --debug or MTBI_FAST_DEBUG=1)")
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
+def test_behaviors_folder_in_use_and_made_differently(tmp_path, capsys):
+    import os
+    import socket
+
+    from mtbi_fast.lock import FolderLock
+
+    clips = ROOT / "tests" / "data" / "clips.jsonl"
+    out = tmp_path / "b"
+    with FolderLock(out, "behaviors"):
+        assert cli(behaviors_args(clips, out)) == 2
+        err = one_error(capsys)
+    assert err.startswith(f"mtbi-fast: error: {out} is in use by process {os.getpid()} on "
+                          f"{socket.gethostname()} (behaviors, since ")
+    assert err.endswith(f"(lock file {out / '.lock'}); wait for it to finish or stop it, or use another folder")
+    assert cli(behaviors_args(clips, out)) == 0
+    capsys.readouterr()
+    assert cli(behaviors_args(clips, out, "configs/tiny_train.yaml")) == 2  # another LLM init
+    err = one_error(capsys)
+    assert err.startswith(f"mtbi-fast: error: {out} holds behaviors made differently: "
+                          "teacher.config_sha256 (recorded '")
+    assert "teacher.weights" not in err
+    assert cli(behaviors_args(clips, out, "configs/tiny_train.yaml", "--overwrite")) == 0
+    assert f"its files were moved to {tmp_path}/b.replaced-" in capsys.readouterr().out
+    from mtbi_fast.behaviors import check_teacher
+
+    check_teacher(out, yaml.safe_load((ROOT / "configs" / "tiny_train.yaml").read_text())["model"])
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from mtbi_fast.errors import DEBUG_ENV
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    missing = str(tmp_path / "nope.jsonl")
+    for argv in (["--debug", "manifest", "validate", missing], ["manifest", "validate", missing, "--debug"]):
+        with pytest.raises(FileNotFoundError, match="manifest not found"):
+            cli(argv)
+        assert DEBUG_ENV not in os.environ  # restored
+    assert cli(["manifest", "validate", missing]) == 2
+    assert one_error(capsys) == f"mtbi-fast: error: manifest not found: {missing}"
+    run = subprocess.run([sys.executable, "-m", "mtbi_fast.cli", "--debug", "manifest", "validate",
+                          missing], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1 and "Traceback (most recent call last)" in run.stderr
+    assert run.stderr.rstrip().endswith(f"FileNotFoundError: manifest not found: {missing}")
+
+
+def test_train_forwards_overwrite(monkeypatch):
+    import mtbi_fast.train as train
+
+    seen = []
+    monkeypatch.setattr(train, "main", lambda argv: seen.append(argv) or 0)
+    assert cli(["train", "run.yaml", "train.steps=3", "--no-resume", "--overwrite"]) == 0
+    assert seen == [["--config", "run.yaml", "--no-resume", "--overwrite", "train.steps=3"]]

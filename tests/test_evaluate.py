@@ -169,3 +169,51 @@ def test_evaluate_batch_size_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         evaluate({}, [], lib, lib.split(), tmp_path, batch_size=0)
     assert not any(tmp_path.iterdir())
+
+
+def test_an_empty_teacher_answer_has_no_kl_not_nan(tmp_path, monkeypatch):
+    """An empty response has no position to compare: its per-prompt KL is left out (no "kl" in
+    its rows; the means and the paired differences count the other prompts), never NaN."""
+    import math
+
+    import torch
+
+    import mtbi_fast.evaluate as ev
+    from mtbi_fast.evaluate import _imitation_kl, plan_eval
+    from mtbi_fast.behaviors import _answer
+
+    cfg = ModelConfig.from_dict(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"])
+    model = SpeechLLM.from_config(cfg).eval()
+    lib = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
+    utts = read_manifest(ROOT / "data" / "demo" / "test.jsonl")[:2]
+    jobs = plan_eval(utts, lib, lib.split(), per_split=1, seed=0)[:4]
+    hidden = {}
+    records = _answer(jobs, lib, model.llm, model.tokenizer, BehaviorConfig(max_new_tokens=3), 0,
+                      hidden=hidden)
+    full = _imitation_kl(model, jobs, records, hidden, batch_size=2)
+    records[1] = {**records[1], "response_ids": [], "response": ""}
+    hidden[jobs[1]["id"]] = hidden[jobs[1]["id"]][:0]
+    got = _imitation_kl(model, jobs, records, hidden, batch_size=2)
+    assert got[1] is None and got[0] == pytest.approx(full[0]) and got[2:] == pytest.approx(full[2:])
+    assert _imitation_kl(model, jobs[1:2], records[1:2], hidden) == [None]  # a batch of only empties
+
+    real = ev._answer
+
+    def emptied(batch, *a, **k):  # the teacher answers its first prompt with nothing
+        out = real(batch, *a, **k)
+        if batch[0]["id"] == first:
+            out[0] = {**out[0], "response_ids": [], "response": ""}
+            k["hidden"][first] = k["hidden"][first][:0]
+        return out
+
+    first = plan_eval(utts[:1], lib, lib.split(), 1, 0)[0]["id"]
+    monkeypatch.setattr(ev, "_answer", emptied)
+    result = evaluate({"mtbi": model, "untrained": SpeechLLM.from_config(cfg)}, utts[:1], lib,
+                      lib.split(), tmp_path, per_split=1, max_new_tokens=2, progress=False)
+    rows = [r for r in result["rows"] if r["model"] != "teacher"]
+    assert all(("kl" in r) == (r["id"] != first) for r in rows)
+    for split in result["summary"]["mtbi"].values():
+        assert all(not (isinstance(v, float) and math.isnan(v)) for v in split.values())
+    assert not torch.isnan(torch.tensor([d["mean"] for s in result["deltas"]["mtbi"].values()
+                                         for d in s.values()])).any()
+    assert "nan" not in (tmp_path / "eval.md").read_text().lower()

@@ -10,7 +10,7 @@ import transformers
 from mtbi_fast.attention import VARLEN_SDPA
 from mtbi_fast.packing import (Example, PackedBatch, Speech, Text, block_causal_mask,
                                first_fit_decreasing, gather_loss_rows, iter_packed, model_inputs,
-                               pack, pack_embeddings)
+                               pack, pack_embeddings, truncate_together)
 
 VOCAB = 97
 
@@ -113,6 +113,28 @@ def test_overlong_example_error_and_truncation():
         pack([ex], 30, overlong="truncate")  # the prompt alone does not fit
 
 
+def test_truncate_together_keeps_the_same_response_tokens():
+    """A speech student and its text teacher (shorter prompt): pack() alone cuts each to its own
+    prompt; truncate_together cuts both to the prefix that fits the longer prompt (issue 14)."""
+    resp = list(range(20))
+    student = Example("b1", [Text(range(5)), Speech(0, 30)], resp, [True] * 19 + [False], n_frames=30)
+    teacher = Example("b1", [Text(range(5)), Text(range(7))], resp, [True] * 19 + [False])
+    alone = [pack([ex], 50, overlong="truncate").target_ids.numel() for ex in (student, teacher)]
+    assert alone == [15, 19]  # what went wrong
+    s, t = truncate_together([student, teacher], 50)
+    assert s.response == t.response == resp[:15] and s.response_mask == t.response_mask == [True] * 15
+    assert s.prompt == student.prompt and t.prompt == teacher.prompt and s.n_frames == 30
+    assert torch.equal(pack([s], 50).target_ids, pack([t], 50).target_ids)
+    assert truncate_together([student, teacher], 100) == [student, teacher]  # fits: unchanged
+    with pytest.raises(ValueError, match=r"example 'b1' has 55 tokens \(prompt 35, response 20\), more than "
+                                         r"max_tokens=50; set overlong='truncate'"):
+        truncate_together([student, teacher], 50, overlong="error")
+    with pytest.raises(ValueError, match=r"example 'b1' has 55 tokens"):
+        truncate_together([student, teacher], 35)  # the student's prompt alone fills the row
+    with pytest.raises(ValueError, match=r"do not have the same response length"):
+        truncate_together([student, Example("b2", [Text([1])], [1])], 50)
+
+
 def test_bad_examples():
     with pytest.raises(ValueError, match=r"example 'e1': speech parts use frame 9 but the example has 5"):
         Example("e1", [Speech(0, 10)], [1], n_frames=5)
@@ -129,6 +151,29 @@ def test_block_causal_mask():
     for a, b in ((0, 3), (3, 5), (5, 6)):
         expected[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
     assert torch.equal(m, expected)
+    additive = block_causal_mask(pos, dtype=torch.bfloat16)[0, 0]
+    assert additive.dtype == torch.bfloat16
+    assert torch.equal(additive == 0, expected) and (additive[~expected] == torch.finfo(torch.bfloat16).min).all()
+
+
+def test_mask_isolates_packed_examples_under_eager_attention():
+    """attention="mask" with eager attention (which adds the mask to the scores): two packed
+    examples give what each gives alone (issue 14: a bool mask was added as 1/0, error 1.35)."""
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                   attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    examples = [Example("a", [Text([5, 9, 3, 7, 1, 4])], [11, 12, 13]), Example("b", [Text([8, 2, 6])], [14, 15])]
+    batch = pack(examples, 64)
+    assert batch.rows == 1
+    embed = model.get_input_embeddings().weight.detach()
+    x = pack_embeddings(batch.source, embed, torch.zeros(0, 32))
+    logits = model(**model_inputs(batch, x, attention="mask")).logits.reshape(-1, VOCAB)
+    for start, ex in zip(batch.example_starts, examples):
+        ids = torch.tensor([[*ex.prompt[0].ids, *ex.response]])
+        alone = model(input_ids=ids, use_cache=False).logits[0]
+        torch.testing.assert_close(logits[start:start + len(ex)], alone, atol=1e-5, rtol=1e-5)
 
 
 # ---- packing kernels --------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import socket
 import time
 from pathlib import Path
@@ -40,8 +41,9 @@ def data(tmp_path_factory):
     lib = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
     bc = BehaviorConfig(per_utterance=2, max_new_tokens=12)
     generate_behaviors(train, lib, llm, tok, d / "beh", dataclasses.replace(bc, cache_hidden=True),
-                       progress=False)
-    generate_behaviors(test, lib, llm, tok, d / "beh-eval", bc, progress=False)
+                       progress=False, model_config=cfg["model"])
+    generate_behaviors(test, lib, llm, tok, d / "beh-eval", bc, progress=False,
+                       model_config=cfg["model"])
     return d
 
 
@@ -126,6 +128,32 @@ def test_kill_and_resume_gives_the_same_curve(data, tmp_path, monkeypatch, worke
     (["data.spec_augment={freq_masks: 1.5}"], r"data.spec_augment.freq_masks must be an integer >= 0, got 1.5"),
     (["data.spec_augment={time_width: -1}"], r"data.spec_augment.time_width must be a number >= 0"),
     (["data.spec_augment=true"], r"data.spec_augment must be dict or null, got bool True"),
+    # ranges: every numeric key, the error names it
+    (["train.keep_last=-1"], r"train.keep_last must be an int >= 1, got -1"),
+    (["train.keep_last=0"], r"train.keep_last must be an int >= 1, got 0"),
+    (["train.save_every=-1"], r"train.save_every must be an int >= 0, got -1"),
+    (["train.log_every=0"], r"train.log_every must be an int >= 1, got 0"),
+    (["train.eval_every=-2"], r"train.eval_every must be an int >= 0, got -2"),
+    (["train.eval_examples=0"], r"train.eval_examples must be an int >= 1, got 0"),
+    (["train.warmup_steps=-1"], r"train.warmup_steps must be an int >= 0, got -1"),
+    (["train.seed=-3"], r"train.seed must be an int >= 0, got -3"),
+    (["train.lr=0"], r"train.lr must be a finite number > 0, got 0"),
+    (["train.lr=.nan"], r"train.lr must be a finite number > 0, got nan"),
+    (["train.weight_decay=-0.1"], r"train.weight_decay must be a finite number >= 0, got -0.1"),
+    (["train.clip_grad=0"], r"train.clip_grad must be a finite number > 0 \(or null\), got 0"),
+    (["packing.examples_per_step=0"], r"packing.examples_per_step must be an int >= 1, got 0"),
+    (["packing.max_tokens=1"], r"packing.max_tokens must be an int >= 2, got 1"),
+    (["packing.overlong=cut"], r"packing.overlong must be 'error' or 'truncate', got 'cut'"),
+    (["interleave.mean_span=0"], r"interleave.mean_span must be a finite number > 0, got 0"),
+    (["model.adapter.stride=0"], r"model.adapter.stride must be an int >= 1, got 0"),
+    (["model.max_audio_seconds=-5"], r"model.max_audio_seconds must be a finite number > 0"),
+    (["model.loss.chunk_size=0"], r"model.loss.chunk_size must be an int >= 1 \(or null\), got 0"),
+    (["model.loss.temperature=.inf"], r"model.loss.temperature must be a finite number > 0, got inf"),
+    (["model.loss.kl_weight=-1"], r"model.loss.kl_weight must be a finite number >= 0, got -1"),
+    (["model.loss.ce_weight=-0.5"], r"model.loss.ce_weight must be a finite number >= 0, got -0.5"),
+    (["model.loss.kl_weight=0"], r"model.loss.kl_weight and model.loss.ce_weight are both 0"),
+    (["model.loss.chunksize=8"], r"unknown key model.loss.chunksize"),
+    (["model.loss.backend=fast"], r"model.loss: backend must be one of"),
 ])
 def test_config_errors(extra, message):
     with pytest.raises(ValueError, match=message):
@@ -288,3 +316,131 @@ def test_spec_augment_masks_training_inputs_only(data, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again, batch["mels"]))
     eval_mels = trainer.eval_data.batch([0], 0.0, salt=0)["mels"]
     assert torch.equal(eval_mels[0], trainer.eval_data.mel(trainer.eval_data.records[0]["utt_id"]))
+
+
+# ---- checked before anything is built; one-line errors -------------------------------------------
+
+def test_output_dir_and_deepspeed_json_are_checked_before_the_model(data, tmp_path, monkeypatch, capsys):
+    def no_model(*a, **k):
+        raise AssertionError("the model was built before the check")
+
+    monkeypatch.setattr(SpeechLLM, "from_config", no_model)
+    (tmp_path / "file").write_text("x")
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "file" / "run"))
+    with pytest.raises(ValueError, match=r"output_dir .*file/run is not a writable folder"):
+        Trainer(cfg)
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "o", f"deepspeed={tmp_path}/nope.json"))
+    with pytest.raises(FileNotFoundError, match=r"DeepSpeed config not found: .*nope\.json"):
+        Trainer(cfg)
+    (tmp_path / "bad.json").write_text('{"zero_optimization": {"stage": 2},}')
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "o", f"deepspeed={tmp_path}/bad.json"))
+    with pytest.raises(ValueError, match=r"bad\.json: not valid JSON \(.* at line 1 column"):
+        Trainer(cfg)
+    # the command line: one line, exit code 2; --debug shows the traceback
+    argv = ["--config", str(CONFIG), *overrides(data, tmp_path / "o", f"deepspeed={tmp_path}/bad.json")]
+    assert train_mod.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mtbi-fast train: error: ") and "bad.json: not valid JSON" in err[0]
+    with pytest.raises(ValueError, match="not valid JSON"):
+        train_mod.main([*argv, "--debug"])
+    assert train_mod.main(["--config", str(CONFIG), *overrides(data, tmp_path / "o", "train.keep_last=-1")]) == 2
+    assert "train.keep_last must be an int >= 1, got -1" in capsys.readouterr().err
+
+
+# ---- audio: checked up front, and a file that fails mid-run ---------------------------------------
+
+def test_clips_longer_than_the_encoder_are_listed_before_step_0(data, tmp_path):
+    import soundfile as sf
+
+    utts = read_manifest(data / "train.jsonl")
+    for k, seconds in ((0, 31.0), (1, 40.0)):
+        sf.write(tmp_path / f"long{k}.wav", torch.zeros(int(seconds * 16000)).numpy(), 16000)
+        utts[k] = dataclasses.replace(utts[k], audio=str(tmp_path / f"long{k}.wav"), duration=seconds)
+    write_manifest(tmp_path / "train.jsonl", utts)
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "o", f"data.train_manifest={tmp_path}/train.jsonl"))
+    with pytest.raises(ValueError, match=r"train\.jsonl: 2 utterances are longer than the speech encoder's "
+                                         r"limit of 30 s \(1500 frames\): demo-train-000 \(31\.0 s\), "
+                                         r"demo-train-001 \(40\.0 s\)"):
+        Trainer(cfg)
+
+
+@pytest.fixture
+def bad_audio(data, tmp_path):
+    """The training manifest with one utterance's FLAC cut to a third: its header reads (the
+    manifest checks pass), its samples do not decode."""
+    utts = read_manifest(data / "train.jsonl")
+    raw = Path(utts[3].audio).read_bytes()
+    (tmp_path / "cut.flac").write_bytes(raw[:len(raw) // 3])
+    utts[3] = dataclasses.replace(utts[3], audio=str(tmp_path / "cut.flac"))
+    write_manifest(tmp_path / "train.jsonl", utts)
+    return tmp_path / "train.jsonl", utts[3].id
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_audio_mid_run_is_one_line_naming_the_utterance(data, tmp_path, bad_audio, workers, capsys):
+    manifest, utt = bad_audio
+    argv = ["--config", str(CONFIG), *overrides(data, tmp_path / "o", f"data.train_manifest={manifest}",
+                                                "train.steps=6", "train.eval_every=0", "train.save_every=0",
+                                                f"data.num_workers={workers}")]
+    assert train_mod.main(argv) == 2
+    err = capsys.readouterr().err  # (the progress bar writes to stderr too)
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1, err
+    assert re.match(rf"mtbi-fast train: error: step \d: utterance '{utt}': bad audio: cannot read audio "
+                    rf"file .*cut\.flac: .*set data\.skip_bad_audio: true", lines[0]), lines[0]
+
+
+def test_skip_bad_audio_leaves_the_example_out_and_counts_it(data, tmp_path, bad_audio):
+    manifest, utt = bad_audio
+    out = tmp_path / "o"
+    cfg = load_config(CONFIG, overrides(data, out, f"data.train_manifest={manifest}", "train.steps=6",
+                                        "train.eval_every=0", "train.save_every=0", "data.skip_bad_audio=true"))
+    trainer = Trainer(cfg)
+    d = trainer.data
+    bad = [i for i, r in enumerate(d.records) if r["utt_id"] == utt]
+    assert len(bad) == 2
+    # batch k stays a pure function of (seed, k): the example is simply absent
+    idx = [bad[0], *(i for i in range(4) if i not in bad)]
+    with_bad, without = d.batch(idx, 0.3, salt=5), d.batch(idx[1:], 0.3, salt=5)
+    assert len(with_bad["skipped_audio"]) == 1 and utt in with_bad["skipped_audio"][0]
+    with_bad["skipped_audio"] = without["skipped_audio"]
+    assert_same_batch(with_bad, without)
+    trainer.train()
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert sum(r["skipped_audio"] for r in rows) == 2  # 24 records, 6 steps of 4: each seen once
+
+
+# ---- correctness: truncation keeps student and teacher aligned ------------------------------------
+
+def test_truncated_responses_keep_student_and_online_teacher_aligned(data, tmp_path):
+    """Issue 14: at max_tokens=135 the speech prompt (longer than the text one) used to lose more
+    response tokens than the teacher's, and the model refused the batch."""
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "t", "packing.max_tokens=135"))
+    trainer = Trainer(cfg)
+    d = trainer.data
+    idx = list(range(len(d)))
+    batch = d.batch(idx, 0.0, salt=1)
+    full = sum(len(d.records[i]["response_ids"]) for i in idx)
+    assert batch["student"].target_ids.numel() < full  # some responses were cut
+    assert torch.equal(batch["student"].target_ids, batch["teacher"].target_ids)
+    assert torch.equal(batch["student"].loss_example, batch["teacher"].loss_example)
+    with torch.no_grad():
+        out = trainer.model(batch["student"], mels=batch["mels"], teacher=batch["teacher"])
+    assert torch.isfinite(out["loss"])
+    # the cached teacher states are cut the same way
+    cached = load_config(CONFIG, overrides(data, tmp_path / "c", "packing.max_tokens=135",
+                                           "data.teacher_cache=true"))
+    b2 = Trainer(cached).data.batch(idx, 0.0, salt=1)
+    assert b2["teacher_hidden"].shape[0] == batch["student"].target_ids.numel()
+
+
+def test_teacher_cache_from_another_llm_is_refused(data, tmp_path):
+    """Cached teacher states are the LLM's that made the behaviors: a run whose model.llm differs
+    (here the tiny LLM without tiny_train's initializer_range) refuses before building anything."""
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "other", "data.teacher_cache=true",
+                                        "model.llm={tiny: {}}"))
+    with pytest.raises(ValueError, match=r"beh was made by another LLM .*teacher\.config_sha256 "):
+        Trainer(cfg)
+    assert not (tmp_path / "other" / "checkpoints").exists()

@@ -1,0 +1,219 @@
+"""What resume promises (docs/resume.md): nothing is unpickled from a run folder, a checkpoint is
+resumed only by the same run (config and data), --no-resume never loses or reuses the old run,
+``checkpoints/latest`` never names an incomplete step, no metrics row appears twice, and one
+training at a time writes into an output folder."""
+
+import os
+import pickle
+import re
+import shutil
+
+import pytest
+import torch
+
+import mtbi_fast.train as train_mod
+from mtbi_fast.lock import FolderLockedError
+from mtbi_fast.model import SpeechLLM
+from mtbi_fast.train import Trainer, load_config
+from test_train import CONFIG, ROOT, data, metrics, overrides  # noqa: F401 - data is a fixture
+
+QUIET = ["train.eval_every=0"]
+
+
+class Payload:
+    """A pickle that runs a command when it is loaded (what issue 14 found a checkpoint can do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def run(data, out, *extra, flags=()):
+    return train_mod.main(["--config", str(CONFIG), *flags, *overrides(data, out, *extra)])
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "mtbi-fast train: error:" in ln]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def steps(out, key="loss"):
+    return [r["step"] for r in metrics(out) if key in r]
+
+
+def test_resume_checks_the_config_and_the_data(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(data, out, "train.steps=4", "train.save_every=2", *QUIET) == 0
+    capsys.readouterr()
+    # another learning rate (and a longer run, which is allowed): refused, naming the key
+    assert run(data, out, "train.steps=6", "train.save_every=2", "train.lr=0.01", *QUIET) == 2
+    line = error_line(capsys)
+    assert re.search(r"cannot resume from .*checkpoints/step-000004: train\.lr \(0\.003 -> 0\.01\)\. "
+                     r"Only ", line), line
+    assert "train.steps (" not in line and "--no-resume --overwrite" in line
+    # other behaviors (one record changed) under another path: refused by content
+    beh = tmp_path / "beh-edited"
+    shutil.copytree(data / "beh", beh)
+    shard = beh / "shard-00000.jsonl"
+    shard.write_text(shard.read_text().replace('"task": "', '"task": "x', 1))
+    assert run(data, out, "train.steps=6", "train.save_every=2", f"data.behaviors={beh}", *QUIET) == 2
+    assert re.search(r"data\.behaviors \(other contents\)", error_line(capsys))
+    assert steps(out) == [1, 2, 3, 4]  # nothing was touched
+    # the same behaviors moved elsewhere, a longer run logged less often: resumed
+    moved = tmp_path / "moved"
+    shutil.copytree(data / "beh", moved)
+    assert run(data, out, "train.steps=6", "train.save_every=2", f"data.behaviors={moved}",
+               "train.log_every=2", *QUIET) == 0
+    assert re.search(r"resumed from .*step-000004 at step 4", capsys.readouterr().out)
+    assert steps(out) == [1, 2, 3, 4, 6]
+
+
+def test_no_resume_refuses_or_moves_the_old_run_aside(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = ["train.steps=2", "train.save_every=2", "train.eval_every=2"]
+    assert run(data, out, *args) == 0
+    before = metrics(out)
+    assert [r["step"] for r in before if "eval_kl" in r] == [0, 2]
+    capsys.readouterr()
+    assert run(data, out, *args, flags=["--no-resume"]) == 2
+    line = error_line(capsys)
+    assert re.search(r"--no-resume: .*run already holds a run \(checkpoints, config\.yaml, final, "
+                     r"metrics\.jsonl, run\.json\); .* add --overwrite to move it aside to "
+                     r"run\.replaced-<time>", line), line
+    # a new run (another learning rate) started clean and killed before its first checkpoint
+    real_log = Trainer._log
+
+    def dying_log(self, *a, **k):
+        real_log(self, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_log", dying_log)
+    with pytest.raises(KeyboardInterrupt):
+        run(data, out, *args, "train.lr=0.01", flags=["--no-resume", "--overwrite"])
+    monkeypatch.setattr(Trainer, "_log", real_log)
+    (old,) = tmp_path.glob("run.replaced-*")  # the old run, whole
+    assert (old / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    assert (old / "checkpoints" / "latest").read_text() == "step-000002"
+    assert metrics(old) == before and (old / "final" / "model.safetensors").is_file()
+    assert not (out / "checkpoints").exists()
+    # rerun as it was: nothing of the old run is resumed, and no row is written twice (the
+    # step-0 evaluation of the killed start included)
+    assert run(data, out, *args, "train.lr=0.01") == 0
+    assert "resumed" not in capsys.readouterr().out
+    rows = metrics(out)
+    assert [(r["step"], "eval_kl" in r) for r in rows] == [(0, True), (1, False), (2, False), (2, True)]
+    assert rows[1]["lr"] != before[1]["lr"]
+
+
+def test_latest_never_names_an_incomplete_checkpoint(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = ["train.steps=6", "train.save_every=2", *QUIET]
+    real_export = Trainer.export
+
+    def dying_export(self, directory):
+        if directory.parent.name == ".step-000004.tmp":
+            raise KeyboardInterrupt  # killed while the step-4 checkpoint exports its model
+        return real_export(self, directory)
+
+    monkeypatch.setattr(Trainer, "export", dying_export)
+    with pytest.raises(KeyboardInterrupt):
+        run(data, out, *args)
+    monkeypatch.setattr(Trainer, "export", real_export)
+    root = out / "checkpoints"
+    assert (root / "latest").read_text() == "step-000002"
+    assert (root / ".step-000004.tmp").is_dir() and not (root / "step-000004").exists()
+    # the plain trainer state: safetensors and JSON, no pickle
+    assert sorted(p.name for p in (root / "step-000002").iterdir()) == [
+        "COMPLETE", "model", "run.json", "trainer.json", "trainer.safetensors"]
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.')  # a row cut short by the kill
+    capsys.readouterr()
+    assert run(data, out, *args) == 0
+    assert re.search(r"resumed from .*step-000002 at step 2", capsys.readouterr().out)
+    assert not (root / ".step-000004.tmp").exists()
+    assert (root / "latest").read_text() == "step-000006"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000004", "step-000006"]
+    assert steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_one_training_per_output_dir(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    first = Trainer(load_config(CONFIG, overrides(data, out, "train.steps=1", *QUIET)))
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was built before the lock was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(SpeechLLM, "from_config", no_model)
+        assert run(data, out, "train.steps=1", *QUIET) == 2
+        line = error_line(capsys)
+        assert re.search(rf"run is in use by process {os.getpid()} on .* \(training, since ", line), line
+        with pytest.raises(FolderLockedError):
+            Trainer(load_config(CONFIG, overrides(data, out, "train.steps=1")))
+    first.train()  # releases the folder when it ends
+    assert run(data, out, "train.steps=2", *QUIET) == 0
+    assert steps(out) == [1, 2]
+
+
+def test_crafted_trainer_state_is_never_unpickled(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    marker = tmp_path / "payload-ran"
+    assert run(data, out, "train.steps=2", "train.save_every=2", *QUIET) == 0
+    ckpt = out / "checkpoints" / "step-000002"
+    # an old-style trainer.pt with a payload, beside the real state: refused, never loaded
+    torch.save({"step": 2, "optimizer": Payload(marker)}, ckpt / "trainer.pt")
+    capsys.readouterr()
+    assert run(data, out, "train.steps=4", "train.save_every=2", *QUIET) == 2
+    assert re.search(r"refusing to resume: .*step-000002/trainer\.pt does not load as plain tensors",
+                     error_line(capsys))
+    assert not marker.exists()
+    (ckpt / "trainer.pt").unlink()
+    # the payload in place of the safetensors state
+    safe = (ckpt / "trainer.safetensors").read_bytes()
+    (ckpt / "trainer.safetensors").write_bytes(pickle.dumps(Payload(marker)))
+    assert run(data, out, "train.steps=4", "train.save_every=2", *QUIET) == 2
+    assert re.search(r"trainer\.safetensors is not a readable safetensors file", error_line(capsys))
+    assert not marker.exists()
+    (ckpt / "trainer.safetensors").write_bytes(safe)
+    # a checkpoint that records no run (an older trainer's): refused
+    (ckpt / "run.json").rename(tmp_path / "run.json")
+    assert run(data, out, "train.steps=4", "train.save_every=2", *QUIET) == 2
+    assert "step-000002: it has no run.json" in error_line(capsys)
+    (tmp_path / "run.json").rename(ckpt / "run.json")
+    assert run(data, out, "train.steps=4", "train.save_every=2", *QUIET) == 0
+    assert steps(out) == [1, 2, 3, 4]
+
+
+def test_deepspeed_checkpoints_load_weights_only(data, tmp_path, capsys):
+    """DeepSpeed's own ZeRO-2 files pass the weights_only check (its few state classes allowed),
+    resume loads them weights_only, and a crafted ``*.pt`` is refused before DeepSpeed sees it."""
+    ds = f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}"
+    out = tmp_path / "run"
+    marker = tmp_path / "payload-ran"
+    assert run(data, out, ds, "train.steps=2", "train.save_every=2", *QUIET) == 0
+    root = out / "checkpoints"
+    assert (root / "latest").read_text() == "step-000002" and not list(root.glob(".step-*"))
+    assert run(data, out, ds, "train.steps=3", "train.save_every=2", *QUIET) == 0
+    assert re.search(r"resumed from .*step-000002 at step 2", capsys.readouterr().out)
+    assert steps(out) == [1, 2, 3]
+    optim = root / "step-000002" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": Payload(marker)}, optim)
+    assert run(data, out, ds, "train.steps=4", "train.save_every=2", *QUIET) == 2
+    assert re.search(r"refusing to resume: .*step-000002/zero_pp_rank_0_mp_rank_00_optim_states\.pt "
+                     r"does not load as plain tensors", error_line(capsys))
+    assert not marker.exists()
+    # DeepSpeed's loader itself is weights_only while the trainer resumes (a file swapped after
+    # the check runs nothing either)
+    trainer = Trainer(load_config(CONFIG, overrides(data, tmp_path / "other", ds)))
+    try:
+        with train_mod._weights_only_deepspeed_loads(trainer.engine):
+            with pytest.raises(pickle.UnpicklingError):
+                trainer.engine.checkpoint_engine.load(str(optim), map_location="cpu")
+    finally:
+        trainer.close()
+    assert not marker.exists()
