@@ -702,7 +702,11 @@ class Trainer:
         return torch.utils.data.DataLoader(
             items, batch_size=None, sampler=range(self.step * t["grad_accum"], t["steps"] * t["grad_accum"]),
             num_workers=workers, prefetch_factor=d["prefetch_factor"] if workers else None,
-            pin_memory=device.type == "cuda")  # pinned pages: asynchronous copies to the GPU
+            pin_memory=device.type == "cuda",  # pinned pages: asynchronous copies to the GPU
+            # the loader draws its workers' base seed from this generator, not from the global
+            # RNG, whose state the checkpoints save: a resumed run's RNG state then equals an
+            # uninterrupted run's (the batches never depend on it)
+            generator=torch.Generator().manual_seed(t["seed"]))
 
     def _log(self, window, seconds, ratio) -> dict:
         seconds = max(seconds, 1e-9)
