@@ -378,7 +378,10 @@ def _sha_weights(paths) -> str:
 
 
 def template_halves(tokenizer, prompt: str, marker: str = PLACEHOLDER) -> tuple[list[int], list[int]]:
-    """Token ids of the chat-formatted ``prompt`` before and after ``marker``."""
+    """Token ids of the chat-formatted ``prompt`` before and after ``marker`` (exactly once)."""
+    if prompt.count(marker) > 1:
+        raise ValueError(f"the prompt has {marker} {prompt.count(marker)} times; it marks the one "
+                         f"place the utterance goes: {prompt!r}")
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)

@@ -238,12 +238,13 @@ def _behaviors(args) -> int:
 def _infer(args) -> int:
     from pathlib import Path
 
-    from .model import SpeechLLM
+    from .model import SpeechLLM, prompt_halves
 
     folder = Path(args.model)
     if (folder / "final" / "config.json").is_file():
         folder = folder / "final"
     model = SpeechLLM.from_pretrained(folder).eval()
+    prompt_halves(model.tokenizer, args.prompt)  # a bad prompt is one error, not one per file
     streamer = None
     if not args.no_stream:
         from transformers import TextStreamer

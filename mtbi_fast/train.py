@@ -52,6 +52,7 @@ import sys
 import time
 import weakref
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (deepspeed mtbi_fast/train.py): import the package
@@ -272,6 +273,11 @@ class BadAudioError(ValueError):
     """An utterance whose audio cannot be decoded into a log-mel (the message names it and its file)."""
 
 
+# log-mels kept per process: 256 clips of 15 s are about 120 MB (80 bins, fp32); the demo's 200
+# training clips all fit
+MEL_CACHE_CLIPS = 256
+
+
 class MTBIData:
     """Behavior records joined with their utterances; deterministic micro-batches. Holds what the
     batches need from the model as plain values (tokenizer, mel bins, adapter stride, frame rate),
@@ -301,7 +307,7 @@ class MTBIData:
         self.max_tokens, self.overlong = max_tokens, overlong
         self.tokenizer, self.n_mels = model.tokenizer, model.encoder.num_mel_bins
         self.stride, self.frame_rate = model.adapter.stride, model.frame_rate
-        self._mels: dict[str, torch.Tensor] = {}
+        self._mels: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU, MEL_CACHE_CLIPS
         self.spec_augment = spec_augment  # SpecAugment's settings for training inputs, or None
         self.skip_bad_audio = skip_bad_audio
         self.cache = _load_hidden_cache(behaviors) if teacher_cache else None
@@ -330,8 +336,14 @@ class MTBIData:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def mel(self, utt_id: str) -> torch.Tensor:
-        if utt_id not in self._mels:
+        """The utterance's log-mel; the last MEL_CACHE_CLIPS are kept (per process: each DataLoader
+        worker has its own cache, so memory stays bounded whatever the corpus size)."""
+        if utt_id in self._mels:
+            self._mels.move_to_end(utt_id)
+        else:
             audio = self.utts[utt_id].audio
+            while len(self._mels) >= MEL_CACHE_CLIPS:
+                self._mels.popitem(last=False)
             try:
                 self._mels[utt_id] = log_mel(load_audio(audio), self.n_mels)
             except (ValueError, OSError, RuntimeError) as exc:  # unreadable, empty, NaN, too short

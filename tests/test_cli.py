@@ -34,6 +34,12 @@ def test_infer_streams_answers_and_reports_bad_audio(tmp_path, capsys):
     captured = capsys.readouterr()
     assert f"error: cannot read audio file {bad}" in captured.err
     assert f"== {clip}" in captured.out  # the other files still get their answer
+    assert cli(["infer", "--model", str(tmp_path / "run"), "--audio", str(clip),
+                "--prompt", "Compare {speech} with {speech}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "mtbi-fast: error: the prompt has {speech} 2 times; it marks the one place the utterance "
+        "goes: 'Compare {speech} with {speech}'"]
 
 
 def test_models_list(capsys, monkeypatch, tmp_path):

@@ -444,3 +444,17 @@ def test_teacher_cache_from_another_llm_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match=r"beh was made by another LLM .*teacher\.config_sha256 "):
         Trainer(cfg)
     assert not (tmp_path / "other" / "checkpoints").exists()
+
+
+def test_mel_cache_is_bounded(data, tmp_path, monkeypatch):
+    """Each process (a DataLoader worker included) keeps only the last MEL_CACHE_CLIPS log-mels."""
+    monkeypatch.setattr(train_mod, "MEL_CACHE_CLIPS", 3)
+    trainer = Trainer(load_config(CONFIG, overrides(data, tmp_path / "m", "train.steps=1")))
+    ids = list(trainer.data.utts)[:5]
+    first = trainer.data.mel(ids[0]).clone()
+    for u in ids[1:]:
+        trainer.data.mel(u)
+    assert list(trainer.data._mels) == ids[2:]
+    assert torch.equal(trainer.data.mel(ids[0]), first)  # recomputed, the same
+    assert list(trainer.data._mels) == ids[3:] + ids[:1]
+    trainer.close()
