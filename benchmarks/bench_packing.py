@@ -23,8 +23,9 @@ import results_table
 import torch
 import transformers
 
-from mtbi_fast.hub import resolve_attn
-from mtbi_fast.packing import Example, Speech, Text, iter_packed, model_inputs, pack_embeddings
+from mtbi_fast.attention import resolve_attn
+from mtbi_fast.embeddings import pack_embeddings
+from mtbi_fast.packing import Example, Speech, Text, iter_packed, model_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # the varlen kernels are half-only

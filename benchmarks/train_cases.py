@@ -6,7 +6,7 @@ weights in ``model.dtype=auto``: bf16 on a GPU or an AVX512-BF16 CPU) and the re
 with each optimization switched off alone.
 
 - ``Step``: the CPU case, a plain model and torch AdamW on the demo corpus.
-- ``Zero3Step``: the GPU case, the real trainer's DeepSpeed ZeRO-3 engine (``mtbi_fast.train.Trainer``,
+- ``Zero3Step``: the GPU case, the real trainer's DeepSpeed ZeRO-3 engine (``mtbi_fast.trainer.Trainer``,
   a one-process world) on random models of real shapes (configs/model_shapes.yaml) and synthetic
   batches of realistic size (noise audio of 5-15 s with demo transcripts, random prompt and
   response ids); the bf16 of mtbi-fast is DeepSpeed's bf16 mode, eager runs float32.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -39,9 +38,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mtbi_fast.audio import load_audio, log_mel  # noqa: E402
-from mtbi_fast.data import read_manifest  # noqa: E402
-from mtbi_fast.interleave import Word, example_pair, transcript  # noqa: E402
+from mtbi_fast.audio import encoder_frames, load_audio, log_mel  # noqa: E402
+from mtbi_fast.data import Word, read_manifest  # noqa: E402
+from mtbi_fast.interleave import example_pair, transcript  # noqa: E402
 from mtbi_fast.model import ModelConfig, SpeechLLM  # noqa: E402
 from mtbi_fast.packing import pack  # noqa: E402
 
@@ -78,21 +77,14 @@ class Step:
             students, teachers, mels = [], [], []
             for u in utts[b * EXAMPLES_PER_STEP:(b + 1) * EXAMPLES_PER_STEP]:
                 mel = log_mel(load_audio(u.audio), self.model.encoder.num_mel_bins)
-                n_frames = self.model.adapter.n_frames(math.ceil(mel.shape[1] / 2))
+                n_frames = self.model.adapter.n_frames(encoder_frames(mel.shape[1]))
                 response = [rng.randrange(vocab) for _ in range(rng.randint(10, 100))]
                 s, t = example_pair(u.id, u.words, n_frames, self.model.frame_rate, 0.3, prefix,
                                     suffix, response, enc, generator=torch.Generator().manual_seed(b))
                 students.append(s)
                 teachers.append(t)
                 mels.append(mel)
-            bins = None if "packing" in on else [[i] for i in range(len(students))]
-            student = pack(students, 2048, bins=bins)
-            teacher = pack(teachers, 2048, bins=bins)
-            batch = {"student": student, "mels": mels}
-            if "cached_teacher" in on:
-                batch["teacher_hidden"] = self.model.teacher_states(teacher)
-            else:
-                batch["teacher"] = teacher
+            batch = step_batch(self.model, students, teachers, mels, on)
             self.batches.append(batch)
         self.tokens = [b["student"].n_tokens for b in self.batches]
         self.i = 0
@@ -108,6 +100,20 @@ class Step:
         return batch["student"].n_tokens
 
 
+def step_batch(model, students, teachers, mels, on) -> dict:
+    """One step's batch: packed rows (or one example a row without "packing"), and the teacher's
+    cached states (with "cached_teacher") or its packed batch for the online pass."""
+    bins = None if "packing" in on else [[i] for i in range(len(students))]
+    student = pack(students, 2048, bins=bins)
+    teacher = pack(teachers, 2048, bins=bins)
+    batch = {"student": student, "mels": mels}
+    if "cached_teacher" in on:
+        batch["teacher_hidden"] = model.teacher_states(teacher)
+    else:
+        batch["teacher"] = teacher
+    return batch
+
+
 def _pad_encoder_to_30s(model):
     """The reference encoder: transformers' WhisperEncoder on 3000 padded frames, then cut."""
     enc = model.encoder.encoder
@@ -115,7 +121,7 @@ def _pad_encoder_to_30s(model):
     def forward(mels):
         x = torch.stack([torch.nn.functional.pad(m, (0, 3000 - m.shape[1])) for m in mels])
         h = enc(x.to(enc.conv1.weight.dtype)).last_hidden_state
-        return [h[i, :math.ceil(m.shape[1] / 2)] for i, m in enumerate(mels)]
+        return [h[i, :encoder_frames(m.shape[1])] for i, m in enumerate(mels)]
 
     model.encoder.forward = forward
 
@@ -181,7 +187,7 @@ def trainer_config(workdir: Path, encoder: str, llm: str, variant: str = "mtbi-f
     manifest, synthetic behaviors, DeepSpeed ZeRO-3 (bf16 when the variant has it), no eval and
     no checkpoints; ``extra``: more ``section.key=value`` overrides."""
     from mtbi_fast.hub import tiny_tokenizer
-    from mtbi_fast.train import load_config
+    from mtbi_fast.config import load_config
 
     on = VARIANTS[variant]
     llm_src = model_source("llms", llm)
@@ -210,7 +216,7 @@ class Zero3Step:
 
     def __init__(self, encoder: str, llm: str, variant: str, utterances: int, workdir: Path,
                  n_batches: int = ZERO3_BATCHES, seed: int = 0):
-        from mtbi_fast.train import Trainer
+        from mtbi_fast.trainer import Trainer
 
         on = VARIANTS[variant]
         self.trainer = Trainer(trainer_config(workdir, encoder, llm, variant))
@@ -234,7 +240,7 @@ class Zero3Step:
                 words = [Word(w["word"], w["start"] * scale, w["end"] * scale) for w in u["words"]]
                 mel = log_mel(0.1 * torch.randn(int(seconds * 16000), generator=g),
                               model.encoder.num_mel_bins)
-                n_frames = model.adapter.n_frames(math.ceil(mel.shape[1] / 2))
+                n_frames = model.adapter.n_frames(encoder_frames(mel.shape[1]))
                 prefix = [rng.randrange(vocab) for _ in range(rng.randint(15, 25))]
                 suffix = [rng.randrange(vocab) for _ in range(rng.randint(5, 10))]
                 response = [rng.randrange(vocab) for _ in range(rng.randint(*RESPONSE))]
@@ -244,14 +250,7 @@ class Zero3Step:
                 students.append(s)
                 teachers.append(t)
                 mels.append(mel)
-            bins = None if "packing" in on else [[i] for i in range(len(students))]
-            student = pack(students, 2048, bins=bins)
-            teacher = pack(teachers, 2048, bins=bins)
-            batch = {"student": student, "mels": mels}
-            if "cached_teacher" in on:
-                batch["teacher_hidden"] = model.teacher_states(teacher)
-            else:
-                batch["teacher"] = teacher
+            batch = step_batch(model, students, teachers, mels, on)
             self.batches.append(batch)
         self.i = 0
 
@@ -328,7 +327,7 @@ def data_wait_overrides(workers: int, examples: int, steps: int, log_every: int)
 def data_wait_supported() -> str | None:
     """None when the trainer's config has ``data.num_workers`` and ``data.prefetch_factor``,
     else why not."""
-    from mtbi_fast.train import load_config
+    from mtbi_fast.config import load_config
 
     try:
         cfg = load_config(TRAIN_CONFIG, ["data.num_workers=4"])
@@ -344,7 +343,7 @@ def run_data_wait(encoder=DATA_WAIT["encoder"], llm=DATA_WAIT["llm"], examples=D
                   log_every=DATA_WAIT["log_every"]) -> dict:
     """``Trainer.train`` for ``steps`` steps on the demo corpus; the ``data_wait_share`` of its
     logged windows (the first includes starting the workers)."""
-    from mtbi_fast.train import Trainer
+    from mtbi_fast.trainer import Trainer
 
     why = data_wait_supported()
     if why:

@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 # Shared memory a block may use (opt-in maximum), bytes: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.

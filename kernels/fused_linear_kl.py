@@ -186,6 +186,18 @@ def launch_configs() -> list[LaunchConfig]:
 if triton is not None:
 
     @triton.jit
+    def _row_logits(zs_row, zt_row, B, BT, cols, mask, HAS_BIAS: tl.constexpr,
+                    HAS_T_BIAS: tl.constexpr):
+        """One tile of a row's student and teacher logits (fp32), biases added."""
+        zs = tl.load(zs_row + cols, mask=mask, other=0.0)
+        zt = tl.load(zt_row + cols, mask=mask, other=0.0)
+        if HAS_BIAS:
+            zs += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_T_BIAS:
+            zt += tl.load(BT + cols, mask=mask, other=0.0).to(tl.float32)
+        return zs, zt
+
+    @triton.jit
     def _kl_rows_kernel(
         ZS, ZT, B, BT, TGT, SCALE, KL, CE, G,
         n_vocab, stride_zs, stride_zt, stride_g,
@@ -209,12 +221,7 @@ if triton is not None:
         for v0 in range(0, n_vocab, BLOCK_V):
             cols = v0 + offs
             mask = cols < n_vocab
-            zs = tl.load(zs_row + cols, mask=mask, other=0.0)
-            zt = tl.load(zt_row + cols, mask=mask, other=0.0)
-            if HAS_BIAS:
-                zs += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_T_BIAS:
-                zt += tl.load(BT + cols, mask=mask, other=0.0).to(tl.float32)
+            zs, zt = _row_logits(zs_row, zt_row, B, BT, cols, mask, HAS_BIAS, HAS_T_BIAS)
             s = tl.where(mask, zs * inv_t, float("-inf"))
             t = tl.where(mask, zt * inv_t, float("-inf"))
             m_new = tl.maximum(m_s, s)
@@ -262,12 +269,7 @@ if triton is not None:
                 if scale == 0.0:  # ignored row: a zero gradient, whatever its logits hold
                     g = tl.zeros((BLOCK_V,), tl.float32)
                 else:
-                    zs = tl.load(zs_row + cols, mask=mask, other=0.0)
-                    zt = tl.load(zt_row + cols, mask=mask, other=0.0)
-                    if HAS_BIAS:
-                        zs += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-                    if HAS_T_BIAS:
-                        zt += tl.load(BT + cols, mask=mask, other=0.0).to(tl.float32)
+                    zs, zt = _row_logits(zs_row, zt_row, B, BT, cols, mask, HAS_BIAS, HAS_T_BIAS)
                     g = kl_grad_scale * (tl.exp(zs * inv_t - lse_s) - tl.exp(zt * inv_t - lse_t))
                     if DO_CE:
                         g += ce_weight * (tl.exp(zs - lse_c) - tl.where(cols == tgt, 1.0, 0.0))

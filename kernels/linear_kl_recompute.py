@@ -243,11 +243,13 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _tempered_tiles(HS, HT, W, WT, B, BT, offs_m, offs_v, mask_m, mask_v,
-                        n_hidden, n_hidden_t, stride_hs, stride_ht, stride_w, stride_wt, inv_t,
-                        HAS_BIAS: tl.constexpr, HAS_T_BIAS: tl.constexpr, FP32_DOTS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Student and teacher logit tiles (with biases), untempered, fp32."""
+    def _student_teacher_logits(HS, HT, W, WT, B, BT, offs_m, offs_v, mask_m, mask_v,
+                                n_hidden, n_hidden_t, stride_hs, stride_ht, stride_w, stride_wt,
+                                HAS_BIAS: tl.constexpr, HAS_T_BIAS: tl.constexpr,
+                                FP32_DOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Student and teacher logit tiles (with biases), fp32, not yet divided by the
+        temperature (the callers scale them by ``inv_t`` where they need it)."""
         zs = _logits_tile(HS, W, offs_m, offs_v, mask_m, mask_v, n_hidden, stride_hs, stride_w,
                           FP32_DOTS, BLOCK_M, BLOCK_V, BLOCK_K)
         zt = _logits_tile(HT, WT, offs_m, offs_v, mask_m, mask_v, n_hidden_t, stride_ht, stride_wt,
@@ -291,10 +293,10 @@ if triton is not None:
         for v0 in range(v_start, v_stop, BLOCK_V):
             offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             mask_v = offs_v < v_stop
-            zs, zt = _tempered_tiles(HS, HT, W, WT, B, BT, offs_m, offs_v, mask_m, mask_v,
-                                     n_hidden, n_hidden_t, stride_hs, stride_ht, stride_w,
-                                     stride_wt, inv_t, HAS_BIAS, HAS_T_BIAS, FP32_DOTS,
-                                     BLOCK_M, BLOCK_V, BLOCK_K)
+            zs, zt = _student_teacher_logits(HS, HT, W, WT, B, BT, offs_m, offs_v, mask_m,
+                                             mask_v, n_hidden, n_hidden_t, stride_hs, stride_ht,
+                                             stride_w, stride_wt, HAS_BIAS, HAS_T_BIAS,
+                                             FP32_DOTS, BLOCK_M, BLOCK_V, BLOCK_K)
             s = tl.where(mask_v[None, :], zs * inv_t, neg_inf)
             t = tl.where(mask_v[None, :], zt * inv_t, neg_inf)
 
@@ -353,10 +355,10 @@ if triton is not None:
             # every row of the tile is ignored or padding: no logits needed
             tl.store(out, tl.zeros((BLOCK_M, BLOCK_V), tl.float32).to(G.dtype.element_ty), mask=mask)
         else:
-            zs, zt = _tempered_tiles(HS, HT, W, WT, B, BT, offs_m, offs_v, mask_m, mask_v,
-                                     n_hidden, n_hidden_t, stride_hs, stride_ht, stride_w,
-                                     stride_wt, inv_t, HAS_BIAS, HAS_T_BIAS, FP32_DOTS,
-                                     BLOCK_M, BLOCK_V, BLOCK_K)
+            zs, zt = _student_teacher_logits(HS, HT, W, WT, B, BT, offs_m, offs_v, mask_m,
+                                             mask_v, n_hidden, n_hidden_t, stride_hs, stride_ht,
+                                             stride_w, stride_wt, HAS_BIAS, HAS_T_BIAS,
+                                             FP32_DOTS, BLOCK_M, BLOCK_V, BLOCK_K)
             lse_s = tl.load(LSE_S + offs_m, mask=mask_m, other=0.0)
             lse_t = tl.load(LSE_T + offs_m, mask=mask_m, other=0.0)
             g = kl_grad_scale * (tl.exp(zs * inv_t - lse_s[:, None]) - tl.exp(zt * inv_t - lse_t[:, None]))

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from .data import Utterance
-from .interleave import Word
+from .data import Utterance, Word
 
 _ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen " \
         "fifteen sixteen seventeen eighteen nineteen".split()

@@ -12,14 +12,15 @@ keywords (``packing.model_inputs(..., attention="varlen")``) and build no mask:
   training, an older torch), it runs ``VARLEN_SDPA``.
 - ``VARLEN_SDPA``: SDPA on each packed sequence on its own; any device and dtype.
 
-``hub.resolve_attn("auto")`` picks flash-attention-2, else ``TORCH_VARLEN``, else ``VARLEN_SDPA``.
+``resolve_attn("auto")`` picks flash-attention-2, else ``TORCH_VARLEN``, else ``VARLEN_SDPA``.
 Without ``cu_seq_lens_q`` both treat each row as one causal sequence (right padding only: they build
-no padding mask; ``hub.padded_attention`` switches to SDPA for left-padded generation) or decode one
+no padding mask; ``padded_attention`` switches to SDPA for left-padded generation) or decode one
 query against the cached keys.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 
@@ -29,6 +30,35 @@ VARLEN_SDPA = "mtbi_varlen_sdpa"
 TORCH_VARLEN = "mtbi_torch_varlen"
 REGISTERED = (VARLEN_SDPA, TORCH_VARLEN)  # registered here; no padding mask
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", *REGISTERED)  # take the packed batch's cu_seqlens
+
+
+def resolve_attn(attn_implementation: str) -> str:
+    """"auto": the fastest attention here that keeps packed examples apart at no extra cost:
+    flash-attention-2 (flash-attn installed, CUDA), else torch's own varlen kernel
+    (``TORCH_VARLEN``: torch >= 2.10, an sm80+ GPU), else SDPA per packed sequence
+    (``VARLEN_SDPA``). Other names are returned as they are."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    if flash_attn_available():
+        return "flash_attention_2"
+    if torch_varlen_available():
+        return TORCH_VARLEN
+    return VARLEN_SDPA
+
+
+@contextlib.contextmanager
+def padded_attention(llm):
+    """Plain SDPA while running padded batches (generation with left padding): VARLEN_SDPA and
+    TORCH_VARLEN keep packed sequences apart through cu_seqlens and build no padding mask."""
+    current = llm.config._attn_implementation
+    if current not in REGISTERED:
+        yield llm
+        return
+    llm.set_attn_implementation("sdpa")
+    try:
+        yield llm
+    finally:
+        llm.set_attn_implementation(current)
 
 
 def torch_varlen_attention(module, query, key, value, attention_mask=None, dropout=0.0,

@@ -23,6 +23,7 @@ SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
+ENCODER_STRIDE = 2  # mel frames per Whisper encoder frame (its second convolution's stride)
 
 
 def load_audio(path: str | os.PathLike, *, max_seconds: float | None = None,
@@ -78,6 +79,11 @@ def log_mel(wave: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
 def mel_frames(n_samples: int) -> int:
     """Mel frames ``log_mel`` gives for ``n_samples`` samples at 16 kHz."""
     return n_samples // HOP_LENGTH
+
+
+def encoder_frames(mel_frames_: int) -> int:
+    """Whisper encoder output frames for a log-mel of ``mel_frames_`` frames (conv stride 2)."""
+    return math.ceil(mel_frames_ / ENCODER_STRIDE)
 
 
 @lru_cache(maxsize=8)
@@ -140,7 +146,3 @@ def spec_augment(mel: torch.Tensor, *, freq_masks: int = 2, freq_width: int = 27
         out[:, t0:t0 + w] = fill
     return out
 
-
-def encoder_frames(mel_frames_: int) -> int:
-    """Whisper encoder output frames for a log-mel of ``mel_frames_`` frames (conv stride 2)."""
-    return math.ceil(mel_frames_ / 2)

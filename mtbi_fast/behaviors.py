@@ -41,10 +41,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .attention import padded_attention
 from .data import Utterance
+from .hub import ASSETS, TINY_LLM, source_config
 from .io import atomic_write_text
 from .lock import LOCK_NAME, FolderLock
-from .tasks import PLACEHOLDER, TaskLibrary, TaskSplit
+from .prompts import left_pad, template_halves
+from .tasks import TaskLibrary, TaskSplit
 
 
 @dataclass
@@ -65,25 +68,23 @@ class BehaviorConfig:
 def plan(utterances: list[Utterance], split: TaskSplit, library: TaskLibrary,
          cfg: BehaviorConfig) -> list[dict]:
     """The (utterance, task, wording) jobs, in a fixed order."""
-    if cfg.split == "train":
-        pool = [(t, w) for t, ws in sorted(split.train.items()) for w in ws]
-    elif cfg.split == "heldout_wording":
-        pool = [(t, w) for t, ws in sorted(split.heldout_wordings.items()) for w in ws]
-    elif cfg.split == "heldout_task":
-        pool = [(t, w) for t in split.heldout_tasks for w in range(len(library.tasks[t]))]
-    else:
-        raise ValueError(f"split must be train, heldout_wording or heldout_task, got {cfg.split!r}")
+    pool = library.pool(split, cfg.split)
     if cfg.tasks is not None:
         pool = [(t, w) for t, w in pool if t in cfg.tasks]
         if not pool:
             raise ValueError(f"no {cfg.split} prompts of tasks {list(cfg.tasks)} in the split")
     jobs = []
     for u in sorted(utterances, key=lambda u: u.id):
-        rng = random.Random(_seed(cfg.seed, u.id))
+        rng = random.Random(derived_seed(cfg.seed, u.id))
         for task, wording in rng.sample(pool, min(cfg.per_utterance, len(pool))):
-            jobs.append({"id": f"{u.id}/{task}/{wording}", "utt_id": u.id, "task": task,
-                         "wording": wording, "split": cfg.split, "text": u.text})
+            jobs.append(job(u, task, wording, cfg.split))
     return jobs
+
+
+def job(utterance: Utterance, task: str, wording: int, split: str) -> dict:
+    """One prompt to answer: wording ``wording`` of ``task`` about ``utterance``'s transcript."""
+    return {"id": f"{utterance.id}/{task}/{wording}", "utt_id": utterance.id, "task": task,
+            "wording": wording, "split": split, "text": utterance.text}
 
 
 def generate_behaviors(utterances: list[Utterance], library: TaskLibrary, llm, tokenizer,
@@ -122,8 +123,8 @@ def _generate(jobs, library, llm, tokenizer, out: Path, cfg: BehaviorConfig, pro
         records, hidden = [], {}
         for b in range(0, len(shards[k]), cfg.batch_size):
             batch = shards[k][b:b + cfg.batch_size]
-            records += _answer(batch, library, llm, tokenizer, cfg, _seed(cfg.seed, f"{k}/{b}"),
-                               hidden=hidden if cfg.cache_hidden else None)
+            records += answer(batch, library, llm, tokenizer, cfg, derived_seed(cfg.seed, f"{k}/{b}"),
+                              hidden=hidden if cfg.cache_hidden else None)
             n_tokens += sum(len(r["response_ids"]) for r in records[-len(batch):])
             n_done += len(batch)
             bar.update(len(batch))
@@ -141,6 +142,59 @@ def _generate(jobs, library, llm, tokenizer, out: Path, cfg: BehaviorConfig, pro
         print(f"behaviors: {n_done} generated now, {len(jobs)} in all, {n_tokens} tokens in "
               f"{elapsed:.1f} s ({summary['tokens_per_s']} tokens/s) -> {out}")
     return summary
+
+
+def answer(batch: list[dict], library: TaskLibrary, llm, tokenizer, cfg: BehaviorConfig, seed: int,
+           hidden: dict | None = None) -> list[dict]:
+    """The LLM's answers to a batch of jobs (``plan``), one record each (module docstring), in
+    one left-padded batch: greedy, or sampled with ``seed``. With ``hidden`` (a dict), also the
+    final hidden states that predicted each response token, taken from the generation itself (no
+    second pass): ``hidden[id]`` [len(response_ids), H]."""
+    prompts, inputs = [], []
+    for j in batch:
+        prefix, suffix = template_halves(tokenizer, library.tasks[j["task"]][j["wording"]])
+        transcript_ids = tokenizer(j["text"], add_special_tokens=False)["input_ids"]
+        prompts.append((library.prompt(j["task"], j["wording"], j["text"]), prefix, transcript_ids,
+                        suffix))
+        inputs.append(prefix + transcript_ids + suffix)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = left_pad([torch.tensor(x, dtype=torch.long) for x in inputs], pad)
+    width = ids.shape[1]
+    device = llm.get_input_embeddings().weight.device
+    kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, pad_token_id=pad)
+    if cfg.do_sample:
+        kw.update(temperature=cfg.temperature, top_p=cfg.top_p)
+    steps = []  # the LM head's input at the last position, one [B, H] per decoding step
+    hook = llm.get_output_embeddings().register_forward_pre_hook(
+        lambda _m, args: steps.append(args[0][:, -1].detach())) if hidden is not None else None
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), padded_attention(llm):
+            torch.manual_seed(seed)
+            out = llm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if hidden is not None:  # step k's final state predicted response token k
+        states = torch.stack(steps, 1)
+    eos = tokenizer.eos_token_id
+    records = []
+    for i, (j, (prompt, prefix, transcript_ids, suffix), row) in enumerate(
+            zip(batch, prompts, out[:, width:].tolist())):
+        resp = []
+        for tok in row:
+            resp.append(tok)
+            if tok == eos:
+                break
+        while resp and resp[-1] == pad and pad != eos:
+            resp.pop()
+        records.append({"id": j["id"], "utt_id": j["utt_id"], "task": j["task"],
+                        "wording": j["wording"], "split": j["split"], "prompt": prompt,
+                        "prefix_ids": prefix, "transcript_ids": transcript_ids, "suffix_ids": suffix,
+                        "response": tokenizer.decode(resp, skip_special_tokens=True).strip(),
+                        "response_ids": resp})
+        if hidden is not None:
+            hidden[j["id"]] = states[i, :len(resp)].cpu()
+    return records
 
 
 def read_behaviors(out_dir: str | os.PathLike) -> list[dict]:
@@ -192,9 +246,6 @@ def teacher_fingerprint(model_config) -> dict:
         raise ValueError(f"model.llm must be a one-key mapping (tiny, path, name or hub), got {source!r}")
     kind, value = next(iter(source.items()))
     if kind == "tiny":
-        from .hub import ASSETS
-        from .model import TINY_LLM
-
         return {"source": {"tiny": dict(value or {})},
                 "config_sha256": _sha_json({**TINY_LLM, **(value or {})}),
                 "tokenizer_sha256": _sha_files([ASSETS / "tiny_tokenizer.json"]),
@@ -202,20 +253,9 @@ def teacher_fingerprint(model_config) -> dict:
     if kind == "hub":
         return {"source": {"hub": value}, "config_sha256": None, "tokenizer_sha256": None,
                 "weights": f"hub:{value}"}
-    if kind == "path":
-        folder = Path(value)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model folder not found: {value}")
-    elif kind == "name":
-        from .hub import model_dir
-
-        folder = model_dir(value)
-    else:
-        raise ValueError(f"model.llm must be tiny, path, name or hub, got {kind!r}")
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"model folder {folder} has no config.json")
-    config = json.loads(config_file.read_text())
+    if kind == "path" and not Path(value).is_dir():
+        raise FileNotFoundError(f"model folder not found: {value}")
+    folder, config = source_config(kind, value, "llm")
     for key in ("transformers_version", "_name_or_path"):
         config.pop(key, None)
     weights = sorted(p for p in folder.iterdir() if p.is_file() and (
@@ -377,80 +417,6 @@ def _sha_weights(paths) -> str:
     return h.hexdigest()
 
 
-def template_halves(tokenizer, prompt: str, marker: str = PLACEHOLDER) -> tuple[list[int], list[int]]:
-    """Token ids of the chat-formatted ``prompt`` before and after ``marker`` (exactly once)."""
-    if prompt.count(marker) > 1:
-        raise ValueError(f"the prompt has {marker} {prompt.count(marker)} times; it marks the one "
-                         f"place the utterance goes: {prompt!r}")
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = f"User: {prompt}\nAssistant:"
-    if marker not in text:
-        raise ValueError(f"the prompt has no {marker} to put the utterance in: {prompt!r}")
-    a, b = text.split(marker, 1)
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return enc(a), enc(b)
-
-
-def _answer(batch, library, llm, tokenizer, cfg, seed, hidden: dict | None = None) -> list[dict]:
-    """The LLM's answers to a batch of jobs. With ``hidden`` (a dict), also the final hidden
-    states that predicted each response token, taken from the generation itself (no second pass):
-    ``hidden[id]`` [len(response_ids), H]."""
-    prompts, inputs = [], []
-    for job in batch:
-        wording = library.tasks[job["task"]][job["wording"]]
-        prefix, suffix = template_halves(tokenizer, wording)
-        transcript_ids = tokenizer(job["text"], add_special_tokens=False)["input_ids"]
-        prompts.append((wording.replace(PLACEHOLDER, job["text"]), prefix, transcript_ids, suffix))
-        inputs.append(prefix + transcript_ids + suffix)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(map(len, inputs))
-    device = llm.get_input_embeddings().weight.device
-    ids = torch.full((len(inputs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(inputs), width), dtype=torch.long)
-    for i, x in enumerate(inputs):  # left padding
-        ids[i, width - len(x):] = torch.tensor(x)
-        mask[i, width - len(x):] = 1
-    kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, pad_token_id=pad)
-    if cfg.do_sample:
-        kw.update(temperature=cfg.temperature, top_p=cfg.top_p)
-    from .hub import padded_attention
-
-    steps = []  # the LM head's input at the last position, one [B, H] per decoding step
-    hook = llm.get_output_embeddings().register_forward_pre_hook(
-        lambda _m, args: steps.append(args[0][:, -1].detach())) if hidden is not None else None
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), padded_attention(llm):
-            torch.manual_seed(seed)
-            out = llm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
-    finally:
-        if hook is not None:
-            hook.remove()
-    if hidden is not None:  # step j's final state predicted response token j
-        states = torch.stack(steps, 1)
-    eos = tokenizer.eos_token_id
-    records = []
-    for i, (job, (prompt, prefix, transcript_ids, suffix), row) in enumerate(
-            zip(batch, prompts, out[:, width:].tolist())):
-        resp = []
-        for tok in row:
-            resp.append(tok)
-            if tok == eos:
-                break
-        while resp and resp[-1] == pad and pad != eos:
-            resp.pop()
-        records.append({"id": job["id"], "utt_id": job["utt_id"], "task": job["task"],
-                        "wording": job["wording"], "split": job["split"], "prompt": prompt,
-                        "prefix_ids": prefix, "transcript_ids": transcript_ids, "suffix_ids": suffix,
-                        "response": tokenizer.decode(resp, skip_special_tokens=True).strip(),
-                        "response_ids": resp})
-        if hidden is not None:
-            hidden[job["id"]] = states[i, :len(resp)].cpu()
-    return records
-
-
 def _write_hidden(path: Path, states: dict[str, torch.Tensor]):
     """Teacher final hidden states at the response positions, bf16, one tensor per record."""
     from safetensors.torch import save_file
@@ -461,5 +427,7 @@ def _write_hidden(path: Path, states: dict[str, torch.Tensor]):
     os.replace(tmp, path)
 
 
-def _seed(seed: int, key: str) -> int:
+def derived_seed(seed: int, key: str) -> int:
+    """A 64-bit seed of its own for ``key`` under the run seed ``seed`` (independent of what ran
+    before: plans and sampling are the same whichever part runs first)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")

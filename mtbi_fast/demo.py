@@ -3,7 +3,9 @@ bundled corpus.
 
 1. fetch the offline real models (SmolLM2-135M-Instruct, Whisper tiny.en, MiniLM), unless --tiny;
 2. the teacher's behaviors for the demo training utterances (cached in the output folder);
-3. training with the MTBI trainer (demo config; --tiny: the random tiny models);
+3. training with the MTBI trainer on a complete run config, ``configs/demo_train.yaml``
+   (--tiny: ``configs/demo_tiny_train.yaml``, the random tiny models), with only its paths set
+   to the output folder (and, with --steps, the step counts);
 4. evaluation of the trained and the untrained model on held-out utterances (three splits);
 5. a report folder: report.md (tables), loss_curve.png, eval.png, eval.json, the trained model.
 
@@ -11,30 +13,42 @@ With ``--baselines`` the same run also trains and evaluates two baselines in the
 single task (continuation only, BLSP-style behavior alignment) and no interleaving (ratio 0).
 
 Every stage resumes from what the output folder already holds.
+
+The demo reads ``configs/`` and the corpus ``data/demo/`` of a source checkout (they are not part
+of the installed package): ``$MTBI_FAST_ROOT`` when set, else the checkout this package runs from,
+else the current folder; otherwise an error says what is missing and how to get it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import time
 from pathlib import Path
 
-import yaml
+from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors
+from mtbi_fast.config import load_config
+from mtbi_fast.data import read_manifest, write_manifest
+from mtbi_fast.evaluate import Embedder, evaluate, markdown
+from mtbi_fast.fetch import fetch
+from mtbi_fast.hub import load_teacher
+from mtbi_fast.model import ModelConfig, SpeechLLM
+from mtbi_fast.tasks import TaskLibrary
+from mtbi_fast.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_DATA = ROOT / "data" / "demo"
-
+ROOT_ENV = "MTBI_FAST_ROOT"
+# what the demo needs from a source checkout, relative to it
+CONFIGS = {"full": "configs/demo_train.yaml", "tiny": "configs/demo_tiny_train.yaml"}
+NEEDED = ("configs/tasks.yaml", "configs/ds_zero2.json", *CONFIGS.values(),
+          "data/demo/train.jsonl", "data/demo/test.jsonl", "data/demo/audio")
+# the demo's own settings (the training run's are in its config): behaviors per utterance and
+# their length, utterances trained on and evaluated, answer length in the evaluation
 SETTINGS = {
-    "full": dict(config="demo.yaml", per_utterance=1, max_new_tokens=32, steps=300,
-                 examples_per_step=4, eval_utts=40, eval_tokens=32,
-                 train_utts=200),
-    "tiny": dict(config="tiny_train.yaml", per_utterance=1, max_new_tokens=12, steps=30,
-                 examples_per_step=4, eval_utts=4, eval_tokens=8,
-                 train_utts=40),
+    "full": dict(per_utterance=1, max_new_tokens=32, train_utts=200, eval_utts=40, eval_tokens=32),
+    "tiny": dict(per_utterance=1, max_new_tokens=12, train_utts=40, eval_utts=4, eval_tokens=8),
 }
-
-
 BASELINES = {
     # BLSP-style behavior alignment: one task (continuation), interleaving as in MTBI
     "continue-only": dict(behaviors="behaviors-continue", overrides=[]),
@@ -46,95 +60,38 @@ BASELINES = {
 
 def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False,
              steps: int | None = None, overwrite: bool = False) -> Path:
-    from .behaviors import BehaviorConfig, generate_behaviors
-    from .data import read_manifest, write_manifest
-    from .evaluate import Embedder, evaluate
-    from .fetch import fetch
-    from .hub import load_llm, resolve_dtype
-    from .model import ModelConfig, SpeechLLM
-    from .tasks import TaskLibrary
-    from .train import Trainer, load_config
-
-    s = dict(SETTINGS["tiny" if tiny else "full"])
-    if steps is not None:
-        if steps < 4:
-            raise ValueError(f"--steps must be >= 4, got {steps}")
-        s["steps"] = steps
+    """Run the demo into ``output`` (see the module docstring); returns the output folder."""
+    if steps is not None and steps < 4:
+        raise ValueError(f"--steps must be >= 4, got {steps}")
+    root = find_checkout()
+    kind = "tiny" if tiny else "full"
+    s = SETTINGS[kind]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     times = {}
+
     print(f"[1/5] models ({'random tiny' if tiny else 'SmolLM2-135M-Instruct + Whisper tiny.en'})")
-    if not tiny:
-        for name in ("smollm2-135m-instruct", "whisper-tiny.en"):
-            fetch(name)
-    embedder_dir = fetch("minilm")
+    embedder_dir = fetch_models(tiny)
     times["models"] = time.time() - t0
 
-    run_cfg = yaml.safe_load((ROOT / "configs" / s["config"]).read_text())
-    library = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
-    split = library.split()
-    train_utts = read_manifest(DEMO_DATA / "train.jsonl", require_words=True)[:s["train_utts"]]
-    test_utts = read_manifest(DEMO_DATA / "test.jsonl", require_words=True)[:s["eval_utts"]]
-    write_manifest(out / "train.jsonl", train_utts)
-    write_manifest(out / "test.jsonl", test_utts)
-
     t = time.time()
+    cfg = demo_run_config(root / CONFIGS[kind], out, steps)
+    library = TaskLibrary.load(root / "configs" / "tasks.yaml")
+    split = library.split()
+    train_utts, test_utts = demo_corpus(root / "data" / "demo", out, s["train_utts"], s["eval_utts"])
     print(f"[2/5] behaviors: the teacher answers {len(train_utts)} utterances")
-    model_cfg = ModelConfig.from_dict(run_cfg["model"])
-    llm, tok = load_llm(model_cfg.llm, seed=model_cfg.init_seed)
-    llm.to(resolve_dtype(model_cfg.dtype))
-    # the teacher's hidden states at the response positions come free with its answers; training
-    # reads them instead of running the teacher again (data.teacher_cache)
-    bc = BehaviorConfig(per_utterance=s["per_utterance"], max_new_tokens=s["max_new_tokens"],
-                        batch_size=16, cache_hidden=True)
-    teacher = dict(model_config=model_cfg.to_dict())  # recorded: training checks its LLM against it
-    generate_behaviors(train_utts, library, llm, tok, out / "behaviors", bc, split=split, **teacher)
-    generate_behaviors(test_utts, library, llm, tok, out / "behaviors-eval",
-                       dataclasses.replace(bc, cache_hidden=False), split=split, **teacher)
-    if baselines:  # continuation prompts for every utterance
-        cont = dataclasses.replace(bc, per_utterance=1, tasks=("continue",))
-        generate_behaviors(train_utts, library, llm, tok, out / "behaviors-continue", cont,
-                           split=split, **teacher)
-    del llm
+    make_behaviors(cfg["model"], train_utts, test_utts, library, split, out, s, baselines)
     times["behaviors"] = time.time() - t
 
     t = time.time()
-    print(f"[3/5] training {s['steps']} steps")
-    overrides = [f"data.train_manifest={out / 'train.jsonl'}", f"data.behaviors={out / 'behaviors'}",
-                 f"data.eval_manifest={out / 'test.jsonl'}",
-                 f"data.eval_behaviors={out / 'behaviors-eval'}", f"output_dir={out / 'run'}",
-                 f"train.steps={s['steps']}", f"interleave.steps={s['steps']}",
-                 f"packing.examples_per_step={s['examples_per_step']}",
-                 f"train.eval_every={-(-s['steps'] // 4)}", f"train.save_every={s['steps'] // 2}",
-                 "train.log_every=1", "data.teacher_cache=true",
-                 f"deepspeed={ROOT / 'configs' / 'ds_zero2.json'}"]  # one process; DeepSpeed's bf16 only on GPU
-    if not tiny:
-        overrides += ["train.lr=0.003", "train.warmup_steps=5", "interleave.start=0.8"]
-    cfg_path = out / "run.yaml"
-    cfg_path.write_text(yaml.safe_dump(run_cfg, sort_keys=False))
-    # evaluates at step 0 too; overwrite: a run with other settings (e.g. --steps) moves aside
-    Trainer(load_config(cfg_path, overrides)).train(overwrite=overwrite)
-    if baselines:
-        for name, b in BASELINES.items():
-            print(f"      baseline {name}")
-            extra = [o for o in overrides if not o.startswith(("data.behaviors=", "output_dir="))]
-            extra += [f"data.behaviors={out / b['behaviors']}", f"output_dir={out / ('run-' + name)}",
-                      *b["overrides"]]
-            Trainer(load_config(cfg_path, extra)).train(overwrite=overwrite)
+    print(f"[3/5] training {cfg['train']['steps']} steps")
+    train_runs(root / CONFIGS[kind], out, steps, baselines, overwrite)
     times["training"] = time.time() - t
 
     t = time.time()
     print("[4/5] evaluation: trained vs untrained, three splits")
-    trained = SpeechLLM.from_pretrained(out / "run" / "final")
-    models = {"mtbi": trained}
-    if baselines:
-        for name in BASELINES:
-            models[name] = SpeechLLM.from_pretrained(out / f"run-{name}" / "final")
-    models["untrained"] = SpeechLLM.from_config(trained.config)
-    result = evaluate(models, test_utts, library, split,
-                      out / "eval", per_split=1, max_new_tokens=s["eval_tokens"],
-                      embedder=Embedder(embedder_dir), batch_size=16)
+    result = evaluate_runs(out, test_utts, library, split, s["eval_tokens"], embedder_dir, baselines)
     times["evaluation"] = time.time() - t
 
     print("[5/5] report")
@@ -145,6 +102,116 @@ def run_demo(output: str | Path, tiny: bool = False, baselines: bool = False,
     (out / "report.md").write_text(report)
     print(report)
     return out
+
+
+def find_checkout() -> Path:
+    """The source checkout whose ``configs/`` and ``data/demo/`` the demo reads: ``$MTBI_FAST_ROOT``
+    when set, else the one this package runs from (a clone, or an editable install of it), else
+    the current folder. An error names what is missing and how to get it."""
+    candidates = [Path(os.environ[ROOT_ENV]).expanduser()] if os.environ.get(ROOT_ENV) else []
+    candidates += [Path(__file__).resolve().parents[1], Path.cwd()]
+    missing = {}
+    for root in candidates:
+        lacks = [p for p in NEEDED if not (root / p).exists()]
+        if not lacks:
+            return root.resolve()
+        missing.setdefault(str(root), lacks)
+    looked = "; ".join(f"{root} lacks {', '.join(lacks[:3])}{', ...' if len(lacks) > 3 else ''}"
+                       for root, lacks in missing.items())
+    raise FileNotFoundError(
+        f"mtbi-fast demo needs the run configs (configs/) and the bundled corpus (data/demo/) of an "
+        f"mtbi-fast source checkout, which an installed package does not carry ({looked}). Run "
+        f"the demo from a clone of the repository (or `pip install -e` one), or set {ROOT_ENV} to "
+        "the clone's folder")
+
+
+def fetch_models(tiny: bool) -> Path:
+    """The offline real models (unless ``tiny``) and the sentence embedder; returns the
+    embedder's folder."""
+    if not tiny:
+        for name in ("smollm2-135m-instruct", "whisper-tiny.en"):
+            fetch(name)
+    return fetch("minilm")
+
+
+def demo_run_config(config: Path, out: Path, steps: int | None = None,
+                    behaviors: str = "behaviors", run: str = "run", extra: list[str] = ()) -> dict:
+    """The demo's training config: ``config`` as it is, with its paths in ``out`` (manifests,
+    ``behaviors`` and the run folder ``run``) and, with ``steps``, the step counts; ``extra``:
+    a baseline's own overrides."""
+    return load_config(config, [*demo_paths(out, behaviors, run), *steps_overrides(steps), *extra])
+
+
+def demo_paths(out: Path, behaviors: str = "behaviors", run: str = "run") -> list[str]:
+    """Overrides of the run config's paths: the demo's files in ``out``."""
+    return [f"data.train_manifest={out / 'train.jsonl'}", f"data.behaviors={out / behaviors}",
+            f"data.eval_manifest={out / 'test.jsonl'}",
+            f"data.eval_behaviors={out / 'behaviors-eval'}", f"output_dir={out / run}"]
+
+
+def steps_overrides(steps: int | None) -> list[str]:
+    """``--steps N``: N training steps with the interleaving schedule over them, four held-out
+    evaluations and a checkpoint halfway (the demo configs' values for their own step count)."""
+    if steps is None:
+        return []
+    return [f"train.steps={steps}", f"interleave.steps={steps}",
+            f"train.eval_every={math.ceil(steps / 4)}", f"train.save_every={steps // 2}"]
+
+
+def demo_corpus(corpus: Path, out: Path, n_train: int, n_test: int):
+    """The first ``n_train`` training and ``n_test`` held-out utterances of the bundled corpus,
+    written as the run's manifests in ``out``."""
+    train_utts = read_manifest(corpus / "train.jsonl", require_words=True)[:n_train]
+    test_utts = read_manifest(corpus / "test.jsonl", require_words=True)[:n_test]
+    write_manifest(out / "train.jsonl", train_utts)
+    write_manifest(out / "test.jsonl", test_utts)
+    return train_utts, test_utts
+
+
+def make_behaviors(model: dict, train_utts, test_utts, library, split, out: Path, s: dict,
+                   baselines: bool) -> None:
+    """The teacher's behaviors (with its hidden states, read by training instead of running the
+    teacher again) for the training utterances, and for the held-out ones; with ``baselines``,
+    continuation prompts for every training utterance."""
+    model_cfg = ModelConfig.from_dict(model)
+    llm, tok = load_teacher(model_cfg.llm, seed=model_cfg.init_seed, dtype=model_cfg.dtype)
+    bc = BehaviorConfig(per_utterance=s["per_utterance"], max_new_tokens=s["max_new_tokens"],
+                        batch_size=16, cache_hidden=True)
+    teacher = dict(model_config=model_cfg.to_dict())  # recorded: training checks its LLM against it
+    generate_behaviors(train_utts, library, llm, tok, out / "behaviors", bc, split=split, **teacher)
+    generate_behaviors(test_utts, library, llm, tok, out / "behaviors-eval",
+                       dataclasses.replace(bc, cache_hidden=False), split=split, **teacher)
+    if baselines:
+        cont = dataclasses.replace(bc, per_utterance=1, tasks=("continue",))
+        generate_behaviors(train_utts, library, llm, tok, out / "behaviors-continue", cont,
+                           split=split, **teacher)
+
+
+def train_runs(config: Path, out: Path, steps: int | None, baselines: bool, overwrite: bool) -> None:
+    """MTBI training into ``out/run`` (evaluated at step 0 too) and, with ``baselines``, each
+    baseline into ``out/run-<name>``; ``overwrite``: a run with other settings (e.g. --steps) is
+    moved aside instead of refused."""
+    Trainer(demo_run_config(config, out, steps)).train(overwrite=overwrite)
+    if baselines:
+        for name, b in BASELINES.items():
+            print(f"      baseline {name}")
+            cfg = demo_run_config(config, out, steps, behaviors=b["behaviors"], run=f"run-{name}",
+                                  extra=b["overrides"])
+            Trainer(cfg).train(overwrite=overwrite)
+
+
+def evaluate_runs(out: Path, test_utts, library, split, max_new_tokens: int, embedder_dir: Path,
+                  baselines: bool) -> dict:
+    """The trained model, the baselines and the untrained model against the teacher on the
+    held-out utterances (``out/eval``)."""
+    trained = SpeechLLM.from_pretrained(out / "run" / "final")
+    models = {"mtbi": trained}
+    if baselines:
+        for name in BASELINES:
+            models[name] = SpeechLLM.from_pretrained(out / f"run-{name}" / "final")
+    models["untrained"] = SpeechLLM.from_config(trained.config)
+    return evaluate(models, test_utts, library, split, out / "eval", per_split=1,
+                    max_new_tokens=max_new_tokens, embedder=Embedder(embedder_dir), batch_size=16)
 
 
 def plot_losses(metrics: list[dict], path: Path):
@@ -175,8 +242,6 @@ def plot_losses(metrics: list[dict], path: Path):
 
 
 def _report(metrics, result, times, tiny) -> str:
-    from .evaluate import markdown
-
     evals = [m for m in metrics if "eval_kl" in m]
     train = [m for m in metrics if "loss" in m]
     lines = [f"# MTBI demo ({'tiny random models' if tiny else 'Whisper tiny.en + SmolLM2-135M-Instruct'})",

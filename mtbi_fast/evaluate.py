@@ -32,13 +32,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .behaviors import BehaviorConfig, _answer, _seed
+from .audio import load_audio, log_mel
+from .behaviors import BehaviorConfig, answer, derived_seed, job
 from .data import Utterance
 from .io import atomic_write_text
+from .loss import imitation_loss
 from .packing import Example, Speech, Text, pack
-from .tasks import PLACEHOLDER, TaskLibrary, TaskSplit
+from .prompts import SPEECH
+from .tasks import SPLITS, TaskLibrary, TaskSplit
 
-SPLITS = ("train", "heldout_wording", "heldout_task")
 SPLIT_NAMES = {"train": "seen task, seen wording", "heldout_wording": "seen task, new wording",
                "heldout_task": "new task"}
 METRICS = ("rouge_l", "chrf", "similarity", "kl", "kl_other", "wer")
@@ -82,13 +84,14 @@ class Embedder:
 
 def plan_eval(utts: list[Utterance], library: TaskLibrary, split: TaskSplit, per_split: int,
               seed: int) -> list[dict]:
+    """Per utterance (in id order) and part of the split (``SPLITS``), ``per_split`` seeded
+    (task, wording) jobs (``behaviors.job`` with the ``audio``); on seen tasks a repeat prompt
+    on top, to always measure WER."""
     jobs = []
-    pools = {"train": [(t, w) for t, ws in sorted(split.train.items()) for w in ws],
-             "heldout_wording": [(t, w) for t, ws in sorted(split.heldout_wordings.items()) for w in ws],
-             "heldout_task": [(t, w) for t in split.heldout_tasks for w in range(len(library.tasks[t]))]}
+    pools = {kind: library.pool(split, kind) for kind in SPLITS}
     for u in sorted(utts, key=lambda u: u.id):
         for kind in SPLITS:
-            rng = random.Random(_seed(seed, f"eval/{kind}/{u.id}"))
+            rng = random.Random(derived_seed(seed, f"eval/{kind}/{u.id}"))
             pool = pools[kind]
             pool_r = [p for p in pool if p[0] == "repeat"]
             if pool_r and kind == "train":  # a repeat prompt on top, to always measure WER
@@ -97,8 +100,7 @@ def plan_eval(utts: list[Utterance], library: TaskLibrary, split: TaskSplit, per
             else:
                 picks = rng.sample(pool, min(per_split, len(pool)))
             for task, wording in picks:
-                jobs.append({"id": f"{u.id}/{task}/{wording}", "utt_id": u.id, "task": task,
-                             "wording": wording, "split": kind, "text": u.text, "audio": u.audio})
+                jobs.append({**job(u, task, wording, kind), "audio": u.audio})
     return jobs
 
 
@@ -109,86 +111,100 @@ def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: T
     """Score each SLLM in ``models`` ({"name": SpeechLLM}) against the teacher (the first model's
     LLM with adapters off), and each against ``models[baseline]`` when there is one (paired
     bootstrap). Returns the results dict written to ``eval.json``."""
-    import sacrebleu
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     first = next(iter(models.values()))
     jobs = plan_eval(utts, library, split, per_split, seed)
     t0 = time.time()
-    cfg = BehaviorConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    teacher, teacher_hidden = [], {}  # the teacher's answers and the states that chose them
-    off = first.llm.disable_adapter() if first.config.lora else contextlib.nullcontext()
-    with off:
-        for b in range(0, len(jobs), cfg.batch_size):
-            teacher += _answer(jobs[b:b + cfg.batch_size], library, first.llm, first.tokenizer, cfg,
-                               _seed(seed, f"teacher/{b}"), hidden=teacher_hidden)
+    teacher, teacher_hidden = teacher_answers(first, jobs, library, max_new_tokens, batch_size, seed)
     answers = {"teacher": [r["response"] for r in teacher]}
     kls, kls_other = {}, {}
-    others = _other_speech(jobs)
+    others = other_speech(jobs)
     for name, model in models.items():
-        model.eval()
-        outs = []
-        bar = tqdm(total=len(jobs), desc=f"eval {name}", unit="prompt", disable=not progress)
-        for b in range(0, len(jobs), batch_size):
-            group = jobs[b:b + batch_size]
-            prompts = [library.tasks[j["task"]][j["wording"]].replace(PLACEHOLDER, "{speech}")
-                       for j in group]
-            outs += [a.strip() for a in model.generate_batch([j["audio"] for j in group], prompts,
-                                                             max_new_tokens=max_new_tokens)]
-            bar.update(len(group))
-        bar.close()
-        answers[name] = outs
-        kls[name] = _imitation_kl(model, jobs, teacher, teacher_hidden)
+        answers[name] = model_answers(model, jobs, library, max_new_tokens, batch_size,
+                                      desc=f"eval {name}", progress=progress)
+        kls[name] = imitation_kl(model, jobs, teacher, teacher_hidden)
         if others is not None:  # does the model listen? the same prompts with another clip's speech
-            kls_other[name] = _imitation_kl(model, others, teacher, teacher_hidden)
-    rows = []
-    emb = {}
-    if embedder is not None:
-        for name, outs in answers.items():
-            emb[name] = embedder(outs)
-    for i, job in enumerate(jobs):
-        ref = answers["teacher"][i]
-        for name, outs in answers.items():
-            hyp = outs[i]
-            row = {"model": name, "split": job["split"], "task": job["task"], "id": job["id"],
-                   "answer": hyp, "teacher": ref,
-                   "rouge_l": rouge_l(hyp, ref),
-                   "chrf": sacrebleu.sentence_chrf(hyp, [ref]).score / 100.0}
-            if embedder is not None:
-                row["similarity"] = float(emb[name][i] @ emb["teacher"][i])
-            if job["task"] == "repeat":
-                import jiwer
-
-                row["wer"] = jiwer.wer(_norm(job["text"]), _norm(hyp) or "-")
-            if name in kls and kls[name][i] is not None:  # None: an empty teacher answer
-                row["kl"] = kls[name][i]
-            if name in kls_other and kls_other[name][i] is not None:
-                row["kl_other"] = kls_other[name][i]
-            rows.append(row)
+            kls_other[name] = imitation_kl(model, others, teacher, teacher_hidden)
+    rows = score_rows(jobs, answers, kls, kls_other, embedder)
     summary = _summarize(rows)
     deltas = paired_deltas(rows, baseline, seed=seed) if baseline in models else {}
     result = {"jobs": len(jobs), "seconds": round(time.time() - t0, 1), "summary": summary,
               "deltas": deltas, "baseline": baseline if deltas else None, "rows": rows,
               "split": split.to_dict()}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
-    atomic_write_text(out / "eval.md", markdown(summary, deltas, baseline))
-    plot(summary, out / "eval.png")
+    _write_results(Path(out_dir), result)
     return result
 
 
-def _imitation_kl(model, jobs, teacher_records, teacher_hidden: dict | None = None,
-                  batch_size: int = 8) -> list[float | None]:
+def teacher_answers(model, jobs: list[dict], library: TaskLibrary, max_new_tokens: int,
+                    batch_size: int, seed: int) -> tuple[list[dict], dict]:
+    """The teacher's answer records to ``jobs`` (``behaviors.answer``: the LLM of ``model`` with
+    its LoRA adapters off, from the transcripts) and the final hidden states that chose them."""
+    cfg = BehaviorConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    records, hidden = [], {}
+    off = model.llm.disable_adapter() if model.config.lora else contextlib.nullcontext()
+    with off:
+        for b in range(0, len(jobs), cfg.batch_size):
+            records += answer(jobs[b:b + cfg.batch_size], library, model.llm, model.tokenizer, cfg,
+                              derived_seed(seed, f"teacher/{b}"), hidden=hidden)
+    return records, hidden
+
+
+def model_answers(model, jobs: list[dict], library: TaskLibrary, max_new_tokens: int,
+                  batch_size: int, *, desc: str = "eval", progress: bool = True) -> list[str]:
+    """The SLLM's answers to ``jobs``, from their speech (``{speech}`` in place of the
+    transcript), ``batch_size`` prompts decoded together."""
+    model.eval()
+    outs = []
+    bar = tqdm(total=len(jobs), desc=desc, unit="prompt", disable=not progress)
+    for b in range(0, len(jobs), batch_size):
+        group = jobs[b:b + batch_size]
+        prompts = [library.prompt(j["task"], j["wording"], SPEECH) for j in group]
+        outs += [a.strip() for a in model.generate_batch([j["audio"] for j in group], prompts,
+                                                         max_new_tokens=max_new_tokens)]
+        bar.update(len(group))
+    bar.close()
+    return outs
+
+
+def score_rows(jobs: list[dict], answers: dict, kls: dict, kls_other: dict,
+               embedder: Embedder | None = None) -> list[dict]:
+    """One row per job and model (``answers``: {model: [answer per job]}, the teacher's under
+    "teacher"): agreement with the teacher's answer (ROUGE-L, chrF, similarity with an
+    ``embedder``), the repeat task's WER, and the imitation KLs (``kls``, ``kls_other``: {model:
+    [KL or None per job]})."""
+    import jiwer
+    import sacrebleu
+
+    emb = {name: embedder(outs) for name, outs in answers.items()} if embedder is not None else {}
+    rows = []
+    for i, j in enumerate(jobs):
+        ref = answers["teacher"][i]
+        for name, outs in answers.items():
+            hyp = outs[i]
+            row = {"model": name, "split": j["split"], "task": j["task"], "id": j["id"],
+                   "answer": hyp, "teacher": ref,
+                   "rouge_l": rouge_l(hyp, ref),
+                   "chrf": sacrebleu.sentence_chrf(hyp, [ref]).score / 100.0}
+            if embedder is not None:
+                row["similarity"] = float(emb[name][i] @ emb["teacher"][i])
+            if j["task"] == "repeat":
+                row["wer"] = jiwer.wer(_norm(j["text"]), _norm(hyp) or "-")
+            if name in kls and kls[name][i] is not None:  # None: an empty teacher answer
+                row["kl"] = kls[name][i]
+            if name in kls_other and kls_other[name][i] is not None:
+                row["kl_other"] = kls_other[name][i]
+            rows.append(row)
+    return rows
+
+
+def imitation_kl(model, jobs, teacher_records, teacher_hidden: dict | None = None,
+                 batch_size: int = 8) -> list[float | None]:
     """Per-prompt imitation KL of the SLLM (speech only) on the teacher's answers, packed
     ``batch_size`` prompts at a time (loss rows come back in input order). ``teacher_hidden``:
     the teacher's states at the response positions by job id (else a teacher pass computes them).
     An empty teacher answer has no position to compare: its KL is None (the row gets no "kl" and
     the means and paired differences leave it out), never the NaN mean of nothing."""
-    from .audio import load_audio, log_mel
-    from .loss import imitation_loss
-
     out: list[float | None] = [None] * len(jobs)
     scored = [i for i, r in enumerate(teacher_records[:len(jobs)]) if r["response_ids"]]
     head = model.llm.get_output_embeddings()
@@ -201,7 +217,7 @@ def _imitation_kl(model, jobs, teacher_records, teacher_hidden: dict | None = No
             student = pack([Example(j["id"], [Text(r["prefix_ids"]), Speech(0, f.shape[0]),
                                               Text(r["suffix_ids"])], r["response_ids"],
                                     n_frames=f.shape[0]) for (j, r), f in zip(group, frames)], 4096)
-            h_s = model._hidden(student, torch.cat(frames))
+            h_s = model.loss_states(student, torch.cat(frames))
             if teacher_hidden is not None:
                 h_t = torch.cat([teacher_hidden[j["id"]] for j, _ in group]).to(h_s)
             else:
@@ -215,7 +231,7 @@ def _imitation_kl(model, jobs, teacher_records, teacher_hidden: dict | None = No
     return out
 
 
-def _other_speech(jobs: list[dict]) -> list[dict] | None:
+def other_speech(jobs: list[dict]) -> list[dict] | None:
     """The jobs with each clip swapped for the next utterance's (in id order, cyclic); None with
     fewer than two utterances."""
     audio = {j["utt_id"]: j["audio"] for j in jobs}
@@ -224,6 +240,15 @@ def _other_speech(jobs: list[dict]) -> list[dict] | None:
         return None
     nxt = {u: audio[ids[(k + 1) % len(ids)]] for k, u in enumerate(ids)}
     return [{**j, "audio": nxt[j["utt_id"]]} for j in jobs]
+
+
+def _write_results(out: Path, result: dict):
+    """``eval.json`` (everything), ``eval.md`` (the tables) and ``eval.png`` (the chart)."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "eval.md", markdown(result["summary"], result["deltas"],
+                                                result["baseline"]))
+    plot(result["summary"], out / "eval.png")
 
 
 def _summarize(rows: list[dict]) -> dict:

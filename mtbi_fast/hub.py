@@ -7,16 +7,25 @@ under ``$MTBI_FAST_CACHE``, default ``~/.cache/mtbi_fast``) or ``{"hub": "org/mo
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 from pathlib import Path
 
 import torch
 
-from .attention import (REGISTERED, TORCH_VARLEN, VARLEN_SDPA, flash_attn_available,
-                        torch_varlen_available)
+from .attention import resolve_attn
+from .audio import ENCODER_STRIDE, FRAMES_PER_SECOND
 
 ASSETS = Path(__file__).parent / "assets"
+
+# ``{"tiny": {overrides}}`` sources: transformers config arguments of the random tiny models
+TINY_ENCODER = dict(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
+                    encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=4,
+                    decoder_ffn_dim=128, max_source_positions=1500, vocab_size=128,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+TINY_LLM = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=2048, tie_word_embeddings=False)
 
 
 def cache_dir() -> Path:
@@ -30,20 +39,6 @@ def model_dir(name: str) -> Path:
         raise FileNotFoundError(f"model {name!r} is not in {path.parent}; run `mtbi-fast models "
                                 f"fetch {name}` first (or set MTBI_FAST_CACHE)")
     return path
-
-
-def resolve_attn(attn_implementation: str) -> str:
-    """"auto": the fastest attention here that keeps packed examples apart at no extra cost:
-    flash-attention-2 (flash-attn installed, CUDA), else torch's own varlen kernel
-    (``TORCH_VARLEN``: torch >= 2.10, an sm80+ GPU), else SDPA per packed sequence
-    (``VARLEN_SDPA``); see ``mtbi_fast.attention``. Other names are returned as they are."""
-    if attn_implementation != "auto":
-        return attn_implementation
-    if flash_attn_available():
-        return "flash_attention_2"
-    if torch_varlen_available():
-        return TORCH_VARLEN
-    return VARLEN_SDPA
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -65,21 +60,6 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-@contextlib.contextmanager
-def padded_attention(llm):
-    """Plain SDPA while running padded batches (generation with left padding): VARLEN_SDPA and
-    TORCH_VARLEN keep packed sequences apart through cu_seqlens and build no padding mask."""
-    current = llm.config._attn_implementation
-    if current not in REGISTERED:
-        yield llm
-        return
-    llm.set_attn_implementation("sdpa")
-    try:
-        yield llm
-    finally:
-        llm.set_attn_implementation(current)
-
-
 def load_encoder(source: dict, seed: int = 0):
     """A transformers ``WhisperEncoder`` from a model source."""
     import transformers
@@ -87,8 +67,6 @@ def load_encoder(source: dict, seed: int = 0):
 
     kind, value = next(iter(source.items()))
     if kind == "tiny":
-        from .model import TINY_ENCODER
-
         cfg = transformers.WhisperConfig(**{**TINY_ENCODER, **(value or {})})
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -105,8 +83,6 @@ def load_llm(source: dict, seed: int = 0, attn_implementation: str = "auto"):
     attn = resolve_attn(attn_implementation)
     kind, value = next(iter(source.items()))
     if kind == "tiny":
-        from .model import TINY_LLM
-
         spec = {**TINY_LLM, **(value or {})}
         model_type = spec.pop("model_type")
         cfg = transformers.AutoConfig.for_model(model_type, **spec)
@@ -118,6 +94,45 @@ def load_llm(source: dict, seed: int = 0, attn_implementation: str = "auto"):
     llm = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return llm.eval(), tokenizer
+
+
+def load_teacher(llm: dict, seed: int = 0, dtype: str = "float32"):
+    """(causal LM, tokenizer) of the teacher: the LLM source ``llm`` (a model config's
+    ``model.llm``) in ``dtype`` (its ``model.dtype``), so that the teacher computes as the
+    student's LLM will."""
+    model, tokenizer = load_llm(llm, seed=seed)
+    model.to(resolve_dtype(dtype))
+    return model, tokenizer
+
+
+def max_audio_seconds(model_config: dict) -> tuple[float, str]:
+    """The longest clip a model takes, and why, from its config (a run config's ``model``
+    section), without building it: the smaller of ``max_audio_seconds`` (default 30) and what
+    the Whisper encoder's position table holds (``max_source_positions`` frames after its stride-2
+    convolution, at 100 mel frames a second: 1500 -> 30 s). The encoder's config is read from the
+    tiny defaults or the model folder's ``config.json``; a hub id is not read (no network)."""
+    limit = float(model_config.get("max_audio_seconds", 30.0))
+    why = f"model.max_audio_seconds = {limit:g}"
+    positions = _encoder_positions(model_config.get("encoder") or {"tiny": {}})
+    if positions is not None and positions * ENCODER_STRIDE / FRAMES_PER_SECOND < limit:
+        limit = positions * ENCODER_STRIDE / FRAMES_PER_SECOND
+        why = f"the encoder's max_source_positions = {positions} (x 2 / 100 = {limit:g} s)"
+    return limit, why
+
+
+def source_config(kind: str, value: str, key: str) -> tuple[Path, dict]:
+    """The folder of a ``path`` or ``name`` model source (``model.<key>``) and its
+    ``config.json``; errors name the missing file, or the kind when it has no local folder."""
+    if kind == "name":
+        folder = model_dir(value)
+    elif kind == "path":
+        folder = Path(value)
+    else:
+        raise ValueError(f"model.{key} must be tiny, path, name or hub, got {kind!r}")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{key} config not found: {config}")
+    return folder, json.loads(config.read_text())
 
 
 def tiny_tokenizer():
@@ -136,3 +151,16 @@ def _folder(kind: str, value: str) -> str:
     if kind == "name":
         return str(model_dir(value))
     return value  # hub id
+
+
+def _encoder_positions(source: dict) -> int | None:
+    if not isinstance(source, dict) or len(source) != 1:
+        raise ValueError(f"model.encoder must be a one-key mapping (tiny, path, name or hub), got {source!r}")
+    kind, value = next(iter(source.items()))
+    if kind == "tiny":
+        return int({**TINY_ENCODER, **(value or {})}["max_source_positions"])
+    if kind == "hub":
+        return None
+    _, cfg = source_config(kind, value, "encoder")
+    value = cfg.get("max_source_positions", (cfg.get("encoder") or {}).get("max_source_positions"))
+    return int(value) if value is not None else None

@@ -1,6 +1,7 @@
 """Speech-text interleaving: which word spans of a transcript stay text and which become speech.
 
-Given the words of an utterance with their times, a word-aligned partition of the speech frames is
+Given the words of an utterance with their times (``data.Word``, checked by
+``data.check_alignment``), a word-aligned partition of the speech frames is
 built once (``frame_cuts``): the cut between two words sits in the middle of the gap between them,
 the first word owns the leading silence and the last word the trailing one, so the frames of any
 run of words are one contiguous range and neighbouring runs never overlap or leave frames out.
@@ -25,14 +26,8 @@ from typing import Sequence
 
 import torch
 
-
-@dataclass(frozen=True)
-class Word:
-    """A transcript word and its time span in seconds."""
-
-    word: str
-    start: float
-    end: float
+from .data import Word, check_alignment
+from .packing import Example, Speech, Text
 
 
 @dataclass(frozen=True)
@@ -72,39 +67,6 @@ def sample_segments(words: Sequence[Word | dict], n_frames: int, frame_rate: flo
     cuts = frame_cuts(words, n_frames, frame_rate)
     is_text = _choose_text_words(len(words), ratio, mean_span, generator)
     return _segments(is_text, cuts)
-
-
-def check_alignment(words: Sequence[Word | dict], duration: float, utt_id: str = "?",
-                    tolerance: float = 0.0) -> list[Word]:
-    """Validated ``Word`` list; a ValueError names the utterance and the first bad word."""
-    out: list[Word] = []
-    if not words:
-        raise ValueError(f"utterance {utt_id!r}: no words")
-    for i, w in enumerate(words):
-        if isinstance(w, dict):
-            missing = [k for k in ("word", "start", "end") if w.get(k) is None]
-            if missing:
-                raise ValueError(f"utterance {utt_id!r}: word {i} {w.get('word')!r} has no "
-                                 f"{' or '.join(missing)}")
-            w = Word(str(w["word"]), w["start"], w["end"])
-        where = f"utterance {utt_id!r}: word {i} {w.word!r}"
-        if not w.word or not w.word.strip():
-            raise ValueError(f"{where} is empty")
-        try:
-            start, end = float(w.start), float(w.end)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where} has non-numeric times ({w.start!r}, {w.end!r})") from None
-        if not (math.isfinite(start) and math.isfinite(end)):
-            raise ValueError(f"{where} has missing times ({w.start!r}, {w.end!r})")
-        if start < 0 or end < start:
-            raise ValueError(f"{where} has times out of order (start {start}, end {end})")
-        if out and start < out[-1].end:
-            raise ValueError(f"{where} (start {start}) overlaps the previous word "
-                             f"{out[-1].word!r} (end {out[-1].end})")
-        if end > duration + tolerance:
-            raise ValueError(f"{where} ends at {end} s, beyond the audio ({duration:.3f} s)")
-        out.append(Word(w.word, start, end))
-    return out
 
 
 def frame_cuts(words: Sequence[Word], n_frames: int, frame_rate: float) -> list[int]:
@@ -232,8 +194,6 @@ def render(segments: Sequence[Segment], words: Sequence[Word], tokenize) -> list
     text runs, ``Speech(frame_start, frame_end)`` for speech runs. ``tokenize(str) -> list[int]``
     must not add special tokens; tokenizing each text run with its leading space matches the
     tokenization of the whole transcript (``transcript(words)``) at ratio 1 exactly."""
-    from .packing import Speech, Text
-
     parts = []
     for seg in segments:
         if seg.is_speech:
@@ -254,8 +214,6 @@ def example_pair(utt_id: str, words: Sequence[Word | dict], n_frames: int, frame
     interleaved segments. Both share ``response`` (the teacher's answer), so their loss positions
     line up. ``n_frames``: the model's speech frames for the clip (``SpeechLLM.n_frames``).
     """
-    from .packing import Example, Text
-
     words = check_alignment(words, duration if duration is not None else n_frames / frame_rate,
                             utt_id, tolerance=1.0 / frame_rate)
     segs = sample_segments(words, n_frames, frame_rate, ratio, mean_span, generator=generator,

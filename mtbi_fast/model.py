@@ -35,9 +35,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .audio import FRAMES_PER_SECOND, load_audio, log_mel
+from .attention import padded_attention
+from .audio import ENCODER_STRIDE, FRAMES_PER_SECOND, encoder_frames, load_audio, log_mel, mel_frames
+from .embeddings import pack_embeddings
+from .hub import load_encoder, load_llm, resolve_dtype
 from .loss import ImitationLoss
-from .packing import PackedBatch, gather_loss_rows, model_inputs, pack_embeddings
+from .packing import PackedBatch, gather_loss_rows, model_inputs
+from .prompts import left_pad, prompt_halves
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -89,15 +93,6 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-TINY_ENCODER = dict(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
-                    encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=4,
-                    decoder_ffn_dim=128, max_source_positions=1500, vocab_size=128,
-                    pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-TINY_LLM = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=2048, tie_word_embeddings=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # model
 
@@ -126,14 +121,14 @@ class SpeechEncoder(nn.Module):
         """Log-mels [n_mels, T_i] -> encoder states [ceil(T_i / 2), d_model], one per clip."""
         enc = self.encoder
         lengths = [m.shape[-1] for m in mels]
-        out_lengths = [math.ceil(t / 2) for t in lengths]
+        out_lengths = [encoder_frames(t) for t in lengths]
         for i, (m, n) in enumerate(zip(mels, out_lengths)):
             if m.dim() != 2 or m.shape[0] != self.num_mel_bins:
                 raise ValueError(f"clip {i}: log-mel must be [{self.num_mel_bins}, T], got "
                                  f"{tuple(m.shape)}")
             if n > self.max_frames:
                 raise ValueError(f"clip {i}: {lengths[i]} mel frames ({lengths[i] / FRAMES_PER_SECOND:.1f}"
-                                 f" s) is longer than the encoder's {self.max_frames * 2} frames")
+                                 f" s) is longer than the encoder's {self.max_frames * ENCODER_STRIDE} frames")
         dtype = enc.conv1.weight.dtype
         x = torch.nn.utils.rnn.pad_sequence([m.T for m in mels], batch_first=True).transpose(1, 2)
         x = nn.functional.gelu(enc.conv1(x.to(dtype)))
@@ -173,8 +168,8 @@ class Adapter(nn.Module):
             self.conv = nn.Conv1d(d_enc, d_enc, kernel_size=stride, stride=stride)
             self.proj = nn.Sequential(nn.GELU(), nn.Linear(d_enc, hidden), nn.GELU(), nn.Linear(hidden, d_llm))
 
-    def n_frames(self, encoder_frames: int) -> int:
-        return math.ceil(encoder_frames / self.stride)
+    def n_frames(self, n_encoder_frames: int) -> int:
+        return math.ceil(n_encoder_frames / self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.proj[-1].weight.dtype)
@@ -212,17 +207,15 @@ class SpeechLLM(nn.Module):
         """Build the configured model. ``llm_context``: a context manager the LLM is loaded in
         (the trainer passes ``deepspeed.zero.Init`` so that a ZeRO-3 run partitions the LLM while
         it is built or loaded, never holding all of it on one rank)."""
-        from . import hub
-
-        encoder = hub.load_encoder(config.encoder, seed=config.init_seed)
+        encoder = load_encoder(config.encoder, seed=config.init_seed)
         with llm_context if llm_context is not None else contextlib.nullcontext():
-            llm, tokenizer = hub.load_llm(config.llm, seed=config.init_seed,
-                                          attn_implementation=config.attn_implementation)
+            llm, tokenizer = load_llm(config.llm, seed=config.init_seed,
+                                      attn_implementation=config.attn_implementation)
         model = cls(config, encoder, llm, tokenizer)
         if config.lora:
             model.llm = _apply_lora(model.llm, config.lora)
             model._set_trainable()
-        return model.cast(hub.resolve_dtype(config.dtype))
+        return model.cast(resolve_dtype(config.dtype))
 
     def cast(self, dtype: torch.dtype) -> "SpeechLLM":
         """Frozen weights (encoder, LLM) to ``dtype``, trained ones (adapter, trained encoder
@@ -251,11 +244,11 @@ class SpeechLLM(nn.Module):
     @property
     def frame_rate(self) -> float:
         """LLM speech frames per second (after the adapter)."""
-        return FRAMES_PER_SECOND / 2 / self.adapter.stride
+        return FRAMES_PER_SECOND / ENCODER_STRIDE / self.adapter.stride
 
     def n_frames(self, n_samples: int) -> int:
         """Speech frames the model gives a clip of ``n_samples`` samples at 16 kHz."""
-        return self.adapter.n_frames(math.ceil((n_samples // 160) / 2))
+        return self.adapter.n_frames(encoder_frames(mel_frames(n_samples)))
 
     def speech_frames(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
         """Log-mels -> adapter outputs [F_i, H] in the LLM's embedding space, one per clip."""
@@ -290,7 +283,7 @@ class SpeechLLM(nn.Module):
         device = self.adapter.proj[-1].weight.device
         student = student.to(device)
         buffer = torch.cat(frames) if frames else torch.zeros(0, self.hidden_size, device=device)
-        h_s = self._hidden(student, buffer)
+        h_s = self.loss_states(student, buffer)
         if teacher is not None:
             if teacher.target_ids.numel() != student.target_ids.numel() or not torch.equal(
                     teacher.target_ids.cpu(), student.target_ids.cpu()):
@@ -313,9 +306,12 @@ class SpeechLLM(nn.Module):
         device = self.adapter.proj[-1].weight.device
         off = self.llm.disable_adapter() if self.config.lora else contextlib.nullcontext()
         with off:
-            return self._hidden(teacher.to(device), torch.zeros(0, self.hidden_size, device=device))
+            return self.loss_states(teacher.to(device), torch.zeros(0, self.hidden_size, device=device))
 
-    def _hidden(self, batch: PackedBatch, frames: torch.Tensor) -> torch.Tensor:
+    def loss_states(self, batch: PackedBatch, frames: torch.Tensor) -> torch.Tensor:
+        """The LLM's final hidden states at the loss positions of ``batch`` [M, H] (in input
+        order), its speech positions filled from ``frames`` (the adapter outputs of its examples,
+        concatenated in input order)."""
         embed_module = self.llm.get_input_embeddings()
         embed = embed_module.weight
         if hasattr(embed, "ds_id") and embed.data.numel() == 0:
@@ -355,8 +351,6 @@ class SpeechLLM(nn.Module):
         """Answer ``prompts[i]`` about ``audios[i]`` for all i in one left-padded batch (the
         encoder runs each clip at its true length; the LLM decodes the batch together).
         Greedy by default; ``generation_kwargs`` go to the LLM's ``generate``."""
-        from .hub import padded_attention
-
         tokenizer = tokenizer or self.tokenizer
         if tokenizer is None:
             raise ValueError("generate needs a tokenizer (none was loaded with the LLM)")
@@ -375,12 +369,7 @@ class SpeechLLM(nn.Module):
             rows.append(torch.cat([embed(torch.tensor(before, dtype=torch.long, device=dev)),
                                    f.to(embed.weight.dtype),
                                    embed(torch.tensor(after, dtype=torch.long, device=dev))]))
-        width = max(r.shape[0] for r in rows)
-        x = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
-        for i, r in enumerate(rows):  # left padding: every row ends where decoding starts
-            x[i, width - r.shape[0]:] = r
-            mask[i, width - r.shape[0]:] = 1
+        x, mask = left_pad(rows)
         kw = dict(max_new_tokens=64, do_sample=False)
         kw.update(generation_kwargs)
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
@@ -440,17 +429,6 @@ def _embed_dim(llm) -> int:
     """The LLM's embedding width (also when the table is a ZeRO-3 partitioned parameter)."""
     w = llm.get_input_embeddings().weight
     return tuple(getattr(w, "ds_shape", w.shape))[1]
-
-
-def prompt_halves(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
-    """Token ids before and after the speech for ``prompt`` (``{speech}`` marks the spot; at the
-    end when absent), inside the tokenizer's chat template when it has one."""
-    from .behaviors import template_halves
-
-    marker = "{speech}"
-    if marker not in prompt:
-        prompt = prompt + "\n" + marker
-    return template_halves(tokenizer, prompt, marker)
 
 
 def _apply_lora(llm, lora: dict):

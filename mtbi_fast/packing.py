@@ -6,7 +6,7 @@ into rows of at most ``max_tokens`` by first-fit-decreasing and returns a ``Pack
 
 - ``source`` [R * L] int64: for each packed position, a text token id (``>= 0``) or a speech
   frame ``-(index + 1)`` into the batch's frame buffer (the examples' frames concatenated in input
-  order, ``frame_offsets``); ``mtbi_kernels.pack_embeddings`` turns it into ``inputs_embeds``;
+  order, ``frame_offsets``); ``embeddings.pack_embeddings`` turns it into ``inputs_embeds``;
 - ``position_ids`` [R, L] restarting at 0 for every example (and for each row's padding tail);
 - ``cu_seqlens`` (int32, one entry per sequence + 1, over the flat R * L stream) and
   ``max_seqlen`` for flash-attn varlen kernels;
@@ -28,8 +28,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-# VARLEN_SDPA is re-exported: benchmarks/bench_packing.py imports it from here
-from .attention import VARLEN_IMPLEMENTATIONS, VARLEN_SDPA  # noqa: F401
+from .attention import VARLEN_IMPLEMENTATIONS
 
 
 @dataclass(frozen=True)
@@ -366,95 +365,3 @@ def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None = No
 def gather_loss_rows(hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """Hidden states [R, L, H] or [R * L, H] -> the rows at the loss positions [M, H]."""
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.loss_positions.to(hidden.device))
-
-
-def pack_embeddings(source: torch.Tensor, embed_weight: torch.Tensor, frames: torch.Tensor,
-                    backend: str = "auto") -> torch.Tensor:
-    """Packed ``inputs_embeds`` [N, H]: row ``embed_weight[source[i]]`` for a text position,
-    ``frames[-source[i] - 1]`` for a speech position (``PackedBatch.source``).
-
-    Differentiable: gradients reach ``frames``, and ``embed_weight`` only if it requires grad.
-    Backends: "triton" (one kernel launch each way; CUDA, or the CPU interpreter), "torch"
-    (index copies, the default on CPU), "eager" (``mtbi_fast.reference``); "auto" picks triton on
-    CUDA. Ids outside the table or frames outside the buffer are a ValueError.
-    """
-    if backend not in ("auto", "triton", "torch", "eager"):
-        raise ValueError(f"backend must be one of auto, triton, torch, eager; got {backend!r}")
-    _check_pack_inputs(source, embed_weight, frames)
-    if backend == "auto":
-        backend = "triton" if embed_weight.is_cuda else "torch"
-    if backend == "eager":
-        from .reference import eager_pack_embeddings
-
-        return eager_pack_embeddings(source, embed_weight, frames)
-    if backend == "triton":
-        from mtbi_kernels import interpreter_enabled
-
-        if not embed_weight.is_cuda and not interpreter_enabled():
-            raise ValueError("backend='triton' needs CUDA tensors; set TRITON_INTERPRET=1 before "
-                             "importing triton for the CPU interpreter, or use backend='torch'")
-    return _PackEmbeddings.apply(source, embed_weight, frames, backend)
-
-
-class _PackEmbeddings(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, source, embed_weight, frames, backend):
-        ctx.save_for_backward(source)
-        ctx.backend = backend
-        ctx.shapes = (embed_weight.shape[0], frames.shape[0])
-        ctx.dtypes = (embed_weight.dtype, frames.dtype)
-        if backend == "triton":
-            from mtbi_kernels import triton_pack_embeddings
-
-            return triton_pack_embeddings(source, embed_weight, frames)
-        out = torch.empty(source.numel(), embed_weight.shape[1], device=embed_weight.device,
-                          dtype=embed_weight.dtype)
-        speech = source < 0
-        out[~speech] = embed_weight[source[~speech]]
-        out[speech] = frames[-source[speech] - 1]
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (source,) = ctx.saved_tensors
-        vocab, n_frames = ctx.shapes
-        need_embed = ctx.needs_input_grad[1]
-        if ctx.backend == "triton":
-            from mtbi_kernels import triton_unpack_grad
-
-            g_frames, g_embed = triton_unpack_grad(source, grad_out, n_frames,
-                                                   vocab if need_embed else None)
-        else:
-            speech = source < 0
-            g = grad_out.float()
-            g_frames = torch.zeros(n_frames, g.shape[1], device=g.device, dtype=torch.float32)
-            g_frames.index_add_(0, -source[speech] - 1, g[speech])
-            g_embed = None
-            if need_embed:
-                g_embed = torch.zeros(vocab, g.shape[1], device=g.device, dtype=torch.float32)
-                g_embed.index_add_(0, source[~speech], g[~speech])
-        g_frames = g_frames.to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None
-        g_embed = g_embed.to(ctx.dtypes[0]) if g_embed is not None else None
-        return None, g_embed, g_frames, None
-
-
-def _check_pack_inputs(source, embed_weight, frames):
-    if source.dtype != torch.int64 or source.dim() != 1:
-        raise ValueError(f"source must be a 1-D int64 tensor, got {source.dtype} {tuple(source.shape)}")
-    if embed_weight.dim() != 2 or frames.dim() != 2:
-        raise ValueError(f"embed_weight and frames must be 2-D, got {tuple(embed_weight.shape)} "
-                         f"and {tuple(frames.shape)}")
-    if frames.shape[1] != embed_weight.shape[1] and frames.numel() > 0:
-        raise ValueError(f"frames have hidden size {frames.shape[1]} but the embedding table has "
-                         f"{embed_weight.shape[1]} (frames dim 1)")
-    if frames.dtype != embed_weight.dtype and frames.numel() > 0:
-        raise ValueError(f"frames dtype {frames.dtype} differs from embed_weight dtype "
-                         f"{embed_weight.dtype}")
-    if source.numel():
-        hi, lo = int(source.max()), int(source.min())
-        if hi >= embed_weight.shape[0]:
-            raise ValueError(f"source has token id {hi}, outside the embedding table "
-                             f"({embed_weight.shape[0]} rows)")
-        if lo < 0 and -lo - 1 >= frames.shape[0]:
-            raise ValueError(f"source refers to speech frame {-lo - 1}, but the frame buffer has "
-                             f"{frames.shape[0]} frames")

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from .io import atomic_write_text
+
 PLACEHOLDER = "{transcript}"
+SPLITS = ("train", "heldout_wording", "heldout_task")  # the parts of a TaskSplit
 
 
 @dataclass
@@ -37,8 +40,6 @@ class TaskSplit:
         return cls(d["seed"], d["train"], d["heldout_wordings"], d["heldout_tasks"])
 
     def save(self, path: str | Path):
-        from .io import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def kind(self, task: str, wording: int) -> str:
@@ -119,4 +120,16 @@ class TaskLibrary:
         return TaskSplit(seed, train, held_w, sorted(heldout))
 
     def prompt(self, task: str, wording: int, transcript: str) -> str:
+        """Wording ``wording`` of ``task`` with ``transcript`` in place of ``{transcript}``."""
         return self.tasks[task][wording].replace(PLACEHOLDER, transcript)
+
+    def pool(self, split: TaskSplit, kind: str) -> list[tuple[str, int]]:
+        """The (task, wording) pairs of one part of ``split`` (``kind``: one of ``SPLITS``), in a
+        fixed order."""
+        if kind == "train":
+            return [(t, w) for t, ws in sorted(split.train.items()) for w in ws]
+        if kind == "heldout_wording":
+            return [(t, w) for t, ws in sorted(split.heldout_wordings.items()) for w in ws]
+        if kind == "heldout_task":
+            return [(t, w) for t in split.heldout_tasks for w in range(len(self.tasks[t]))]
+        raise ValueError(f"split must be train, heldout_wording or heldout_task, got {kind!r}")

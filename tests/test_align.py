@@ -63,7 +63,7 @@ def test_align_cli(tmp_path, capsys):
 
 def test_coverage_rule():
     from mtbi_fast.align import coverage_warning
-    from mtbi_fast.interleave import Word
+    from mtbi_fast.data import Word
 
     words = [Word("a", 0.2, 0.5), Word("b", 0.6, 6.5)]
     assert coverage_warning(words, 600.0) == (

@@ -11,13 +11,12 @@ import inspect
 
 import pytest
 import torch
-from test_packing import VOCAB, random_examples, run_alone, run_packed, tiny_model
+from helpers import VOCAB, random_examples, run_alone, run_packed, tiny_model
 
 import mtbi_fast.attention as attention
 from mtbi_fast.attention import (TORCH_VARLEN, VARLEN_SDPA, VarlenKernel, flash_attn_available,
-                                 torch_varlen_available, torch_varlen_attention,
-                                 varlen_sdpa_attention)
-from mtbi_fast.hub import padded_attention, resolve_attn
+                                 padded_attention, resolve_attn, torch_varlen_available,
+                                 torch_varlen_attention, varlen_sdpa_attention)
 from mtbi_fast.packing import pack
 
 # ---- a reference for torch's varlen_attn, in each known signature ----------------------------------

@@ -38,7 +38,7 @@ def test_resume_after_kill_gives_the_same_files(tmp_path, setup, monkeypatch, sa
     cfg = BehaviorConfig(per_utterance=5, max_new_tokens=6, batch_size=2, shard_size=4, do_sample=sample)
     generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path / "full", cfg, progress=False)
 
-    real, calls = beh._answer, []
+    real, calls = beh.answer, []
 
     def dying(*a, **k):  # killed during the third shard
         calls.append(1)
@@ -46,11 +46,11 @@ def test_resume_after_kill_gives_the_same_files(tmp_path, setup, monkeypatch, sa
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(beh, "_answer", dying)
+    monkeypatch.setattr(beh, "answer", dying)
     with pytest.raises(KeyboardInterrupt):
         generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path / "resumed", cfg, progress=False)
     assert len(files(tmp_path / "resumed")) == 2  # two complete shards, nothing half written
-    monkeypatch.setattr(beh, "_answer", real)
+    monkeypatch.setattr(beh, "answer", real)
     summary = generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path / "resumed", cfg,
                                  progress=False)
     assert summary["generated"] == 15 - 8

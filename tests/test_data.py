@@ -148,11 +148,11 @@ def test_a_decoded_length_short_of_the_header_is_truncation(tmp_path, monkeypatc
     compared with the header's."""
     import torch
 
-    import mtbi_fast.audio as audio
+    import mtbi_fast.data as data  # read_manifest's load_audio
 
     sf.write(tmp_path / "a.flac", np.zeros(32000, np.float32), 16000)
     write_lines(tmp_path / "m.jsonl", [{"id": "a", "audio": "a.flac", "text": "hi", "duration": 2.0}])
-    monkeypatch.setattr(audio, "load_audio", lambda path, **kw: torch.zeros(16000))
+    monkeypatch.setattr(data, "load_audio", lambda path, **kw: torch.zeros(16000))
     _, problems = read_manifest(tmp_path / "m.jsonl", skip_bad=True, decode=True)
     assert problems == [f"{tmp_path / 'm.jsonl'}:1: a: audio file {tmp_path / 'a.flac'} is truncated: "
                         "it decodes to 1.00 s of the 2.00 s its header declares"]
@@ -174,7 +174,7 @@ def test_cli_validate_decodes_by_default_and_counts_lines(bad_audio, capsys):
 
 
 def test_max_audio_seconds_from_the_model_config(tmp_path):
-    from mtbi_fast.data import max_audio_seconds
+    from mtbi_fast.hub import max_audio_seconds
 
     assert max_audio_seconds({"encoder": {"tiny": {}}}) == (30.0, "model.max_audio_seconds = 30")
     assert max_audio_seconds({"encoder": {"tiny": {}}, "max_audio_seconds": 12.5})[0] == 12.5

@@ -123,8 +123,8 @@ def test_imitation_kl_batched_matches_direct_forward(tmp_path):
     import torch
 
     from mtbi_fast.audio import load_audio, log_mel
-    from mtbi_fast.evaluate import _imitation_kl, plan_eval
-    from mtbi_fast.behaviors import _answer
+    from mtbi_fast.evaluate import imitation_kl, plan_eval
+    from mtbi_fast.behaviors import answer
 
     cfg = ModelConfig.from_dict(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"])
     model = SpeechLLM.from_config(cfg).eval()
@@ -132,12 +132,12 @@ def test_imitation_kl_batched_matches_direct_forward(tmp_path):
     utts = read_manifest(ROOT / "data" / "demo" / "test.jsonl")[:2]
     jobs = plan_eval(utts, lib, lib.split(), per_split=1, seed=0)
     hidden = {}
-    records = _answer(jobs, lib, model.llm, model.tokenizer, BehaviorConfig(max_new_tokens=5), 0,
+    records = answer(jobs, lib, model.llm, model.tokenizer, BehaviorConfig(max_new_tokens=5), 0,
                       hidden=hidden)
-    got = _imitation_kl(model, jobs, records, batch_size=4)
+    got = imitation_kl(model, jobs, records, batch_size=4)
     assert len(got) == len(jobs) == 8  # 2 utterances x (3 splits + a repeat prompt)
     # the teacher states kept from its own generation give the same KL as a teacher pass
-    assert _imitation_kl(model, jobs, records, hidden, batch_size=5) == pytest.approx(got, rel=1e-4, abs=1e-6)
+    assert imitation_kl(model, jobs, records, hidden, batch_size=5) == pytest.approx(got, rel=1e-4, abs=1e-6)
     emb = model.llm.get_input_embeddings()
     with torch.no_grad():
         for job, rec, kl in zip(jobs, records, got):
@@ -154,14 +154,14 @@ def test_imitation_kl_batched_matches_direct_forward(tmp_path):
 
 
 def test_other_speech_swaps_every_clip():
-    from mtbi_fast.evaluate import _other_speech
+    from mtbi_fast.evaluate import other_speech
 
     jobs = [{"id": f"{u}/t/{k}", "utt_id": u, "audio": f"{u}.flac"} for u in "cab" for k in range(2)]
-    swapped = _other_speech(jobs)
+    swapped = other_speech(jobs)
     assert [j["id"] for j in swapped] == [j["id"] for j in jobs]
     assert all(s["audio"] != f"{j['utt_id']}.flac" for s, j in zip(swapped, jobs))
     assert {s["audio"] for s in swapped} == {"a.flac", "b.flac", "c.flac"}
-    assert _other_speech(jobs[:2]) is None  # one utterance: nothing to swap with
+    assert other_speech(jobs[:2]) is None  # one utterance: nothing to swap with
 
 
 def test_evaluate_batch_size_must_be_positive(tmp_path):
@@ -179,8 +179,8 @@ def test_an_empty_teacher_answer_has_no_kl_not_nan(tmp_path, monkeypatch):
     import torch
 
     import mtbi_fast.evaluate as ev
-    from mtbi_fast.evaluate import _imitation_kl, plan_eval
-    from mtbi_fast.behaviors import _answer
+    from mtbi_fast.evaluate import imitation_kl, plan_eval
+    from mtbi_fast.behaviors import answer
 
     cfg = ModelConfig.from_dict(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"])
     model = SpeechLLM.from_config(cfg).eval()
@@ -188,16 +188,16 @@ def test_an_empty_teacher_answer_has_no_kl_not_nan(tmp_path, monkeypatch):
     utts = read_manifest(ROOT / "data" / "demo" / "test.jsonl")[:2]
     jobs = plan_eval(utts, lib, lib.split(), per_split=1, seed=0)[:4]
     hidden = {}
-    records = _answer(jobs, lib, model.llm, model.tokenizer, BehaviorConfig(max_new_tokens=3), 0,
+    records = answer(jobs, lib, model.llm, model.tokenizer, BehaviorConfig(max_new_tokens=3), 0,
                       hidden=hidden)
-    full = _imitation_kl(model, jobs, records, hidden, batch_size=2)
+    full = imitation_kl(model, jobs, records, hidden, batch_size=2)
     records[1] = {**records[1], "response_ids": [], "response": ""}
     hidden[jobs[1]["id"]] = hidden[jobs[1]["id"]][:0]
-    got = _imitation_kl(model, jobs, records, hidden, batch_size=2)
+    got = imitation_kl(model, jobs, records, hidden, batch_size=2)
     assert got[1] is None and got[0] == pytest.approx(full[0]) and got[2:] == pytest.approx(full[2:])
-    assert _imitation_kl(model, jobs[1:2], records[1:2], hidden) == [None]  # a batch of only empties
+    assert imitation_kl(model, jobs[1:2], records[1:2], hidden) == [None]  # a batch of only empties
 
-    real = ev._answer
+    real = ev.answer
 
     def emptied(batch, *a, **k):  # the teacher answers its first prompt with nothing
         out = real(batch, *a, **k)
@@ -207,7 +207,7 @@ def test_an_empty_teacher_answer_has_no_kl_not_nan(tmp_path, monkeypatch):
         return out
 
     first = plan_eval(utts[:1], lib, lib.split(), 1, 0)[0]["id"]
-    monkeypatch.setattr(ev, "_answer", emptied)
+    monkeypatch.setattr(ev, "answer", emptied)
     result = evaluate({"mtbi": model, "untrained": SpeechLLM.from_config(cfg)}, utts[:1], lib,
                       lib.split(), tmp_path, per_split=1, max_new_tokens=2, progress=False)
     rows = [r for r in result["rows"] if r["model"] != "teacher"]

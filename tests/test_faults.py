@@ -20,15 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors
-from mtbi_fast.data import read_manifest, write_manifest
-from mtbi_fast.hub import load_llm
-from mtbi_fast.model import ModelConfig
-from mtbi_fast.tasks import TaskLibrary
-from mtbi_fast.train import load_config
+from helpers import CONFIG, ROOT, make_training_corpus
 
-ROOT = Path(__file__).parents[1]
-CONFIG = ROOT / "configs" / "tiny_train.yaml"
 TIMING_KEYS = {"tokens_per_s", "data_wait_s", "data_wait_share", "time"}  # wall clock, not results
 SEED = 20261126
 
@@ -36,15 +29,7 @@ SEED = 20261126
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """8 demo utterances and their behaviors (with cached teacher states) from tiny_train's LLM."""
-    d = tmp_path_factory.mktemp("faults")
-    write_manifest(d / "train.jsonl", read_manifest(ROOT / "data" / "demo" / "train.jsonl")[:8])
-    cfg = load_config(CONFIG, ["data.train_manifest=x", "data.behaviors=x", f"output_dir={d}/x"])
-    llm, tok = load_llm(ModelConfig.from_dict(cfg["model"]).llm)
-    generate_behaviors(read_manifest(d / "train.jsonl"), TaskLibrary.load(ROOT / "configs" / "tasks.yaml"),
-                       llm, tok, d / "beh", BehaviorConfig(per_utterance=2, max_new_tokens=12,
-                                                           cache_hidden=True),
-                       progress=False, model_config=cfg["model"])
-    return d
+    return make_training_corpus(tmp_path_factory.mktemp("faults"), n_train=8, n_test=0)
 
 
 def cli(*args) -> list[str]:

@@ -8,24 +8,10 @@ nothing.
 
 import pytest
 import torch
-from conftest import make_inputs
+from helpers import float64_reference, make_inputs
 
-from mtbi_fast.reference import eager_row_losses
 from mtbi_kernels import fused_linear_kl, linear_kl_recompute, triton_available
 from mtbi_kernels.fused_linear_kl import DEFAULT_MEMORY_BUDGET, chunk_rows
-
-
-def float64_reference(x, row_scale, **opts):
-    hs = x["student_hidden"].double().requires_grad_()
-    w = x["lm_head_weight"].double().requires_grad_()
-    b = x["lm_head_bias"].double().requires_grad_() if "lm_head_bias" in x else None
-    w_t = x.get("teacher_lm_head_weight")
-    w_t = w.detach() if w_t is None else w_t.double()
-    b_t = b.detach() if (b is not None and "teacher_lm_head_weight" not in x) else None
-    rows = eager_row_losses(hs, x["teacher_hidden"].double(), w, w_t, b, b_t, x.get("target_ids"),
-                            **opts)
-    (rows * row_scale.double()).sum().backward()
-    return rows.detach(), hs.grad, w.grad, b.grad if b is not None else None
 
 
 def call(impl, x, row_scale, teacher_head, **kw):

@@ -8,10 +8,10 @@ a trainable head), and the packing kernel, each against float64 or eager referen
 
 import pytest
 import torch
-from conftest import make_inputs
+from helpers import make_inputs
 
 from mtbi_fast import imitation_loss
-from mtbi_fast.packing import pack_embeddings
+from mtbi_fast.embeddings import pack_embeddings
 from mtbi_fast.reference import eager_row_losses
 
 pytestmark = [pytest.mark.cuda,

@@ -6,8 +6,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from mtbi_fast.interleave import (RatioSchedule, Segment, Word, check_alignment, frame_cuts,
-                                  render, sample_segments, segment_text, transcript)
+from mtbi_fast.data import Word, check_alignment
+from mtbi_fast.interleave import (RatioSchedule, Segment, frame_cuts, render, sample_segments,
+                                  segment_text, transcript)
 from mtbi_fast.packing import Speech, Text
 
 SENTENCES = [

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_inputs
+from helpers import make_inputs
 
 import mtbi_fast
 from mtbi_fast import ImitationLoss, imitation_loss

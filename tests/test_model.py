@@ -9,9 +9,11 @@ import torch
 import yaml
 
 from mtbi_fast.audio import log_mel
-from mtbi_fast.interleave import Word, example_pair
-from mtbi_fast.model import ModelConfig, SpeechLLM, prompt_halves
+from mtbi_fast.data import Word
+from mtbi_fast.interleave import example_pair
+from mtbi_fast.model import ModelConfig, SpeechLLM
 from mtbi_fast.packing import pack
+from mtbi_fast.prompts import prompt_halves
 
 ROOT = Path(__file__).parents[1]
 TEXTS = ["the cat sat on the mat", "speech models follow new instructions well",
@@ -133,9 +135,9 @@ def test_cached_teacher_equals_online_teacher(model):
 def test_packed_equals_unpacked_end_to_end(model):
     student, teacher, mels, examples = batch_for(model, seed=5, with_examples=True)
     frames = model.speech_frames(mels)
-    packed = model._hidden(student, torch.cat(frames))
+    packed = model.loss_states(student, torch.cat(frames))
     assert student.rows < len(student.example_ids)  # several examples share a row
-    singles = [model._hidden(pack([ex], 256), f) for ex, f in zip(examples, frames)]
+    singles = [model.loss_states(pack([ex], 256), f) for ex, f in zip(examples, frames)]
     torch.testing.assert_close(packed, torch.cat(singles), atol=1e-5, rtol=1e-5)
 
 

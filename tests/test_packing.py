@@ -8,30 +8,12 @@ import torch
 import transformers
 
 from mtbi_fast.attention import VARLEN_SDPA
+from mtbi_fast.embeddings import pack_embeddings
 from mtbi_fast.packing import (Example, PackedBatch, Speech, Text, block_causal_mask,
                                first_fit_decreasing, gather_loss_rows, iter_packed, model_inputs,
-                               pack, pack_embeddings, truncate_together)
+                               pack, truncate_together)
 
-VOCAB = 97
-
-
-def random_examples(n, seed=0, max_frames=40, max_text=12, max_resp=15, mask=False):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        n_frames = rng.randint(1, max_frames)
-        prompt, f = [Text(rng.randrange(VOCAB) for _ in range(rng.randint(1, max_text)))], 0
-        while f < n_frames:  # interleave speech runs and text runs over the example's frames
-            step = rng.randint(1, n_frames - f)
-            prompt.append(Speech(f, f + step))
-            f += step
-            if rng.random() < 0.5:
-                prompt.append(Text(rng.randrange(VOCAB) for _ in range(rng.randint(1, 4))))
-        resp = [rng.randrange(VOCAB) for _ in range(rng.randint(1, max_resp))]
-        m = [rng.random() < 0.8 for _ in resp] if mask else None
-        out.append(Example(f"ex{i}", prompt, resp, m, n_frames))
-    return out
-
+from helpers import VOCAB, random_examples, run_alone, run_packed, tiny_model
 
 def expected_source(ex, frame_base):
     src = []
@@ -243,60 +225,6 @@ def test_pack_embeddings_bad_inputs():
 
 
 # ---- packed attention on real model families ------------------------------------------------------
-
-def tiny_model(family, attn="sdpa"):
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  attn_implementation=attn)
-    if family == "llama":
-        cfg = transformers.LlamaConfig(**common)
-        cls = transformers.LlamaForCausalLM
-    else:
-        cfg = transformers.Qwen2Config(**common)
-        cls = transformers.Qwen2ForCausalLM
-    torch.manual_seed(0)
-    return cls(cfg).eval()
-
-
-def single_embeds(ex, embed, frames, base):
-    pieces = []
-    for p in ex.prompt:
-        if isinstance(p, Text):
-            pieces.append(embed[torch.tensor(p.ids, dtype=torch.long, device=embed.device)])
-        else:
-            pieces.append(frames[base + p.start: base + p.end])
-    pieces.append(embed[torch.tensor(ex.response, dtype=torch.long, device=embed.device)])
-    return torch.cat(pieces)
-
-
-def run_packed(model, batch, examples, frames, weights, attention="auto"):
-    """The examples' logits [N, V] (input order) from one forward over the packed batch, and the
-    gradient of sum(logits * weights) over all packed positions with respect to ``frames``."""
-    frames = frames.detach().requires_grad_()
-    embed = model.get_input_embeddings().weight.detach()
-    embeds = pack_embeddings(batch.source, embed, frames, backend="torch")
-    kw = model_inputs(batch, embeds, attention=attention,
-                      attn_implementation=model.config._attn_implementation)
-    logits = model(**kw).logits.reshape(-1, VOCAB)
-    (logits.float() * weights).sum().backward()
-    mine = torch.cat([logits[s:s + len(ex)] for s, ex in zip(batch.example_starts, examples)])
-    return mine.detach(), frames.grad
-
-
-def run_alone(model, batch, examples, frames, weights):
-    """``run_packed``'s outputs with each example run on its own (no padding, no packing)."""
-    frames = frames.detach().requires_grad_()
-    embed = model.get_input_embeddings().weight.detach()
-    out, total = [], 0
-    for i, ex in enumerate(examples):
-        x = single_embeds(ex, embed, frames, int(batch.frame_offsets[i]))
-        alone = model(inputs_embeds=x[None], use_cache=False).logits[0]
-        s = batch.example_starts[i]
-        total = total + (alone.float() * weights[s:s + len(ex)]).sum()
-        out.append(alone.detach())
-    total.backward()
-    return torch.cat(out), frames.grad
-
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("attention", ["position_ids", "mask", "varlen"])

@@ -2,7 +2,7 @@
 
 import torch
 import torch.nn.functional as F
-from conftest import make_inputs
+from helpers import make_inputs
 
 from mtbi_fast.reference import eager_row_losses
 

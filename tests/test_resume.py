@@ -12,10 +12,13 @@ import pytest
 import torch
 
 import mtbi_fast.train as train_mod
+from mtbi_fast.config import load_config
 from mtbi_fast.lock import FolderLockedError
 from mtbi_fast.model import SpeechLLM
-from mtbi_fast.train import Trainer, load_config
-from test_train import CONFIG, ROOT, data, metrics, overrides  # noqa: F401 - data is a fixture
+from mtbi_fast.runfolder import weights_only_deepspeed_loads
+from mtbi_fast.trainer import Trainer
+
+from helpers import CONFIG, ROOT, metrics, overrides
 
 QUIET = ["train.eval_every=0"]
 
@@ -211,7 +214,7 @@ def test_deepspeed_checkpoints_load_weights_only(data, tmp_path, capsys):
     # the check runs nothing either)
     trainer = Trainer(load_config(CONFIG, overrides(data, tmp_path / "other", ds)))
     try:
-        with train_mod._weights_only_deepspeed_loads(trainer.engine):
+        with weights_only_deepspeed_loads(trainer.engine):
             with pytest.raises(pickle.UnpicklingError):
                 trainer.engine.checkpoint_engine.load(str(optim), map_location="cpu")
     finally:

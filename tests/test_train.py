@@ -1,5 +1,6 @@
-"""mtbi_fast/train.py: config checking, a single-process run, kill-and-resume, ZeRO-3 on 2 ranks,
-the DataLoader workers that build the batches."""
+"""The trainer (mtbi_fast/train.py, config.py, dataset.py, trainer.py): config checking, a
+single-process run, kill-and-resume, ZeRO-3 on 2 ranks, the DataLoader workers that build the
+batches."""
 
 import dataclasses
 import json
@@ -14,48 +15,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import mtbi_fast.dataset as dataset_mod
 import mtbi_fast.train as train_mod
-from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors
 from mtbi_fast.cli import main as cli
+from mtbi_fast.config import load_config
 from mtbi_fast.data import read_manifest, write_manifest
-from mtbi_fast.hub import load_llm
-from mtbi_fast.model import ModelConfig, SpeechLLM
-from mtbi_fast.tasks import TaskLibrary
-from mtbi_fast.train import MicroBatches, Trainer, load_config
+from mtbi_fast.dataset import MicroBatches
+from mtbi_fast.model import SpeechLLM
+from mtbi_fast.trainer import Trainer
 
-ROOT = Path(__file__).parents[1]
-CONFIG = ROOT / "configs" / "tiny_train.yaml"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """12 training and 4 eval demo utterances with behaviors from the tiny_train LLM (training
-    behaviors with cached teacher states)."""
-    d = tmp_path_factory.mktemp("mtbi")
-    train = read_manifest(ROOT / "data" / "demo" / "train.jsonl")[:12]
-    test = read_manifest(ROOT / "data" / "demo" / "test.jsonl")[:4]
-    write_manifest(d / "train.jsonl", train)
-    write_manifest(d / "test.jsonl", test)
-    cfg = load_config(CONFIG, ["data.train_manifest=x", "data.behaviors=x", f"output_dir={d}/unused"])
-    llm, tok = load_llm(ModelConfig.from_dict(cfg["model"]).llm)
-    lib = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
-    bc = BehaviorConfig(per_utterance=2, max_new_tokens=12)
-    generate_behaviors(train, lib, llm, tok, d / "beh", dataclasses.replace(bc, cache_hidden=True),
-                       progress=False, model_config=cfg["model"])
-    generate_behaviors(test, lib, llm, tok, d / "beh-eval", bc, progress=False,
-                       model_config=cfg["model"])
-    return d
-
-
-def overrides(data, out, *extra):
-    return [f"data.train_manifest={data}/train.jsonl", f"data.behaviors={data}/beh",
-            f"data.eval_manifest={data}/test.jsonl", f"data.eval_behaviors={data}/beh-eval",
-            f"output_dir={out}", *extra]
-
-
-def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
+from helpers import CONFIG, ROOT, metrics, overrides
 
 def assert_data_wait(rows):
     for r in rows:
@@ -448,7 +417,7 @@ def test_teacher_cache_from_another_llm_is_refused(data, tmp_path):
 
 def test_mel_cache_is_bounded(data, tmp_path, monkeypatch):
     """Each process (a DataLoader worker included) keeps only the last MEL_CACHE_CLIPS log-mels."""
-    monkeypatch.setattr(train_mod, "MEL_CACHE_CLIPS", 3)
+    monkeypatch.setattr(dataset_mod, "MEL_CACHE_CLIPS", 3)
     trainer = Trainer(load_config(CONFIG, overrides(data, tmp_path / "m", "train.steps=1")))
     ids = list(trainer.data.utts)[:5]
     first = trainer.data.mel(ids[0]).clone()

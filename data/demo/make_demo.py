@@ -19,9 +19,10 @@ import torchaudio
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from mtbi_fast.data import Utterance, write_manifest  # noqa: E402
-from mtbi_fast.espeak import synthesize  # noqa: E402
-from mtbi_fast.interleave import Word  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from espeak import synthesize  # noqa: E402  (data/demo/espeak.py, the corpus script's helper)
+
+from mtbi_fast.data import Utterance, Word, write_manifest  # noqa: E402
 
 HERE = Path(__file__).parent
 VOICES = ["en-us", "en", "en-us+f2", "en+m3", "en-gb-x-rp", "en-029", "en-us+m3", "en+f3"]

@@ -1,17 +1,17 @@
 """Probe a training setting on the demo data: train a short run with config overrides, then score
 the held-out imitation KL with each utterance's own clip and with another utterance's clip (as in
-``mtbi-fast eval``). This is how the demo's stride and schedule were chosen (README, "The demo").
+``mtbi-fast eval``). This is how the demo's stride and schedule were chosen (docs/results.md).
 
     for split in train heldout_task; do
       mtbi-fast behaviors --config configs/demo.yaml --manifest data/demo/test.jsonl \
           --output runs/heldout-$split --split $split --per-utterance 2 --max-new-tokens 32 --cache-hidden
     done
     H=runs/heldout-heldout_task,runs/heldout-train
-    python benchmarks/probe_settings.py runs/demo $H --steps 300                        # the demo's settings
-    python benchmarks/probe_settings.py runs/demo $H --steps 300 'data.spec_augment={}'
-    python benchmarks/probe_settings.py runs/demo $H --steps 300 model.train_encoder_layers=2
-    python benchmarks/probe_settings.py runs/demo $H --steps 100 --init-scale 10
-    python benchmarks/probe_settings.py runs/demo $H --model runs/demo/run/final   # score, no training
+    python experiments/probe_settings.py runs/demo $H --steps 300                        # the demo's settings
+    python experiments/probe_settings.py runs/demo $H --steps 300 'data.spec_augment={}'
+    python experiments/probe_settings.py runs/demo $H --steps 300 model.train_encoder_layers=2
+    python experiments/probe_settings.py runs/demo $H --steps 100 --init-scale 10
+    python experiments/probe_settings.py runs/demo $H --model runs/demo/run/final   # score, no training
 
 DEMO is a ``mtbi-fast demo`` output folder (its resolved ``run/config.yaml``, manifests and
 behaviors); HELDOUT one or more (comma-separated) behaviors folders with cached teacher states
@@ -20,7 +20,7 @@ plain PyTorch without intermediate evaluation or checkpoints, into ``--output`` 
 DEMO/probes/<overrides>), and appends a JSON line per HELDOUT folder to DEMO/probes/results.jsonl.
 ``--model DIR`` scores a trained model (a ``save_pretrained`` folder, e.g. a demo's ``run/final``)
 instead of training one
-(the 300-step probes of the README: ``benchmarks/results/demo_probes.jsonl``).
+(the 300-step probes of docs/results.md: ``benchmarks/results/demo_probes.jsonl``).
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ from pathlib import Path
 import torch
 
 from mtbi_fast.behaviors import read_behaviors
+from mtbi_fast.config import load_config
 from mtbi_fast.data import read_manifest
-from mtbi_fast.evaluate import _imitation_kl, _other_speech
+from mtbi_fast.dataset import load_hidden_cache
+from mtbi_fast.evaluate import imitation_kl, other_speech
 from mtbi_fast.model import SpeechLLM
-from mtbi_fast.train import Trainer, _load_hidden_cache, load_config
+from mtbi_fast.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +72,7 @@ def main() -> None:
         missing = sorted({r["utt_id"] for r in records} - set(audio))
         if missing:
             raise SystemExit(f"{folder}: utterances not in {args.manifest}: {missing[:5]}")
-        heldout[folder] = (records, _load_hidden_cache(folder))
+        heldout[folder] = (records, load_hidden_cache(folder))
     if args.model is not None:
         model, seconds = SpeechLLM.from_pretrained(args.model).eval(), 0.0
         args.overrides, args.steps, args.init_scale = [f"model={args.model}"], None, None
@@ -88,8 +90,8 @@ def main() -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     for folder, (records, hidden) in heldout.items():
         jobs = [{"id": r["id"], "utt_id": r["utt_id"], "audio": audio[r["utt_id"]]} for r in records]
-        own = sum(_imitation_kl(model, jobs, records, hidden)) / len(jobs)
-        other = sum(_imitation_kl(model, _other_speech(jobs), records, hidden)) / len(jobs)
+        own = sum(imitation_kl(model, jobs, records, hidden)) / len(jobs)
+        other = sum(imitation_kl(model, other_speech(jobs), records, hidden)) / len(jobs)
         row = {"overrides": args.overrides, "steps": args.steps, "init_scale": args.init_scale,
                "heldout": folder, "train_s": round(seconds), "kl_own": round(own, 4),
                "kl_other": round(other, 4), "gap": round(other - own, 4), "n": len(jobs)}

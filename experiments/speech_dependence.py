@@ -1,7 +1,7 @@
 """Does a trained SLLM use what is said? Held-out imitation KL with each utterance's own clip and
 with another utterance's clip, for each checkpoint of a run.
 
-    python benchmarks/speech_dependence.py RUN_DIR --behaviors RUN_DIR/../behaviors-eval \
+    python experiments/speech_dependence.py RUN_DIR --behaviors RUN_DIR/../behaviors-eval \
         --manifest data/demo/test.jsonl
 
 RUN_DIR is a trainer output folder (its ``checkpoints/step-N/model`` exports and ``final``). The
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mtbi_fast.behaviors import read_behaviors
 from mtbi_fast.data import read_manifest
-from mtbi_fast.evaluate import _imitation_kl, _other_speech
+from mtbi_fast.evaluate import imitation_kl, other_speech
 from mtbi_fast.model import SpeechLLM
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"{args.behaviors}: utterances not in {args.manifest}: {missing[:5]}")
     jobs = [{"id": r["id"], "utt_id": r["utt_id"], "audio": audio[r["utt_id"]]} for r in records]
-    others = _other_speech(jobs)
+    others = other_speech(jobs)
     if others is None:
         raise SystemExit(f"{args.behaviors}: needs behaviors of two utterances or more")
     models = sorted(args.run.glob("checkpoints/step-*/model"))
@@ -41,8 +41,8 @@ def main() -> None:
     print("| step | KL, own clip | KL, another clip | gap |\n|---|---:|---:|---:|")
     for folder in models:
         model = SpeechLLM.from_pretrained(folder).eval()
-        own = sum(_imitation_kl(model, jobs, records)) / len(jobs)
-        other = sum(_imitation_kl(model, others, records)) / len(jobs)
+        own = sum(imitation_kl(model, jobs, records)) / len(jobs)
+        other = sum(imitation_kl(model, others, records)) / len(jobs)
         step = int(folder.parent.name.split("-")[1])
         print(f"| {step} | {own:.3f} | {other:.3f} | {other - own:.3f} |", flush=True)
 

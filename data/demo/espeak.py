@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from .interleave import Word
+from mtbi_fast.data import Word
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INIT_PHONEME_EVENTS = 1

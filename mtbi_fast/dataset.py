@@ -1,0 +1,223 @@
+"""The training data: behavior records joined with their utterances, built into deterministic
+micro-batches.
+
+``MTBIData`` reads a manifest and a behaviors folder and builds any micro-batch from its index
+alone (audio decode, log-mel, SpecAugment, interleaving, packing); ``MicroBatches`` is the
+``torch.utils.data.Dataset`` of one rank's micro-batches that DataLoader workers build ahead of the
+training step. Teacher hidden states cached with the behaviors (``data.teacher_cache``) come with
+each batch, cut like its responses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+from mtbi_fast.audio import (HOP_LENGTH, SAMPLE_RATE, encoder_frames, load_audio, log_mel, mel_frames,
+                             spec_augment)
+from mtbi_fast.behaviors import read_behaviors
+from mtbi_fast.data import DURATION_TOLERANCE, read_manifest
+from mtbi_fast.errors import USER_ERRORS
+from mtbi_fast.interleave import RatioSchedule, example_pair, transcript
+from mtbi_fast.packing import pack, truncate_together
+
+if TYPE_CHECKING:  # the model is read for plain values only, never kept
+    from mtbi_fast.model import SpeechLLM
+
+# log-mels kept per process: 256 clips of 15 s are about 120 MB (80 bins, fp32); the demo's 200
+# training clips all fit
+MEL_CACHE_CLIPS = 256
+
+
+class MTBIData:
+    """Behavior records joined with their utterances; deterministic micro-batches. Holds what the
+    batches need from the model as plain values (tokenizer, mel bins, adapter stride, frame rate),
+    never the model: it goes to DataLoader worker processes.
+
+    Every utterance of the manifest must fit the speech encoder (checked here, from the audio
+    headers). Audio that still fails to decode when its batch is built is an error naming the
+    utterance and file, or with ``skip_bad_audio`` an example left out of its batch (the others
+    are unchanged) and listed in the batch's ``skipped_audio``."""
+
+    def __init__(self, manifest: str, behaviors: str, model: SpeechLLM, seed: int, mean_span: float,
+                 max_tokens: int, overlong: str, teacher_cache: bool = False,
+                 tasks: list[str] | None = None, spec_augment: dict | None = None,
+                 skip_bad_audio: bool = False):
+        utts = read_manifest(manifest, require_words=True)
+        check_durations(utts, model.encoder.max_frames, manifest)
+        self.utts = {u.id: u for u in utts}
+        self.records = read_behaviors(behaviors)
+        if tasks is not None:  # a baseline on fewer tasks (e.g. [continue]: BLSP-style alignment)
+            self.records = [r for r in self.records if r["task"] in tasks]
+            if not self.records:
+                raise ValueError(f"data.tasks={tasks}: {behaviors} has no behaviors of these tasks")
+        missing = sorted({r["utt_id"] for r in self.records} - set(self.utts))
+        if missing:
+            raise ValueError(f"{behaviors}: behaviors refer to utterances not in {manifest}: {missing[:5]}")
+        self.seed, self.mean_span = seed, mean_span
+        self.max_tokens, self.overlong = max_tokens, overlong
+        self.tokenizer, self.n_mels = model.tokenizer, model.encoder.num_mel_bins
+        self.stride, self.frame_rate = model.adapter.stride, model.frame_rate
+        self._mels: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU, MEL_CACHE_CLIPS
+        self.spec_augment = spec_augment  # SpecAugment's settings for training inputs, or None
+        self.skip_bad_audio = skip_bad_audio
+        self.cache = load_hidden_cache(behaviors) if teacher_cache else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def record_indices(self, micro: int, n: int) -> list[int]:
+        """Records of micro-batch ``micro``: positions [micro * n, micro * n + n) of an endless
+        stream of seeded permutations, one per epoch."""
+        out = []
+        for pos in range(micro * n, micro * n + n):
+            epoch, offset = divmod(pos, len(self.records))
+            out.append(self._permutation(epoch)[offset])
+        return out
+
+    def _permutation(self, epoch: int) -> list[int]:
+        """The epoch's record order (one randperm per epoch, kept for the current epoch)."""
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(len(self.records), generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def mel(self, utt_id: str) -> torch.Tensor:
+        """The utterance's log-mel; the last MEL_CACHE_CLIPS are kept (per process: each DataLoader
+        worker has its own cache, so memory stays bounded whatever the corpus size)."""
+        if utt_id in self._mels:
+            self._mels.move_to_end(utt_id)
+        else:
+            audio = self.utts[utt_id].audio
+            while len(self._mels) >= MEL_CACHE_CLIPS:
+                self._mels.popitem(last=False)
+            try:
+                self._mels[utt_id] = log_mel(load_audio(audio), self.n_mels)
+            except (ValueError, OSError, RuntimeError) as exc:  # unreadable, empty, NaN, too short
+                msg = str(exc) if audio in str(exc) else f"{audio}: {exc}"
+                hint = "" if self.skip_bad_audio else \
+                    " (set data.skip_bad_audio: true to leave such examples out, counted in metrics.jsonl)"
+                raise BadAudioError(f"utterance {utt_id!r}: bad audio: {msg}{hint}") from None
+        return self._mels[utt_id]
+
+    def batch(self, indices: list[int], ratio: float, salt: int) -> dict:
+        """The packed student and teacher inputs of records ``indices`` at text ratio ``ratio``
+        (interleaving and SpecAugment seeded by ``salt`` and the record), their log-mels, the bad
+        audio left out (``skipped_audio``) and, with the teacher cache, the teacher's states."""
+        students, teachers, mels, ids, skipped = [], [], [], [], []
+        for i in indices:
+            r = self.records[i]
+            try:
+                mel = self.mel(r["utt_id"])
+            except BadAudioError as exc:
+                if not self.skip_bad_audio:
+                    raise
+                skipped.append(str(exc))  # left out; the other examples are what they would be
+                continue
+            if self.spec_augment is not None:  # masks seeded by example and step (resumable)
+                ga = torch.Generator().manual_seed(self.seed * 6007 + salt * 15_485_863 + i)
+                mel = spec_augment(mel, generator=ga, **self.spec_augment)
+            s, t = self._example_pair(i, mel, ratio, salt)
+            students.append(s)
+            teachers.append(t)
+            mels.append(mel)
+            ids.append(r["id"])
+        if not students:
+            raise BadAudioError(f"every example of this batch has bad audio: {'; '.join(skipped)}")
+        out = {"student": pack(students, self.max_tokens, overlong=self.overlong),
+               "teacher": pack(teachers, self.max_tokens, overlong=self.overlong), "mels": mels,
+               "skipped_audio": skipped}
+        if self.cache is not None:  # cached states, cut like the (possibly truncated) responses
+            counts = torch.bincount(out["student"].loss_example, minlength=len(ids)).tolist()
+            out["teacher_hidden"] = torch.cat([self.cache[k][:c] for k, c in zip(ids, counts)])
+        return out
+
+    def _example_pair(self, i: int, mel: torch.Tensor, ratio: float, salt: int):
+        """Record ``i``'s student (interleaved) and teacher (text) examples, truncated together."""
+        r = self.records[i]
+        u = self.utts[r["utt_id"]]
+        n_frames = math.ceil(encoder_frames(mel.shape[1]) / self.stride)  # Adapter.n_frames
+        g = torch.Generator().manual_seed(self.seed * 7919 + salt * 104_729 + i)
+        s, t = example_pair(r["id"], u.words, n_frames, self.frame_rate, ratio,
+                            r["prefix_ids"], r["suffix_ids"], r["response_ids"], self.tokenize,
+                            mean_span=self.mean_span, generator=g, duration=u.duration)
+        if list(t.prompt[1].ids) != r["transcript_ids"]:
+            raise ValueError(f"{r['id']}: the words of utterance {u.id!r} ({transcript(u.words)!r})"
+                             " do not tokenize to the behavior's transcript; regenerate the behaviors")
+        return truncate_together([s, t], self.max_tokens, self.overlong)  # same response tokens
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item j: this rank's j-th training micro-batch (step ``j // grad_accum``), the global
+    micro-batch ``j * world + rank``. A pure function of the seed and j, so DataLoader workers
+    (any number) give the batches the training process would build, and a run resumed at step s
+    starts at item ``s * grad_accum``."""
+
+    def __init__(self, data: MTBIData, schedule: RatioSchedule, examples_per_step: int,
+                 grad_accum: int, world: int = 1, rank: int = 0):
+        self.data, self.schedule, self.examples = data, schedule, examples_per_step
+        self.grad_accum, self.world, self.rank = grad_accum, world, rank
+
+    def __getitem__(self, j: int) -> dict:
+        """The micro-batch, or ``{"error": message}`` for a user error (bad audio, a behavior that
+        does not match its utterance): returned, not raised, so that the training loop raises it
+        as the same one-line error whether a worker process or this one built the batch (the
+        DataLoader turns a worker's exception into a traceback text)."""
+        micro = j * self.world + self.rank  # = (step * grad_accum + k) * world + rank
+        indices = self.data.record_indices(micro, self.examples)
+        try:
+            return self.data.batch(indices, self.schedule(j // self.grad_accum), salt=micro)
+        except USER_ERRORS as exc:
+            return {"error": str(exc)}
+
+
+
+class BadAudioError(ValueError):
+    """An utterance whose audio cannot be decoded into a log-mel (the message names it and its file)."""
+
+
+
+def check_durations(utts, max_frames: int, manifest) -> None:
+    """Every utterance fits the speech encoder (``max_frames`` output frames: Whisper's 1500 are
+    30 s), judged from the manifest's durations and, near the limit, the audio header's exact
+    length. The error lists the utterances that do not."""
+    limit = max_frames * 2 * HOP_LENGTH / SAMPLE_RATE
+    bad = []
+    for u in utts:
+        if u.duration <= limit - DURATION_TOLERANCE:
+            continue
+        if u.duration <= limit + DURATION_TOLERANCE:  # the duration field may be off by the tolerance
+            info = sf.info(u.audio)
+            samples = math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
+            if encoder_frames(mel_frames(samples)) <= max_frames:
+                continue
+        bad.append(f"{u.id} ({u.duration:.1f} s)")
+    if bad:
+        raise ValueError(f"{manifest}: {len(bad)} utterance{'s are' if len(bad) > 1 else ' is'} longer "
+                         f"than the speech encoder's limit of {limit:g} s ({max_frames} frames): "
+                         f"{', '.join(bad[:20])}{', ...' if len(bad) > 20 else ''}; remove "
+                         f"{'them' if len(bad) > 1 else 'it'} from the manifest or cut the audio")
+
+def load_hidden_cache(behaviors: str) -> dict[str, torch.Tensor]:
+    """The teacher's hidden states cached with the behaviors (``shard-*.safetensors``): a tensor
+    [response tokens, hidden] per behavior id."""
+    files = sorted(Path(behaviors).glob("shard-*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"data.teacher_cache is on but {behaviors} has no hidden-state "
+                                "shards; run `mtbi-fast behaviors ... --cache-hidden`")
+    cache = {}
+    for f in files:
+        cache.update(load_file(str(f)))
+    return cache
+
+

@@ -1,0 +1,523 @@
+"""The MTBI training loop: one run of a checked config (``mtbi_fast.config.load_config``) into its
+``output_dir``.
+
+Each step takes the next ``packing.examples_per_step`` behavior records of a seeded, endless
+shuffle (micro-batch ``(step * grad_accum + k) * world + rank``: a pure function of the step, so a
+resumed run sees exactly the batches an uninterrupted run sees), interleaves each utterance at the
+scheduled text ratio, packs student and teacher versions, and minimizes the imitation loss. The
+batches (audio decode, log-mel, SpecAugment, interleaving, packing) are built ahead of the step by
+``data.num_workers`` DataLoader worker processes; the time the loop still waits for them is logged
+(``data_wait_s``, ``data_wait_share``). Under DeepSpeed ZeRO-3 the frozen LLM is partitioned from
+the start (built under ``zero.Init``) and only the adapter (and LoRA / top encoder layers when
+enabled) is optimized.
+
+``metrics.jsonl`` has one row per logged step (step, loss, kl, ce, tokens_per_s, lr, ratio,
+data_wait_s, data_wait_share, skipped_audio) and evaluation rows from step 0 on (step, eval_kl);
+TensorBoard events are written too when tensorboard is installed. The run folder's other files,
+checkpoints and resume: ``mtbi_fast.runfolder``. ``.lock`` holds the folder for one training at a
+time.
+
+Before step 0: ``output_dir`` is writable and the DeepSpeed JSON parses (before the model is
+built), and no utterance is longer than the speech encoder takes. Audio that fails to decode
+mid-run is a one-line error naming the utterance and file, or, with ``data.skip_bad_audio: true``,
+an example left out of its batch and counted (``skipped_audio``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mtbi_fast.behaviors import check_teacher
+from mtbi_fast.config import interleave_schedule
+from mtbi_fast.dataset import MicroBatches, MTBIData
+from mtbi_fast.errors import USER_ERRORS
+from mtbi_fast.interleave import RatioSchedule
+from mtbi_fast.lock import FolderLock, FolderLockedError
+from mtbi_fast.model import ModelConfig, SpeechLLM
+from mtbi_fast.runfolder import (check_output_dir, data_fingerprint, load_trainer_state, prepare_run,
+                                 publish_checkpoint, read_deepspeed_config, read_json, run_record,
+                                 save_trainer_state, trim_metrics, weights_only_deepspeed_loads)
+
+
+class Trainer:
+    """One training run into ``cfg["output_dir"]``. Construction checks the output folder and the
+    DeepSpeed config, takes the folder's lock (rank 0) and builds the model and the data;
+    ``train()`` runs (or resumes) the loop and releases the lock."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.out = Path(cfg["output_dir"])
+        self.ds_config = None
+        self.world, self.rank = 1, 0
+        self._lock = None
+        self.fingerprint = None
+        # before anything is built: a folder we cannot write, or a broken DeepSpeed JSON, would
+        # otherwise show only after the model has loaded
+        check_output_dir(self.out)
+        if cfg["data"]["teacher_cache"]:  # the cached states must be this run's LLM's
+            check_teacher(cfg["data"]["behaviors"], cfg["model"])
+        ds_json = read_deepspeed_config(cfg["deepspeed"]) if cfg["deepspeed"] else None
+        if ds_json is not None:
+            self._init_distributed(ds_json)
+        self._on_rank0(self._take_lock)
+        try:
+            torch.manual_seed(cfg["train"]["seed"])
+            self.model = self._build_model()
+            self.data, self.eval_data = self._build_data()
+            self.schedule = RatioSchedule.from_config(interleave_schedule(cfg))
+            self._build_optimizer()
+        except BaseException:
+            self.close()
+            raise
+        self.step = 0
+        self.data_wait_s = 0.0  # seconds the loop waited for its batches (this process, this run)
+        self.skipped_audio = 0  # examples left out for bad audio (this process, this run)
+        self.tb = None
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def train(self, resume: bool = True, overwrite: bool = False) -> dict:
+        """Run to ``train.steps``; returns the last logged metrics row. ``resume``: continue from
+        the newest complete checkpoint of the same run (refused when the config or the data
+        differ, docs/resume.md). ``resume`` False starts clean and refuses a folder that already
+        holds a run unless ``overwrite``; ``overwrite`` (also without resume False) moves such a
+        run aside, never deletes it."""
+        try:
+            self._start(resume and not overwrite, overwrite)
+            last = self._loop()
+            self._finish()
+            return last
+        finally:
+            self.close()
+
+    def _start(self, resume: bool, overwrite: bool):
+        """Resume or begin (rank 0 decides and records), open the metrics, evaluate at step 0."""
+        start = self._on_rank0(lambda: self._prepare(resume, overwrite))
+        if start is not None:
+            self._load_checkpoint(self.out / "checkpoints" / start)
+        if self.rank == 0:
+            trim_metrics(self.out, self.step)
+            self._open_tensorboard()
+        if self.cfg["train"]["eval_every"] and self.step == 0:
+            self.evaluate()  # the starting point of the held-out curve
+
+    def _loop(self) -> dict:
+        """The steps from the current one to ``train.steps``, logging, evaluating and saving as
+        configured; returns the last logged row."""
+        t = self.cfg["train"]
+        device = self._device()
+        bar = tqdm(total=t["steps"], initial=self.step, desc="train", unit="step",
+                   disable=self.rank != 0)
+        window = _Window()
+        last = {}
+        batches = iter(self.train_loader(device))
+        try:
+            while self.step < t["steps"]:
+                ratio = self.schedule(self.step)
+                for _ in range(t["grad_accum"]):
+                    self._micro_step(batches, device, window)
+                self._optimizer_step()
+                window.n += 1
+                self.step += 1
+                bar.update(1)
+                if self.step % t["log_every"] == 0 or self.step == t["steps"]:
+                    last = self._log(window, ratio)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", kl=f"{last['kl']:.4f}",
+                                    tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{last['lr']:.2e}",
+                                    data_wait=f"{last['data_wait_share']:.0%}")
+                    window = _Window()
+                self._evaluate_and_save()
+        finally:
+            del batches  # stops the loader's workers now, also when the loop raises
+            bar.close()  # (an error message then starts on a line of its own)
+        return last
+
+    def _finish(self):
+        self.export(self.out / "final")
+        if self.tb is not None:
+            self.tb.close()
+
+    def _micro_step(self, batches, device: torch.device, window: _Window):
+        """Forward and backward of the next micro-batch (under DeepSpeed also its engine step,
+        which applies the optimizer at the accumulation boundary)."""
+        grad_accum = self.cfg["train"]["grad_accum"]
+        batch, inputs = self._next_batch(batches, device, window)
+        out = self.engine(batch["student"], **inputs)
+        if self.ds_config:
+            self.engine.backward(out["loss"])
+            self.engine.step()
+        else:
+            (out["loss"] / grad_accum).backward()
+        window.loss += float(out["loss"].detach()) / grad_accum
+        window.kl += float(out["kl"].detach()) / grad_accum
+        window.ce += float(out["ce"].detach()) / grad_accum
+        window.tokens += batch["student"].n_tokens
+
+    def _next_batch(self, batches, device: torch.device, window: _Window) -> tuple[dict, dict]:
+        """The next micro-batch and the model's inputs from it on ``device``; the time waited for
+        it and the examples it left out for bad audio are counted."""
+        t_wait = time.perf_counter()
+        batch = next(batches)
+        if "error" in batch:  # built by a worker or here: the same one-line error
+            raise ValueError(f"step {self.step + 1}: {batch['error']}")
+        inputs = {"mels": [m.to(device, non_blocking=True) for m in batch["mels"]]}
+        if "teacher_hidden" in batch:
+            inputs["teacher_hidden"] = batch["teacher_hidden"].to(device, non_blocking=True)
+        else:
+            inputs["teacher"] = batch["teacher"]
+        waited = time.perf_counter() - t_wait
+        window.data_wait += waited
+        self.data_wait_s += waited
+        for message in batch["skipped_audio"]:
+            tqdm.write(f"step {self.step + 1}: skipped {message}")
+        window.skipped += len(batch["skipped_audio"])
+        self.skipped_audio += len(batch["skipped_audio"])
+        return batch, inputs
+
+    def _optimizer_step(self):
+        """Clip, step and zero the gradients (plain PyTorch; DeepSpeed's engine does this)."""
+        if self.ds_config:
+            return
+        clip = self.cfg["train"]["clip_grad"]
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _evaluate_and_save(self):
+        t = self.cfg["train"]
+        if t["eval_every"] and (self.step % t["eval_every"] == 0 or self.step == t["steps"]):
+            self.evaluate()
+        if t["save_every"] and self.step % t["save_every"] == 0:
+            self.save_checkpoint()
+
+    def train_loader(self, device: torch.device) -> torch.utils.data.DataLoader:
+        """This rank's micro-batches from the current step to the last, built ahead by
+        ``data.num_workers`` worker processes (CPU only: the encoder, the adapter and the online
+        teacher run in this process). One pass over it is the whole run, so its workers start
+        once and live as long as the run."""
+        d, t = self.cfg["data"], self.cfg["train"]
+        items = MicroBatches(self.data, self.schedule, self.cfg["packing"]["examples_per_step"],
+                             t["grad_accum"], self.world, self.rank)
+        workers = d["num_workers"]
+        return torch.utils.data.DataLoader(
+            items, batch_size=None, sampler=range(self.step * t["grad_accum"], t["steps"] * t["grad_accum"]),
+            num_workers=workers, prefetch_factor=d["prefetch_factor"] if workers else None,
+            pin_memory=device.type == "cuda",  # pinned pages: asynchronous copies to the GPU
+            # the loader draws its workers' base seed from this generator, not from the global
+            # RNG, whose state the checkpoints save: a resumed run's RNG state then equals an
+            # uninterrupted run's (the batches never depend on it)
+            generator=torch.Generator().manual_seed(t["seed"]))
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Held-out imitation KL at ratio 0 (pure speech) on fixed eval examples."""
+        if self.eval_data is None:
+            return None
+        n = min(self.cfg["train"]["eval_examples"], len(self.eval_data))
+        idx = list(range(n))[self.rank::self.world]
+        kl, count = torch.zeros(2), 0
+        device = self._device()
+        for start in range(0, len(idx), self.cfg["packing"]["examples_per_step"]):
+            chunk = idx[start:start + self.cfg["packing"]["examples_per_step"]]
+            batch = self.eval_data.batch(chunk, 0.0, salt=0)
+            out = self.engine(batch["student"], mels=[m.to(device) for m in batch["mels"]],
+                              teacher=batch["teacher"])
+            rows = batch["student"].target_ids.numel()
+            kl += torch.tensor([float(out["kl"].detach()) * rows, rows])
+            count += rows
+        if self.world > 1:
+            torch.distributed.all_reduce(kl)
+        value = (kl[0] / kl[1].clamp(min=1)).item()
+        if self.rank == 0:
+            self._write_metrics({"step": self.step, "eval_kl": value, "time": time.time()})
+        return value
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def _log(self, window: _Window, ratio: float) -> dict:
+        """The metrics row of the steps since the last one (means over ranks), written by rank 0."""
+        seconds = max(time.perf_counter() - window.started, 1e-9)
+        vals = torch.tensor([window.loss, window.kl, window.ce, float(window.tokens),
+                             window.data_wait, window.data_wait / seconds, float(window.skipped)])
+        if self.world > 1:
+            torch.distributed.all_reduce(vals)
+            vals[[0, 1, 2, 4, 5]] /= self.world  # means over ranks; tokens and skips are summed
+        n = max(window.n, 1)
+        row = {"step": self.step, "loss": vals[0].item() / n, "kl": vals[1].item() / n,
+               "ce": vals[2].item() / n, "tokens_per_s": vals[3].item() / seconds,
+               "lr": self.scheduler.get_last_lr()[0], "ratio": ratio,
+               "data_wait_s": vals[4].item(), "data_wait_share": vals[5].item(),
+               "skipped_audio": int(vals[6].item()), "time": time.time()}
+        if self.rank == 0:
+            self._write_metrics(row)
+        return row
+
+    def _write_metrics(self, row: dict):
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "time"):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def _open_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        try:
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        except Exception:  # noqa: BLE001 - tensorboard missing or broken: metrics.jsonl suffices
+            self.tb = None
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _prepare(self, resume: bool, overwrite: bool) -> str | None:
+        """Rank 0, holding the lock: the data fingerprint, then how the run starts
+        (``runfolder.prepare_run``): the checkpoint to resume (its folder name) or None."""
+        self.fingerprint = data_fingerprint(self.cfg)
+        return prepare_run(self.out, self.cfg, self.fingerprint, resume, overwrite)
+
+    def save_checkpoint(self):
+        """``checkpoints/step-NNNNNN``: written whole under a temporary name (DeepSpeed's files or
+        the trainer state, the exported model, run.json, COMPLETE), renamed, and only then named
+        by ``checkpoints/latest``: a kill at any point leaves the previous checkpoint current."""
+        root = self.out / "checkpoints"
+        name = f"step-{self.step:06d}"
+        tmp = root / f".{name}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        if self.ds_config:
+            self.engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": self.step},
+                                        save_latest=False)
+        elif self.rank == 0:
+            save_trainer_state(tmp, self.model, self.optimizer, self.scheduler, self.step)
+        self._barrier()
+        self.export(tmp / "model")
+        if self.rank == 0:
+            publish_checkpoint(tmp, name, run_record(self.cfg, self.fingerprint, self.step),
+                               self.cfg["train"]["keep_last"])
+        self._barrier()
+
+    def _load_checkpoint(self, folder: Path):
+        """Every rank: the checkpoint ``_prepare`` chose and checked."""
+        step = int(read_json(folder / "run.json")["step"])
+        if self.ds_config:
+            with weights_only_deepspeed_loads(self.engine):
+                path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+            if path is None:
+                raise ValueError(f"cannot resume from {folder}: DeepSpeed found no checkpoint there")
+        else:
+            load_trainer_state(folder, self.model, self.optimizer, self.scheduler)
+        self.step = step
+        if self.rank == 0:
+            print(f"resumed from {folder} at step {self.step}")
+
+    def export(self, directory: Path):
+        """save_pretrained of the trained parts (gathered from ZeRO-3 partitions when needed)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.ds_config and any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if self.rank == 0:
+                    self.model.save_pretrained(directory)
+        elif self.rank == 0:
+            self.model.save_pretrained(directory)
+        self._barrier()
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _build_model(self) -> SpeechLLM:
+        """The configured model; under ZeRO-3 partitioned from the start."""
+        model_cfg = ModelConfig.from_dict(self.cfg["model"])
+        if not (self.ds_config and self.ds_config.get("zero_optimization", {}).get("stage") == 3):
+            return SpeechLLM.from_config(model_cfg)
+        import deepspeed
+
+        # a pretrained LLM is partitioned as it loads (transformers' from_pretrained reads the
+        # ZeRO-3 config from HfDeepSpeedConfig), never whole on one rank; a random tiny LLM is
+        # built whole (so that its initialization matches a single-process run) like the
+        # encoder and adapter, and everything still whole is partitioned right after
+        pretrained = "tiny" not in model_cfg.llm
+        context = _hf_zero3(self.ds_config) if pretrained else None
+        model = SpeechLLM.from_config(model_cfg, llm_context=context)
+        deepspeed.zero.Init(module=model, config_dict_or_path=self.ds_config)
+        return model
+
+    def _build_data(self) -> tuple[MTBIData, MTBIData | None]:
+        """The training data and, when configured, the held-out data."""
+        cfg, d = self.cfg, self.cfg["data"]
+        common = dict(seed=cfg["train"]["seed"], mean_span=cfg["interleave"]["mean_span"],
+                      max_tokens=cfg["packing"]["max_tokens"], overlong=cfg["packing"]["overlong"],
+                      skip_bad_audio=d["skip_bad_audio"])
+        data = MTBIData(d["train_manifest"], d["behaviors"], self.model,
+                        teacher_cache=d["teacher_cache"], tasks=d["tasks"],
+                        spec_augment=d["spec_augment"], **common)
+        eval_data = None
+        if d["eval_manifest"] and d["eval_behaviors"]:
+            eval_data = MTBIData(d["eval_manifest"], d["eval_behaviors"], self.model, **common)
+        return data, eval_data
+
+    def _build_optimizer(self):
+        """AdamW over the trainable parameters with warmup + cosine decay: DeepSpeed's engine, or
+        plain PyTorch (``self.engine`` is then the model)."""
+        t = self.cfg["train"]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+        sched_fn = lr_lambda(t["warmup_steps"], t["steps"])
+        if self.ds_config:
+            import deepspeed
+
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=self.model, model_parameters=params, config=self.ds_config,
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn))
+        else:
+            self.engine = self.model
+            self.optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, sched_fn)
+
+    def _init_distributed(self, cfg: dict):
+        """torch.distributed through DeepSpeed (a world of one without a launcher), and the
+        DeepSpeed config completed from the run config (batch sizes, clipping, optimizer)."""
+        import deepspeed
+
+        t = self.cfg["train"]
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else a ~65 s JIT build
+        backend = "nccl" if on_gpu else "gloo"
+        if any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+            deepspeed.init_distributed(dist_backend=backend)
+        else:  # run without a launcher: a world of one (no MPI discovery) on a free local port
+            _init_single_process(deepspeed, backend)
+        self.world = torch.distributed.get_world_size()
+        self.rank = torch.distributed.get_rank()
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        for key in ("bf16", "fp16"):
+            if cfg.get(key, {}).get("enabled") == "auto":
+                cfg[key]["enabled"] = on_gpu and key == "bf16"
+        cfg["train_micro_batch_size_per_gpu"] = 1
+        cfg["gradient_accumulation_steps"] = t["grad_accum"]
+        cfg["train_batch_size"] = t["grad_accum"] * self.world
+        cfg["gradient_clipping"] = t["clip_grad"] or 0.0  # DeepSpeed: 0 = no clipping
+        opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+        opt.setdefault("params", {}).update(lr=t["lr"], weight_decay=t["weight_decay"])
+        if not on_gpu:
+            opt["params"]["torch_adam"] = True  # no fused-Adam JIT build on CPU
+        self.ds_config = cfg
+
+    def _take_lock(self):
+        """One training per output folder: rank 0 holds its lock until the run ends (the kernel
+        drops it if the process dies); a second training fails here, naming the holder."""
+        self._lock = FolderLock(self.out, "training").acquire()
+        weakref.finalize(self, self._lock.release)  # a Trainer dropped without train()
+
+    def close(self):
+        """Release the output folder (``train()`` does this when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _on_rank0(self, fn):
+        """``fn()`` run on rank 0; its result, or the user error it raised, on every rank (a
+        refusal stops all ranks at once instead of leaving the others waiting in a collective)."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except USER_ERRORS as exc:
+                error = exc
+        if self.world > 1:
+            box = [(result, None if error is None else
+                    (isinstance(error, FolderLockedError), str(error)))]
+            torch.distributed.broadcast_object_list(box, src=0)
+            result, remote = box[0]
+            if self.rank != 0 and remote is not None:
+                raise (FolderLockedError if remote[0] else ValueError)(remote[1])
+        if error is not None:
+            raise error
+        return result
+
+    def _device(self) -> torch.device:
+        return next(p.device for p in self.model.adapter.parameters())
+
+    def _barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def lr_lambda(warmup: int, total: int):
+    """The learning-rate factor at a step: linear warmup over ``warmup`` steps, then cosine decay
+    to 0 at ``total``."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return f
+
+
+@dataclasses.dataclass
+class _Window:
+    """Sums over the steps since the last logged metrics row."""
+    loss: float = 0.0
+    kl: float = 0.0
+    ce: float = 0.0
+    tokens: int = 0
+    n: int = 0
+    data_wait: float = 0.0
+    skipped: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def _init_single_process(deepspeed, backend: str, attempts: int = 5):
+    """torch.distributed as a one-process world (env:// variables) on a free local port. The port
+    is free when picked but another process may take it before the store binds it (several runs
+    starting at once): then another port is tried."""
+    chosen_port = "MASTER_PORT" not in os.environ
+    for attempt in range(attempts):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", str(port))):
+            os.environ.setdefault(key, value)
+        try:
+            deepspeed.init_distributed(dist_backend=backend)
+            return
+        except torch.distributed.DistNetworkError:
+            if not chosen_port or attempt == attempts - 1:
+                raise
+            os.environ.pop("MASTER_PORT")  # taken meanwhile: pick another
+
+
+@contextlib.contextmanager
+def _hf_zero3(ds_config: dict):
+    """While open, transformers' from_pretrained builds models under ZeRO-3 (partitioned as the
+    weights load). Only the LLM is loaded in it: the Whisper encoder's own initialization does
+    not run on partitioned weights."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf = HfDeepSpeedConfig(ds_config)  # transformers keeps a weak reference to it
+    try:
+        yield hf
+    finally:
+        del hf
