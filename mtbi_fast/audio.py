@@ -89,18 +89,18 @@ def encoder_frames(mel_frames_: int) -> int:
 @lru_cache(maxsize=8)
 def _mel_filters_cpu(n_mels: int) -> torch.Tensor:
     """Slaney-style mel filters [n_freqs, n_mels] from 0 to 8 kHz, area-normalized (what
-    Whisper's feature extractor and librosa's ``mel(htk=False, norm="slaney")`` use)."""
-    freqs = torch.linspace(0, SAMPLE_RATE / 2, N_FFT // 2 + 1, dtype=torch.float64)
-    mels = torch.linspace(float(_hz_to_mel(0.0)), float(_hz_to_mel(8000.0)), n_mels + 2,
-                          dtype=torch.float64)
+    Whisper's feature extractor and librosa's ``mel(htk=False, norm="slaney")`` use), computed in
+    float32 in the same order as torchaudio's ``melscale_fbanks``, so the features are
+    bit-identical to those made with it."""
+    freqs = torch.linspace(0, SAMPLE_RATE // 2, N_FFT // 2 + 1)
+    mels = torch.linspace(_hz_to_mel(0.0), _hz_to_mel(8000.0), n_mels + 2)
     edges = _mel_to_hz(mels)  # n_mels + 2 band edges in Hz
     width = edges[1:] - edges[:-1]
-    slopes = edges[None, :] - freqs[:, None]  # [n_freqs, n_mels + 2]
-    rising = -slopes[:, :-2] / width[:-1]
+    slopes = edges.unsqueeze(0) - freqs.unsqueeze(1)  # [n_freqs, n_mels + 2]
+    rising = (-1.0 * slopes[:, :-2]) / width[:-1]
     falling = slopes[:, 2:] / width[1:]
-    filters = torch.clamp(torch.minimum(rising, falling), min=0.0)
-    filters *= 2.0 / (edges[2:] - edges[:-2])  # equal area per band
-    return filters.to(torch.float32)
+    filters = torch.max(torch.zeros(1), torch.min(rising, falling))
+    return filters * (2.0 / (edges[2:n_mels + 2] - edges[:n_mels])).unsqueeze(0)  # equal areas
 
 
 # The Slaney mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above.
@@ -115,8 +115,10 @@ def _hz_to_mel(hz: float) -> float:
 
 
 def _mel_to_hz(mels: torch.Tensor) -> torch.Tensor:
-    log_part = _MIN_LOG_HZ * torch.exp(_LOG_STEP * (mels - _MIN_LOG_MEL))
-    return torch.where(mels >= _MIN_LOG_MEL, log_part, _F_SP * mels)
+    hz = _F_SP * mels
+    log_part = mels >= _MIN_LOG_MEL
+    hz[log_part] = _MIN_LOG_HZ * torch.exp(_LOG_STEP * (mels[log_part] - _MIN_LOG_MEL))
+    return hz
 
 
 def _mel_filters(n_mels: int, device) -> torch.Tensor:
