@@ -82,13 +82,17 @@ def _check_device(t: torch.Tensor):
 if triton is not None:
 
     @triton.jit
-    def _pack_kernel(SRC, EMB, FR, OUT, n, h, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _tile_sources(SRC, n, h, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+        """This program's positions x hidden columns: offsets, masks, sources, speech flags."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask_n = offs_n < n
-        mask = mask_n[:, None] & (offs_h < h)[None, :]
-        src = tl.load(SRC + offs_n, mask=mask_n, other=0)
-        speech = src < 0
+        mask = (offs_n < n)[:, None] & (offs_h < h)[None, :]
+        src = tl.load(SRC + offs_n, mask=offs_n < n, other=0)
+        return offs_n, offs_h, mask, src, src < 0
+
+    @triton.jit
+    def _pack_kernel(SRC, EMB, FR, OUT, n, h, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+        offs_n, offs_h, mask, src, speech = _tile_sources(SRC, n, h, BLOCK_N, BLOCK_H)
         tok = tl.where(speech, 0, src)
         frame = tl.where(speech, -src - 1, 0)
         e = tl.load(EMB + tok[:, None] * h + offs_h[None, :], mask=mask & ~speech[:, None], other=0.0)
@@ -99,12 +103,7 @@ if triton is not None:
     @triton.jit
     def _unpack_grad_kernel(SRC, GOUT, GFR, GEMB, n, h, GRAD_EMBED: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask_n = offs_n < n
-        mask = mask_n[:, None] & (offs_h < h)[None, :]
-        src = tl.load(SRC + offs_n, mask=mask_n, other=0)
-        speech = src < 0
+        offs_n, offs_h, mask, src, speech = _tile_sources(SRC, n, h, BLOCK_N, BLOCK_H)
         g = tl.load(GOUT + offs_n[:, None].to(tl.int64) * h + offs_h[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         frame = tl.where(speech, -src - 1, 0)
