@@ -40,7 +40,11 @@ def run(cmd, ready: Path | None = None, fraction: float | None = None,
         work_seconds: float = 0.0) -> tuple[int, float]:
     """Run ``cmd``; with ``fraction``, SIGKILL it ``fraction * work_seconds`` after ``ready``
     appears. Returns (exit code, seconds from ``ready`` to the end)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # a fresh process, as a user starts it: not the torch.distributed variables that in-process
+    # DeepSpeed tests of this session left in os.environ (their port may still be bound here)
+    dist = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dist}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, env=env)
     seen = None
