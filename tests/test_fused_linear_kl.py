@@ -39,6 +39,15 @@ def check(out, ref, opts, tol):
             assert rel_err(got, want) < tol, (name, rel_err(got, want))
 
 
+def odd_case(teacher_head, opts):
+    """45 rows (two ignored), H=40, V=203, a bias, uneven row weights: inputs, row weights and the
+    float64 reference."""
+    x = make_inputs(n=45, h=40, v=203, h_t=24 if teacher_head else None, bias=True, ignore=(0, 44),
+                    dtype=torch.float32)
+    row_scale = torch.linspace(0.1, 2.0, 45)
+    return x, row_scale, float64_reference(x, row_scale, **opts)
+
+
 OPTS = [dict(), dict(temperature=1.7, ce_weight=0.4, kl_weight=0.6), dict(ce_weight=1.0)]
 
 
@@ -47,10 +56,7 @@ OPTS = [dict(), dict(temperature=1.7, ce_weight=0.4, kl_weight=0.6), dict(ce_wei
 @pytest.mark.parametrize("teacher_head", [False, True])
 def test_3gemm_matches_float64(chunk, opts, teacher_head):
     """Chunks of rows that divide nothing, V not a multiple of the row tile."""
-    x = make_inputs(n=45, h=40, v=203, h_t=24 if teacher_head else None, bias=True, ignore=(0, 44),
-                    dtype=torch.float32)
-    row_scale = torch.linspace(0.1, 2.0, 45)
-    ref = float64_reference(x, row_scale, **opts)
+    x, row_scale, ref = odd_case(teacher_head, opts)
     check(call(fused_linear_kl, x, row_scale, teacher_head, chunk_size=chunk, **opts), ref, opts,
           tol=1e-6)
 
@@ -104,10 +110,7 @@ def test_chunk_rows_follow_the_memory_budget():
 @pytest.mark.parametrize("opts", OPTS[:2], ids=["kl", "T1.7+ce"])
 @pytest.mark.parametrize("teacher_head", [False, True])
 def test_recompute_matches_float64(blocks, opts, teacher_head):
-    x = make_inputs(n=45, h=40, v=203, h_t=24 if teacher_head else None, bias=True, ignore=(0, 44),
-                    dtype=torch.float32)
-    row_scale = torch.linspace(0.1, 2.0, 45)
-    ref = float64_reference(x, row_scale, **opts)
+    x, row_scale, ref = odd_case(teacher_head, opts)
     bm, bv, bk, splits, chunk = blocks
     out = call(linear_kl_recompute, x, row_scale, teacher_head, block_m=bm, block_v=bv, block_k=bk,
                vocab_splits=splits, grad_chunk=chunk, **opts)
