@@ -40,6 +40,7 @@ setup(
         "matplotlib",    # plots (PNG)
         "gguf",          # mtbi-fast models fetch: the GGUF SmolLM2
         "accelerate",
+        "lhotse>=1.30",  # CutSet manifests in and out (mtbi_fast.lhotse_io)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "psutil", "jiwer", "peft>=0.13",

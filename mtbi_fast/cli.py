@@ -250,13 +250,13 @@ def _models(args) -> int:
 
 def _behaviors(args) -> int:
     from .behaviors import BehaviorConfig, generate_behaviors
-    from .data import read_manifest
     from .hub import load_teacher
+    from .lhotse_io import read_utterances
     from .model import ModelConfig
     from .tasks import TaskLibrary
 
     model_cfg = ModelConfig.from_dict(_model_section(args.config))
-    utts = read_manifest(args.manifest)
+    utts = read_utterances(args.manifest)  # a JSONL manifest or a Lhotse CutSet
     library = TaskLibrary.load(args.tasks)
     llm, tokenizer = load_teacher(model_cfg.llm, seed=model_cfg.init_seed, dtype=model_cfg.dtype)
     cfg = BehaviorConfig(per_utterance=args.per_utterance, split=args.split, seed=args.seed,

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from mtbi_fast.audio import (HOP_LENGTH, SAMPLE_RATE, encoder_frames, load_audio, log_mel, mel_frames,
                              spec_augment)
 from mtbi_fast.behaviors import read_behaviors
-from mtbi_fast.data import DURATION_TOLERANCE, read_manifest
+from mtbi_fast.data import DURATION_TOLERANCE
+from mtbi_fast.lhotse_io import read_utterances
 from mtbi_fast.errors import USER_ERRORS
 from mtbi_fast.interleave import RatioSchedule, example_pair, transcript
 from mtbi_fast.packing import pack, truncate_together
@@ -49,7 +50,7 @@ class MTBIData:
                  max_tokens: int, overlong: str, teacher_cache: bool = False,
                  tasks: list[str] | None = None, spec_augment: dict | None = None,
                  skip_bad_audio: bool = False):
-        utts = read_manifest(manifest, require_words=True)
+        utts = read_utterances(manifest, require_words=True)  # JSONL manifest or Lhotse CutSet
         check_durations(utts, model.encoder.max_frames, manifest)
         self.utts = {u.id: u for u in utts}
         self.records = read_behaviors(behaviors)

@@ -427,3 +427,20 @@ def test_mel_cache_is_bounded(data, tmp_path, monkeypatch):
     assert torch.equal(trainer.data.mel(ids[0]), first)  # recomputed, the same
     assert list(trainer.data._mels) == ids[3:] + ids[:1]
     trainer.close()
+
+
+def test_training_reads_a_lhotse_cutset_like_its_manifest(data, tmp_path):
+    """data.train_manifest may be a Lhotse CutSet (the speech community's manifests): the same
+    utterances as the JSONL manifest give the same training run."""
+    pytest.importorskip("lhotse")
+    from mtbi_fast.lhotse_io import manifest_to_cutset
+
+    manifest_to_cutset(read_manifest(data / "train.jsonl")).to_file(tmp_path / "cuts.jsonl.gz")
+    runs = {}
+    for name, manifest in (("jsonl", data / "train.jsonl"), ("cuts", tmp_path / "cuts.jsonl.gz")):
+        out = tmp_path / name
+        cfg = load_config(CONFIG, overrides(data, out, "train.steps=3", "train.eval_every=0",
+                                            f"data.train_manifest={manifest}"))
+        Trainer(cfg).train()
+        runs[name] = [{k: r[k] for k in ("step", "loss", "kl")} for r in metrics(out) if "loss" in r]
+    assert len(runs["jsonl"]) == 3 and runs["cuts"] == runs["jsonl"]
