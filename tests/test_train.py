@@ -444,3 +444,28 @@ def test_training_reads_a_lhotse_cutset_like_its_manifest(data, tmp_path):
         Trainer(cfg).train()
         runs[name] = [{k: r[k] for k in ("step", "loss", "kl")} for r in metrics(out) if "loss" in r]
     assert len(runs["jsonl"]) == 3 and runs["cuts"] == runs["jsonl"]
+
+
+def test_one_process_world_retries_a_port_taken_meanwhile(monkeypatch):
+    """The free port picked for a launcher-less DeepSpeed world can be taken before the store
+    binds it (several runs starting at once): another port is tried. A port the user set is not
+    replaced: its error stands."""
+    import mtbi_fast.trainer as trainer_mod
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    ports = []
+
+    class FakeDeepSpeed:
+        def init_distributed(self, dist_backend):
+            ports.append(os.environ["MASTER_PORT"])
+            if len(ports) == 1:
+                raise torch.distributed.DistNetworkError("EADDRINUSE: address already in use")
+
+    trainer_mod._init_single_process(FakeDeepSpeed(), "gloo")
+    assert len(ports) == 2 and os.environ["WORLD_SIZE"] == "1"
+    ports.clear()
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(torch.distributed.DistNetworkError, match="EADDRINUSE"):
+        trainer_mod._init_single_process(FakeDeepSpeed(), "gloo")
+    assert ports == ["29500"]
