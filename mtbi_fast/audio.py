@@ -42,20 +42,28 @@ def load_audio(path: str | os.PathLike, *, max_seconds: float | None = None,
         data, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types (LibsndfileError, RuntimeError)
         raise ValueError(f"cannot read audio file {path}: {exc}") from None
+    return wave_from_samples(data, sr, path, max_seconds=max_seconds, sample_rate=sample_rate)
+
+
+def wave_from_samples(data, sr: int, where: str, *, max_seconds: float | None = None,
+                      sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """``load_audio``'s waveform from decoded samples ``data`` [T, channels] (float32 numpy) at
+    ``sr`` Hz: mixed to mono, checked, resampled to ``sample_rate``. Errors name ``where`` (the
+    file, or a cut in a shard)."""
     if data.size == 0:
-        raise ValueError(f"audio file {path} is empty (no samples)")
+        raise ValueError(f"audio file {where} is empty (no samples)")
     wave = torch.from_numpy(data).mean(dim=1)  # mix channels to mono
     if not torch.isfinite(wave).all():
-        raise ValueError(f"audio file {path} has NaN or infinite samples")
+        raise ValueError(f"audio file {where} has NaN or infinite samples")
     seconds = wave.numel() / sr
     if max_seconds is not None and seconds > max_seconds:
-        raise ValueError(f"audio file {path} is {seconds:.2f} s long, over the limit of "
+        raise ValueError(f"audio file {where} is {seconds:.2f} s long, over the limit of "
                          f"{max_seconds} s")
     if sr != sample_rate:
         try:
             import torchaudio
         except ImportError as exc:
-            raise ValueError(f"audio file {path} is at {sr} Hz; resampling it to {sample_rate} Hz "
+            raise ValueError(f"audio file {where} is at {sr} Hz; resampling it to {sample_rate} Hz "
                              f"needs torchaudio ({exc})") from None
         wave = torchaudio.functional.resample(wave, sr, sample_rate)
     return wave.contiguous()

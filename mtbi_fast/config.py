@@ -24,7 +24,9 @@ from mtbi_fast.model import ModelConfig
 
 SCHEMA = {
     "model": dict,
-    "data": {"train_manifest": str, "behaviors": str, "eval_manifest": (str, type(None)),
+    "data": {"reader": str, "train_manifest": (str, type(None)), "behaviors": (str, type(None)),
+             "train_shards": (str, type(None)), "shuffle_cuts": int, "length_buckets": bool,
+             "skip_bad_shards": bool, "eval_manifest": (str, type(None)),
              "eval_behaviors": (str, type(None)), "teacher_cache": bool, "tasks": (list, type(None)),
              "spec_augment": (dict, type(None)), "num_workers": int, "prefetch_factor": int,
              "skip_bad_audio": bool},
@@ -44,7 +46,9 @@ SCHEMA = {
 # that config.yaml says what ran (the batches are the same for any value). 0 builds the batches in
 # the training process (debugging; tiny runs, where a worker costs more to start than it saves).
 DEFAULTS = {
-    "data": {"eval_manifest": None, "eval_behaviors": None, "teacher_cache": False, "tasks": None,
+    "data": {"reader": "auto", "train_manifest": None, "behaviors": None, "train_shards": None,
+             "shuffle_cuts": 128, "length_buckets": True, "skip_bad_shards": False,
+             "eval_manifest": None, "eval_behaviors": None, "teacher_cache": False, "tasks": None,
              "spec_augment": None, "num_workers": 2, "prefetch_factor": 2, "skip_bad_audio": False},
     "interleave": {"schedule": "cosine", "start": 0.8, "end": 0.0, "steps": 1000, "mean_span": 3.0},
     "packing": {"max_tokens": 1024, "examples_per_step": 8, "overlong": "truncate"},
@@ -59,6 +63,7 @@ REQUIRED = ("model", "data", "output_dir")
 RANGES = (
     ("data.num_workers", "int", 0, True, False),
     ("data.prefetch_factor", "int", 1, True, False),
+    ("data.shuffle_cuts", "int", 1, True, False),
     ("interleave.mean_span", "number", 0, False, False),
     ("packing.max_tokens", "int", 2, True, False),
     ("packing.examples_per_step", "int", 1, True, False),
@@ -85,7 +90,7 @@ RANGES = (
     ("model.loss.chunk_size", "int", 1, True, True),
     ("model.loss.memory_budget", "int", 1, True, True),
 )
-PATH_KEYS = ("data.train_manifest", "data.behaviors", "data.eval_manifest", "data.eval_behaviors",
+PATH_KEYS = ("data.train_manifest", "data.behaviors", "data.train_shards", "data.eval_manifest", "data.eval_behaviors",
              "deepspeed")
 
 
@@ -103,6 +108,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     _check_spec_augment(cfg["data"]["spec_augment"], path)
     RatioSchedule.from_config(interleave_schedule(cfg))
     _check_ranges(cfg, path)
+    _check_reader(cfg["data"], path)
     _check_loss(cfg["model"].get("loss") or {}, path)
     _resolve_paths(cfg, path.parent)
     return cfg
@@ -179,6 +185,30 @@ def _check_ranges(cfg: dict, path: Path) -> None:
     if cfg["packing"]["overlong"] not in ("error", "truncate"):
         raise ValueError(f"{path}: packing.overlong must be 'error' or 'truncate', got "
                          f"{cfg['packing']['overlong']!r}")
+
+
+def _check_reader(d: dict, path: Path) -> None:
+    """data.reader: "memory" (train_manifest + behaviors, read whole), "streaming" (train_shards,
+    a folder from `mtbi-fast shard`) or "auto" (the one whose data is given); afterwards it names
+    the reader the run uses."""
+    memory = d["train_manifest"] is not None and d["behaviors"] is not None
+    streaming = d["train_shards"] is not None
+    if d["reader"] not in ("auto", "memory", "streaming"):
+        raise ValueError(f"{path}: data.reader must be 'auto', 'memory' or 'streaming', got {d['reader']!r}")
+    if d["reader"] == "auto":
+        if memory and streaming:
+            raise ValueError(f"{path}: data.train_shards and data.train_manifest/data.behaviors are both "
+                             f"set; set data.reader to 'streaming' or 'memory' to pick one")
+        if not memory and not streaming:
+            raise ValueError(f"{path}: no training data: set data.train_manifest and data.behaviors "
+                             f"(read into memory) or data.train_shards (streamed; `mtbi-fast shard`)")
+        d["reader"] = "streaming" if streaming else "memory"
+    elif d["reader"] == "memory" and not memory:
+        raise ValueError(f"{path}: data.reader is 'memory' but data.train_manifest and data.behaviors "
+                         f"are not both set")
+    elif d["reader"] == "streaming" and not streaming:
+        raise ValueError(f"{path}: data.reader is 'streaming' but data.train_shards is not set "
+                         f"(a folder written by `mtbi-fast shard`)")
 
 
 def _check_loss(loss: dict, path: Path) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import soundfile as sf
 import torch
@@ -22,7 +24,7 @@ from safetensors.torch import load_file
 from mtbi_fast.audio import (HOP_LENGTH, SAMPLE_RATE, encoder_frames, load_audio, log_mel, mel_frames,
                              spec_augment)
 from mtbi_fast.behaviors import read_behaviors
-from mtbi_fast.data import DURATION_TOLERANCE
+from mtbi_fast.data import DURATION_TOLERANCE, Utterance
 from mtbi_fast.lhotse_io import read_utterances
 from mtbi_fast.errors import USER_ERRORS
 from mtbi_fast.interleave import RatioSchedule, example_pair, transcript
@@ -36,10 +38,85 @@ if TYPE_CHECKING:  # the model is read for plain values only, never kept
 MEL_CACHE_CLIPS = 256
 
 
-class MTBIData:
-    """Behavior records joined with their utterances; deterministic micro-batches. Holds what the
-    batches need from the model as plain values (tokenizer, mel bins, adapter stride, frame rate),
-    never the model: it goes to DataLoader worker processes.
+class BatchBuilder:
+    """Builds packed micro-batches from behavior records and their utterances; shared by the
+    in-memory reader (``MTBIData``) and the streaming reader (``mtbi_fast.streaming``). Holds what
+    the batches need from the model as plain values (tokenizer, mel bins, adapter stride, frame
+    rate), never the model: it goes to DataLoader worker processes."""
+
+    def __init__(self, model: SpeechLLM, seed: int, mean_span: float, max_tokens: int,
+                 overlong: str, spec_augment: dict | None = None, skip_bad_audio: bool = False):
+        self.seed, self.mean_span = seed, mean_span
+        self.max_tokens, self.overlong = max_tokens, overlong
+        self.tokenizer, self.n_mels = model.tokenizer, model.encoder.num_mel_bins
+        self.stride, self.frame_rate = model.adapter.stride, model.frame_rate
+        self.spec_augment = spec_augment  # SpecAugment's settings for training inputs, or None
+        self.skip_bad_audio = skip_bad_audio
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def build(self, items: list[Item], ratio: float, salt: int) -> dict:
+        """The packed student and teacher inputs of ``items`` at text ratio ``ratio`` (interleaving
+        and SpecAugment seeded by ``salt`` and each item's key), their log-mels, the bad audio left
+        out (``skipped_audio``) and, when every item has them, the teacher's cached states cut
+        like the responses (``teacher_hidden``)."""
+        students, teachers, mels, kept, skipped = [], [], [], [], []
+        for item in items:
+            try:
+                mel = item.mel()
+            except BadAudioError as exc:
+                if not self.skip_bad_audio:
+                    raise
+                skipped.append(str(exc))  # left out; the other examples are what they would be
+                continue
+            if self.spec_augment is not None:  # masks seeded by example and step (resumable)
+                ga = torch.Generator().manual_seed(self.seed * 6007 + salt * 15_485_863 + item.key)
+                mel = spec_augment(mel, generator=ga, **self.spec_augment)
+            s, t = self.example_pair(item, mel, ratio, salt)
+            students.append(s)
+            teachers.append(t)
+            mels.append(mel)
+            kept.append(item)
+        if not students:
+            raise BadAudioError(f"every example of this batch has bad audio: {'; '.join(skipped)}")
+        out = {"student": pack(students, self.max_tokens, overlong=self.overlong),
+               "teacher": pack(teachers, self.max_tokens, overlong=self.overlong), "mels": mels,
+               "skipped_audio": skipped}
+        if kept[0].hidden is not None:  # cached states, cut like the (possibly truncated) responses
+            counts = torch.bincount(out["student"].loss_example, minlength=len(kept)).tolist()
+            out["teacher_hidden"] = torch.cat([it.hidden[:c] for it, c in zip(kept, counts)])
+        return out
+
+    def example_pair(self, item: Item, mel: torch.Tensor, ratio: float, salt: int):
+        """The item's student (interleaved) and teacher (text) examples, truncated together."""
+        r, u = item.record, item.utterance
+        n_frames = math.ceil(encoder_frames(mel.shape[1]) / self.stride)  # Adapter.n_frames
+        g = torch.Generator().manual_seed(self.seed * 7919 + salt * 104_729 + item.key)
+        s, t = example_pair(r["id"], u.words, n_frames, self.frame_rate, ratio,
+                            r["prefix_ids"], r["suffix_ids"], r["response_ids"], self.tokenize,
+                            mean_span=self.mean_span, generator=g, duration=u.duration)
+        if list(t.prompt[1].ids) != r["transcript_ids"]:
+            raise ValueError(f"{r['id']}: the words of utterance {u.id!r} ({transcript(u.words)!r})"
+                             " do not tokenize to the behavior's transcript; regenerate the behaviors")
+        return truncate_together([s, t], self.max_tokens, self.overlong)  # same response tokens
+
+
+@dataclass
+class Item:
+    """One example to build: a behavior ``record`` of ``utterance``. ``key``: an integer that
+    seeds the example's interleaving and SpecAugment (with the batch's salt); ``mel``: gives the
+    utterance's log-mel (raises ``BadAudioError``); ``hidden``: the teacher's cached states
+    [response tokens, H], or None."""
+    key: int
+    record: dict
+    utterance: Utterance
+    mel: Callable[[], torch.Tensor]
+    hidden: torch.Tensor | None = None
+
+
+class MTBIData(BatchBuilder):
+    """Behavior records joined with their utterances, all in memory; deterministic micro-batches.
 
     Every utterance of the manifest must fit the speech encoder (checked here, from the audio
     headers). Audio that still fails to decode when its batch is built is an error naming the
@@ -50,6 +127,7 @@ class MTBIData:
                  max_tokens: int, overlong: str, teacher_cache: bool = False,
                  tasks: list[str] | None = None, spec_augment: dict | None = None,
                  skip_bad_audio: bool = False):
+        super().__init__(model, seed, mean_span, max_tokens, overlong, spec_augment, skip_bad_audio)
         utts = read_utterances(manifest, require_words=True)  # JSONL manifest or Lhotse CutSet
         check_durations(utts, model.encoder.max_frames, manifest)
         self.utts = {u.id: u for u in utts}
@@ -61,13 +139,7 @@ class MTBIData:
         missing = sorted({r["utt_id"] for r in self.records} - set(self.utts))
         if missing:
             raise ValueError(f"{behaviors}: behaviors refer to utterances not in {manifest}: {missing[:5]}")
-        self.seed, self.mean_span = seed, mean_span
-        self.max_tokens, self.overlong = max_tokens, overlong
-        self.tokenizer, self.n_mels = model.tokenizer, model.encoder.num_mel_bins
-        self.stride, self.frame_rate = model.adapter.stride, model.frame_rate
         self._mels: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU, MEL_CACHE_CLIPS
-        self.spec_augment = spec_augment  # SpecAugment's settings for training inputs, or None
-        self.skip_bad_audio = skip_bad_audio
         self.cache = load_hidden_cache(behaviors) if teacher_cache else None
 
     def __len__(self) -> int:
@@ -90,9 +162,6 @@ class MTBIData:
             self._perm_epoch = epoch
         return self._perm
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def mel(self, utt_id: str) -> torch.Tensor:
         """The utterance's log-mel; the last MEL_CACHE_CLIPS are kept (per process: each DataLoader
         worker has its own cache, so memory stays bounded whatever the corpus size)."""
@@ -102,60 +171,18 @@ class MTBIData:
             audio = self.utts[utt_id].audio
             while len(self._mels) >= MEL_CACHE_CLIPS:
                 self._mels.popitem(last=False)
-            try:
-                self._mels[utt_id] = log_mel(load_audio(audio), self.n_mels)
-            except (ValueError, OSError, RuntimeError) as exc:  # unreadable, empty, NaN, too short
-                msg = str(exc) if audio in str(exc) else f"{audio}: {exc}"
-                hint = "" if self.skip_bad_audio else \
-                    " (set data.skip_bad_audio: true to leave such examples out, counted in metrics.jsonl)"
-                raise BadAudioError(f"utterance {utt_id!r}: bad audio: {msg}{hint}") from None
+            self._mels[utt_id] = mel_or_bad_audio(utt_id, audio, lambda: load_audio(audio),
+                                                  self.n_mels, self.skip_bad_audio)
         return self._mels[utt_id]
 
     def batch(self, indices: list[int], ratio: float, salt: int) -> dict:
-        """The packed student and teacher inputs of records ``indices`` at text ratio ``ratio``
-        (interleaving and SpecAugment seeded by ``salt`` and the record), their log-mels, the bad
-        audio left out (``skipped_audio``) and, with the teacher cache, the teacher's states."""
-        students, teachers, mels, ids, skipped = [], [], [], [], []
+        """The micro-batch of records ``indices`` (``BatchBuilder.build``; record i's key is i)."""
+        items = []
         for i in indices:
             r = self.records[i]
-            try:
-                mel = self.mel(r["utt_id"])
-            except BadAudioError as exc:
-                if not self.skip_bad_audio:
-                    raise
-                skipped.append(str(exc))  # left out; the other examples are what they would be
-                continue
-            if self.spec_augment is not None:  # masks seeded by example and step (resumable)
-                ga = torch.Generator().manual_seed(self.seed * 6007 + salt * 15_485_863 + i)
-                mel = spec_augment(mel, generator=ga, **self.spec_augment)
-            s, t = self._example_pair(i, mel, ratio, salt)
-            students.append(s)
-            teachers.append(t)
-            mels.append(mel)
-            ids.append(r["id"])
-        if not students:
-            raise BadAudioError(f"every example of this batch has bad audio: {'; '.join(skipped)}")
-        out = {"student": pack(students, self.max_tokens, overlong=self.overlong),
-               "teacher": pack(teachers, self.max_tokens, overlong=self.overlong), "mels": mels,
-               "skipped_audio": skipped}
-        if self.cache is not None:  # cached states, cut like the (possibly truncated) responses
-            counts = torch.bincount(out["student"].loss_example, minlength=len(ids)).tolist()
-            out["teacher_hidden"] = torch.cat([self.cache[k][:c] for k, c in zip(ids, counts)])
-        return out
-
-    def _example_pair(self, i: int, mel: torch.Tensor, ratio: float, salt: int):
-        """Record ``i``'s student (interleaved) and teacher (text) examples, truncated together."""
-        r = self.records[i]
-        u = self.utts[r["utt_id"]]
-        n_frames = math.ceil(encoder_frames(mel.shape[1]) / self.stride)  # Adapter.n_frames
-        g = torch.Generator().manual_seed(self.seed * 7919 + salt * 104_729 + i)
-        s, t = example_pair(r["id"], u.words, n_frames, self.frame_rate, ratio,
-                            r["prefix_ids"], r["suffix_ids"], r["response_ids"], self.tokenize,
-                            mean_span=self.mean_span, generator=g, duration=u.duration)
-        if list(t.prompt[1].ids) != r["transcript_ids"]:
-            raise ValueError(f"{r['id']}: the words of utterance {u.id!r} ({transcript(u.words)!r})"
-                             " do not tokenize to the behavior's transcript; regenerate the behaviors")
-        return truncate_together([s, t], self.max_tokens, self.overlong)  # same response tokens
+            items.append(Item(i, r, self.utts[r["utt_id"]], partial(self.mel, r["utt_id"]),
+                              self.cache[r["id"]] if self.cache is not None else None))
+        return self.build(items, ratio, salt)
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -185,6 +212,19 @@ class MicroBatches(torch.utils.data.Dataset):
 
 class BadAudioError(ValueError):
     """An utterance whose audio cannot be decoded into a log-mel (the message names it and its file)."""
+
+
+def mel_or_bad_audio(utt_id: str, where: str, load: Callable[[], torch.Tensor], n_mels: int,
+                     skip_bad_audio: bool) -> torch.Tensor:
+    """``log_mel(load())``, or a ``BadAudioError`` naming the utterance and ``where`` its audio is
+    (a file, or a shard) when the audio is unreadable, empty, non-finite or too short."""
+    try:
+        return log_mel(load(), n_mels)
+    except (ValueError, OSError, RuntimeError) as exc:
+        msg = str(exc) if where in str(exc) else f"{where}: {exc}"
+        hint = "" if skip_bad_audio else \
+            " (set data.skip_bad_audio: true to leave such examples out, counted in metrics.jsonl)"
+        raise BadAudioError(f"utterance {utt_id!r}: bad audio: {msg}{hint}") from None
 
 
 

@@ -42,9 +42,11 @@ from mtbi_fast.lock import LOCK_NAME
 # are paths: they may move, and their contents are compared by fingerprint instead.
 RESUME_MAY_CHANGE = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
-    "data.num_workers", "data.prefetch_factor", "data.skip_bad_audio", "model.loss.backend",
+    "data.num_workers", "data.prefetch_factor", "data.skip_bad_audio", "data.skip_bad_shards",
+    "model.loss.backend",
     "model.loss.chunk_size", "model.loss.memory_budget", "output_dir"})
-DATA_KEYS = ("data.train_manifest", "data.behaviors", "data.eval_manifest", "data.eval_behaviors")
+DATA_KEYS = ("data.train_manifest", "data.behaviors", "data.train_shards", "data.eval_manifest",
+             "data.eval_behaviors")
 WRITE_PROBE = ".write-test-"
 DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler:LossScaler",
                           "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
@@ -143,8 +145,11 @@ def data_fingerprint(cfg: dict) -> dict[str, str]:
     file rewritten with the same bytes, is the same data. Audio files are known by their
     manifest lines (path, duration), not read."""
     d = cfg["data"]
-    files = {"data.train_manifest": [Path(d["train_manifest"])],
-             "data.behaviors": _behavior_files(d["behaviors"], d["teacher_cache"])}
+    if d["reader"] == "streaming":  # the index holds every shard file's sha256
+        files = {"data.train_shards": [Path(d["train_shards"]) / "shards.json"]}
+    else:
+        files = {"data.train_manifest": [Path(d["train_manifest"])],
+                 "data.behaviors": _behavior_files(d["behaviors"], d["teacher_cache"])}
     if d["eval_manifest"] and d["eval_behaviors"]:
         files["data.eval_manifest"] = [Path(d["eval_manifest"])]
         files["data.eval_behaviors"] = _behavior_files(d["eval_behaviors"], False)
@@ -155,11 +160,16 @@ def data_fingerprint(cfg: dict) -> dict[str, str]:
 def run_differences(recorded: dict, cfg: dict, fingerprint: dict) -> list[str]:
     """What differs between a recorded run (``run.json``) and this config and data, other than
     the keys in ``RESUME_MAY_CHANGE``: "key (old -> new)" items."""
+    from mtbi_fast.config import DEFAULTS
+
     old, new = _flatten(recorded.get("config", {})), _flatten(_jsonable(cfg))
+    defaults = _flatten(DEFAULTS)
     diffs = []
     for key in sorted(set(old) | set(new)):
         if key in RESUME_MAY_CHANGE or key in DATA_KEYS:
             continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue  # a key added after the run began, at its default: what the run did
         if old.get(key, _MISSING) != new.get(key, _MISSING):
             diffs.append(f"{key} ({_short(old.get(key, _MISSING))} -> {_short(new.get(key, _MISSING))})")
     was = recorded.get("data") or {}
@@ -279,6 +289,34 @@ def load_trainer_state(folder: Path, model, optimizer, scheduler) -> None:
 
 
 # ---- nothing unpickled --------------------------------------------------------------------------
+
+def save_stream_positions(folder: Path, rank: int, world: int, workers: int, positions: dict) -> None:
+    """``data-rank-R.json``: where rank R's streaming readers are (``mtbi_fast.streaming``),
+    with the world size and worker count that define which shards each reader reads."""
+    record = {"world": world, "num_workers": workers, "positions": positions}
+    atomic_write_text(folder / f"data-rank-{rank}.json", json.dumps(record, indent=1))
+
+
+def load_stream_positions(folder: Path, rank: int, world: int, workers: int) -> dict:
+    """Rank ``rank``'s reader positions saved in checkpoint ``folder``; the readers must be the
+    same ones (same ranks and ``data.num_workers``), since they define who reads which shards."""
+    path = folder / f"data-rank-{rank}.json"
+    if not path.is_file():
+        raise ValueError(f"cannot resume the streaming reader: {path} is missing (the checkpoint "
+                         f"was made by an in-memory run or by fewer ranks)")
+    record = read_json(path)
+    if (record.get("world"), record.get("num_workers")) != (world, workers):
+        raise ValueError(f"cannot resume the streaming reader from {folder}: it was saved by "
+                         f"{record.get('world')} rank(s) x data.num_workers={record.get('num_workers')}, "
+                         f"this run has {world} x {workers}; the shards each reader reads depend on "
+                         f"both, so resume with the same ones")
+    positions = record.get("positions")
+    if not isinstance(positions, dict) or not all(
+            isinstance(v, dict) and all(isinstance(v.get(k), int) for k in ("epoch", "cut", "batch"))
+            for v in positions.values()):
+        raise ValueError(f"{path}: positions must map readers to {{epoch, cut, batch}} integers")
+    return positions
+
 
 def check_pickles(folder: Path) -> None:
     """Every ``*.pt`` under ``folder`` loads as tensors and plain data (``torch.load`` with

@@ -39,16 +39,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mtbi_fast.audio import HOP_LENGTH, SAMPLE_RATE
 from mtbi_fast.behaviors import check_teacher
 from mtbi_fast.config import interleave_schedule
-from mtbi_fast.dataset import MicroBatches, MTBIData
+from mtbi_fast.dataset import BatchBuilder, MicroBatches, MTBIData
 from mtbi_fast.errors import USER_ERRORS
 from mtbi_fast.interleave import RatioSchedule
 from mtbi_fast.lock import FolderLock, FolderLockedError
 from mtbi_fast.model import ModelConfig, SpeechLLM
 from mtbi_fast.runfolder import (check_output_dir, data_fingerprint, load_trainer_state, prepare_run,
-                                 publish_checkpoint, read_deepspeed_config, read_json, run_record,
-                                 save_trainer_state, trim_metrics, weights_only_deepspeed_loads)
+                                 load_stream_positions, publish_checkpoint, read_deepspeed_config,
+                                 read_json, run_record, save_stream_positions, save_trainer_state,
+                                 trim_metrics, weights_only_deepspeed_loads)
+from mtbi_fast.streaming import ShardData, StreamingBatches
 
 
 class Trainer:
@@ -67,7 +70,8 @@ class Trainer:
         # otherwise show only after the model has loaded
         check_output_dir(self.out)
         if cfg["data"]["teacher_cache"]:  # the cached states must be this run's LLM's
-            check_teacher(cfg["data"]["behaviors"], cfg["model"])
+            d = cfg["data"]  # a shard folder holds the plan.json of the behaviors it was made from
+            check_teacher(d["train_shards"] if d["reader"] == "streaming" else d["behaviors"], cfg["model"])
         ds_json = read_deepspeed_config(cfg["deepspeed"]) if cfg["deepspeed"] else None
         if ds_json is not None:
             self._init_distributed(ds_json)
@@ -84,6 +88,8 @@ class Trainer:
         self.step = 0
         self.data_wait_s = 0.0  # seconds the loop waited for its batches (this process, this run)
         self.skipped_audio = 0  # examples left out for bad audio (this process, this run)
+        self.skipped_cuts = 0  # streaming: cuts of bad shards left out (this process, this run)
+        self.stream_positions = {}  # streaming: each reader's position after its last batch used
         self.tb = None
 
     # -- the run -----------------------------------------------------------------------------
@@ -184,6 +190,13 @@ class Trainer:
             tqdm.write(f"step {self.step + 1}: skipped {message}")
         window.skipped += len(batch["skipped_audio"])
         self.skipped_audio += len(batch["skipped_audio"])
+        if "stream" in batch:  # streaming: where the batch's reader now is, for the checkpoint
+            s = batch["stream"]
+            self.stream_positions[str(s["reader"])] = s["position"]
+            if s["skipped_cuts"]:
+                tqdm.write(f"step {self.step + 1}: skipped {s['skipped_cuts']} bad cut(s) of the shards")
+            window.skipped_cuts += s["skipped_cuts"]
+            self.skipped_cuts += s["skipped_cuts"]
         return batch, inputs
 
     def _optimizer_step(self):
@@ -208,13 +221,21 @@ class Trainer:
         """This rank's micro-batches from the current step to the last, built ahead by
         ``data.num_workers`` worker processes (CPU only: the encoder, the adapter and the online
         teacher run in this process). One pass over it is the whole run, so its workers start
-        once and live as long as the run."""
+        once and live as long as the run. The streaming reader's batches go on from the readers'
+        positions (``stream_positions``, restored from a checkpoint)."""
         d, t = self.cfg["data"], self.cfg["train"]
-        items = MicroBatches(self.data, self.schedule, self.cfg["packing"]["examples_per_step"],
-                             t["grad_accum"], self.world, self.rank)
         workers = d["num_workers"]
+        first = self.step * t["grad_accum"]
+        if isinstance(self.data, ShardData):
+            items = StreamingBatches(self.data, self.schedule, t["grad_accum"], self.world, self.rank,
+                                     workers, start=first, positions=self.stream_positions)
+            sampler = None
+        else:
+            items = MicroBatches(self.data, self.schedule, self.cfg["packing"]["examples_per_step"],
+                                 t["grad_accum"], self.world, self.rank)
+            sampler = range(first, t["steps"] * t["grad_accum"])
         return torch.utils.data.DataLoader(
-            items, batch_size=None, sampler=range(self.step * t["grad_accum"], t["steps"] * t["grad_accum"]),
+            items, batch_size=None, sampler=sampler,
             num_workers=workers, prefetch_factor=d["prefetch_factor"] if workers else None,
             pin_memory=device.type == "cuda",  # pinned pages: asynchronous copies to the GPU
             # the loader draws its workers' base seed from this generator, not from the global
@@ -252,7 +273,8 @@ class Trainer:
         """The metrics row of the steps since the last one (means over ranks), written by rank 0."""
         seconds = max(time.perf_counter() - window.started, 1e-9)
         vals = torch.tensor([window.loss, window.kl, window.ce, float(window.tokens),
-                             window.data_wait, window.data_wait / seconds, float(window.skipped)])
+                             window.data_wait, window.data_wait / seconds, float(window.skipped),
+                             float(window.skipped_cuts)])
         if self.world > 1:
             torch.distributed.all_reduce(vals)
             vals[[0, 1, 2, 4, 5]] /= self.world  # means over ranks; tokens and skips are summed
@@ -262,6 +284,8 @@ class Trainer:
                "lr": self.scheduler.get_last_lr()[0], "ratio": ratio,
                "data_wait_s": vals[4].item(), "data_wait_share": vals[5].item(),
                "skipped_audio": int(vals[6].item()), "time": time.time()}
+        if isinstance(self.data, ShardData):
+            row["skipped_cuts"] = int(vals[7].item())
         if self.rank == 0:
             self._write_metrics(row)
         return row
@@ -308,6 +332,9 @@ class Trainer:
                                         save_latest=False)
         elif self.rank == 0:
             save_trainer_state(tmp, self.model, self.optimizer, self.scheduler, self.step)
+        if isinstance(self.data, ShardData):  # each rank: where its readers are
+            save_stream_positions(tmp, self.rank, self.world, self.cfg["data"]["num_workers"],
+                                  self.stream_positions)
         self._barrier()
         self.export(tmp / "model")
         if self.rank == 0:
@@ -325,6 +352,9 @@ class Trainer:
                 raise ValueError(f"cannot resume from {folder}: DeepSpeed found no checkpoint there")
         else:
             load_trainer_state(folder, self.model, self.optimizer, self.scheduler)
+        if isinstance(self.data, ShardData):
+            self.stream_positions = load_stream_positions(folder, self.rank, self.world,
+                                                          self.cfg["data"]["num_workers"])
         self.step = step
         if self.rank == 0:
             print(f"resumed from {folder} at step {self.step}")
@@ -361,15 +391,25 @@ class Trainer:
         deepspeed.zero.Init(module=model, config_dict_or_path=self.ds_config)
         return model
 
-    def _build_data(self) -> tuple[MTBIData, MTBIData | None]:
-        """The training data and, when configured, the held-out data."""
+    def _build_data(self) -> tuple[MTBIData | ShardData, MTBIData | None]:
+        """The training data (read into memory, or streamed from shards: ``data.reader``) and,
+        when configured, the held-out data."""
         cfg, d = self.cfg, self.cfg["data"]
         common = dict(seed=cfg["train"]["seed"], mean_span=cfg["interleave"]["mean_span"],
                       max_tokens=cfg["packing"]["max_tokens"], overlong=cfg["packing"]["overlong"],
                       skip_bad_audio=d["skip_bad_audio"])
-        data = MTBIData(d["train_manifest"], d["behaviors"], self.model,
-                        teacher_cache=d["teacher_cache"], tasks=d["tasks"],
-                        spec_augment=d["spec_augment"], **common)
+        if d["reader"] == "streaming":
+            builder = BatchBuilder(self.model, spec_augment=d["spec_augment"], **common)
+            limit = self.model.encoder.max_frames * 2 * HOP_LENGTH / SAMPLE_RATE
+            data = ShardData(d["train_shards"], builder, seed=cfg["train"]["seed"],
+                             examples=cfg["packing"]["examples_per_step"], shuffle_cuts=d["shuffle_cuts"],
+                             length_buckets=d["length_buckets"], tasks=d["tasks"],
+                             teacher_cache=d["teacher_cache"], skip_bad_shards=d["skip_bad_shards"],
+                             max_seconds=limit)
+        else:
+            data = MTBIData(d["train_manifest"], d["behaviors"], self.model,
+                            teacher_cache=d["teacher_cache"], tasks=d["tasks"],
+                            spec_augment=d["spec_augment"], **common)
         eval_data = None
         if d["eval_manifest"] and d["eval_behaviors"]:
             eval_data = MTBIData(d["eval_manifest"], d["eval_behaviors"], self.model, **common)
@@ -484,6 +524,7 @@ class _Window:
     n: int = 0
     data_wait: float = 0.0
     skipped: int = 0
+    skipped_cuts: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
 

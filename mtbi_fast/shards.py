@@ -1,0 +1,303 @@
+"""``mtbi-fast shard``: a corpus (manifest + behaviors) written as Lhotse Shar shards, the storage
+the streaming reader (``mtbi_fast.streaming``) trains from.
+
+    write_shards("train.jsonl", "behaviors/", "shards/", shard_size=1000)
+    index = read_index("shards/")        # shards.json: the shards, their counts and checksums
+
+Layout of the output folder::
+
+    shar/cuts.000000.jsonl.gz         Lhotse cuts: recording, one supervision with the word
+                                      alignment (supervision.alignment["word"]), custom fields
+    shar/recording.000000.tar         the audio, one flac per cut
+    shar/behaviors.000000.jsonl.gz    the cut's behavior records (a Shar "jsonl" custom field)
+    shar/teacher_hidden.000000.tar    optional: the teacher's cached states, one .npy per cut
+    shard_settings.json               what the shards are made from (checked on a rerun)
+    shard_summaries/000000.json       each finished shard's counts and sha256 checksums
+    plan.json, split.json             the behaviors folder's provenance (teacher, task split)
+    shards.json                       the index, written last
+
+``shar/`` holds nothing but Shar files, so Lhotse reads it as it is:
+``CutSet.from_shar(in_dir="shards/shar")`` gives every cut with its audio, word alignment,
+``cut.behaviors`` and (``cut.load_teacher_hidden()``) the cached states. The cached states of a
+cut are its records' states concatenated in record order ([sum of the records' response tokens,
+hidden]), stored as the bf16 bit pattern in a uint16 array (numpy has no bf16; view it as
+``torch.bfloat16``).
+
+Utterances are sharded in the behaviors' plan order (sorted by utterance id), ``shard_size``
+cuts a shard; an utterance without behaviors is left out (counted). Each shard is written into a
+temporary folder and its files renamed into ``shar/``, the cuts file last: a shard whose cuts file
+exists is complete. A killed run, run again with the same inputs and settings, writes only the
+missing shards; one with different inputs or settings is refused (``overwrite`` moves the old
+folder's contents aside first).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from .data import Utterance
+from .io import atomic_write_text
+from .lhotse_io import manifest_to_cutset, read_utterances
+from .lock import FolderLock
+
+FORMAT = 1
+INDEX = "shards.json"
+SETTINGS = "shard_settings.json"
+SHAR = "shar"
+FIELDS = {"recording": "flac", "behaviors": "jsonl"}
+HIDDEN_FIELD = "teacher_hidden"
+SUMMARIES = "shard_summaries"  # one JSON per finished shard: its entry of the index
+
+
+def write_shards(manifest: str | os.PathLike, behaviors: str | os.PathLike, out_dir: str | os.PathLike,
+                 *, shard_size: int = 1000, teacher_hidden: bool = False, overwrite: bool = False,
+                 progress: bool = True) -> dict:
+    """Write (or finish) the shards of ``manifest``'s utterances with their ``behaviors`` into
+    ``out_dir`` (module docstring); returns the index (``shards.json``). ``teacher_hidden``: also
+    the teacher's cached states (the behaviors folder's ``shard-*.safetensors``)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out, behaviors = Path(out_dir), Path(behaviors)
+    bfiles = sorted(behaviors.glob("shard-*.jsonl"))
+    if not bfiles:
+        raise FileNotFoundError(f"no behavior shards in {behaviors} (run `mtbi-fast behaviors`)")
+    if teacher_hidden:
+        missing = [f.with_suffix(".safetensors").name for f in bfiles
+                   if not f.with_suffix(".safetensors").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{behaviors}: no cached teacher states ({', '.join(missing[:3])}); "
+                                    f"run `mtbi-fast behaviors ... --cache-hidden` first")
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "shard"):
+        t0 = time.time()
+        utts = {u.id: u for u in read_utterances(manifest, require_words=True)}
+        ids = _utterances_with_behaviors(bfiles, utts, manifest)
+        settings = {"format": FORMAT, "shard_size": shard_size, "teacher_hidden": teacher_hidden,
+                    "manifest_sha256": _sha256_files([Path(manifest)]),
+                    "behaviors_sha256": _sha256_files(bfiles), "utterances": len(ids)}
+        _check_settings(out, settings, overwrite)
+        atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
+        for name in ("plan.json", "split.json"):  # the teacher's provenance (check_teacher)
+            if (behaviors / name).is_file():
+                atomic_write_text(out / name, (behaviors / name).read_text(encoding="utf-8"))
+        shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
+        (out / SHAR).mkdir(exist_ok=True)
+        todo = {k for k in range(len(shards)) if not _cuts_file(out, k).is_file()}
+        bar = tqdm(total=len(ids), initial=sum(len(shards[k]) for k in range(len(shards)) if k not in todo),
+                   desc="shard", unit="utt", disable=not progress)
+        written = 0
+        groups = _records_by_utterance(bfiles, teacher_hidden)
+        for k, shard_ids in enumerate(shards):
+            if k not in todo:
+                for _ in shard_ids:  # past this shard's records
+                    next(groups)
+                continue
+            _write_shard(out, k, ((utts[u], *_next_group(groups, u)) for u in shard_ids), teacher_hidden)
+            written += len(shard_ids)
+            bar.update(len(shard_ids))
+        bar.close()
+        index = _make_index(out, len(shards), settings, len(utts) - len(ids))
+        atomic_write_text(out / INDEX, json.dumps(index, indent=2))
+        shutil.rmtree(out / ".tmp", ignore_errors=True)
+    elapsed = time.time() - t0
+    if progress:
+        print(f"shard: {len(shards)} shards, {index['cuts']} utterances ({written} written now), "
+              f"{index['records']} behaviors in {elapsed:.1f} s "
+              f"({written / max(elapsed, 1e-9):.0f} utterances/s) -> {out}")
+    return index
+
+
+def read_index(folder: str | os.PathLike) -> dict:
+    """The index of a shard folder (``shards.json``), with every shard's files checked present."""
+    folder = Path(folder)
+    path = folder / INDEX
+    if not path.is_file():
+        what = "an unfinished shard folder (run `mtbi-fast shard` again to finish it)" \
+            if (folder / SETTINGS).is_file() else "not a shard folder (made by `mtbi-fast shard`)"
+        raise FileNotFoundError(f"{path} not found: {folder} is {what}")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{path}: shard format {index.get('format')!r}, this version reads {FORMAT}")
+    for shard in index["shards"]:
+        for name in shard["files"].values():
+            if not (folder / SHAR / name).is_file():
+                raise FileNotFoundError(f"{folder / SHAR / name}: missing (listed in {path})")
+    return index
+
+
+def shard_paths(folder: str | os.PathLike, shard: dict) -> dict[str, str]:
+    """The Shar field paths of one shard of the index, for ``LazySharIterator(fields=...)``."""
+    return {field: str(Path(folder) / SHAR / name) for field, name in shard["files"].items()}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_shard(out: Path, k: int, items, teacher_hidden: bool) -> None:
+    """Shard ``k`` from (utterance, records, hidden) items: written into ``.tmp/NNNNNN``, then
+    renamed into ``shar/``, the cuts file last."""
+    from lhotse.shar import SharWriter
+
+    tmp = out / ".tmp" / f"{k:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fields = dict(FIELDS, **({HIDDEN_FIELD: "numpy"} if teacher_hidden else {}))
+    with SharWriter(str(tmp), fields=fields, shard_size=None, shard_suffix=f".{k:06d}") as writer:
+        for utt, records, hidden in items:
+            cut = manifest_to_cutset([utt])[0]
+            cut.custom = dict(cut.custom or {}, behaviors=records)
+            if teacher_hidden:
+                cut = cut.attach_tensor(HIDDEN_FIELD, hidden)
+            writer.write(cut)
+    names = sorted(p.name for p in tmp.iterdir())
+    cuts = _cuts_file(out, k).name
+    summary = _summarize(tmp, k, teacher_hidden)
+    atomic_write_text(out / SUMMARIES / f"{k:06d}.json", json.dumps(summary))
+    for name in [n for n in names if n != cuts] + [cuts]:
+        os.replace(tmp / name, out / SHAR / name)
+    tmp.rmdir()
+
+
+def _cuts_file(out: Path, k: int) -> Path:
+    return out / SHAR / f"cuts.{k:06d}.jsonl.gz"
+
+
+def _utterances_with_behaviors(bfiles: list[Path], utts: dict[str, Utterance], manifest) -> list[str]:
+    """The ids of the utterances that have behaviors, in the behaviors' order (which must group
+    each utterance's records together, as ``mtbi-fast behaviors`` writes them)."""
+    ids, seen = [], set()
+    for f, lineno, r in _iter_records(bfiles):
+        u = r.get("utt_id")
+        if u not in utts:
+            raise ValueError(f"{f}:{lineno}: behavior {r.get('id')!r} refers to utterance {u!r}, "
+                             f"which is not in {manifest}")
+        if ids and ids[-1] == u:
+            continue
+        if u in seen:
+            raise ValueError(f"{f}:{lineno}: the records of utterance {u!r} are not together; "
+                             f"shards need behaviors in plan order (as `mtbi-fast behaviors` writes them)")
+        seen.add(u)
+        ids.append(u)
+    return ids
+
+
+def _records_by_utterance(bfiles: list[Path], teacher_hidden: bool) -> Iterator[tuple[str, list, np.ndarray | None]]:
+    """(utterance id, its records, its cached states as uint16 bf16 bits or None), in order."""
+    current, records, states = None, [], []
+    open_file, handle = None, None
+    for f, _, r in _iter_records(bfiles):
+        if r["utt_id"] != current:
+            if current is not None:
+                yield current, records, _concat(states) if teacher_hidden else None
+            current, records, states = r["utt_id"], [], []
+        records.append(r)
+        if teacher_hidden:
+            if open_file != f:
+                from safetensors import safe_open
+                handle, open_file = safe_open(str(f.with_suffix(".safetensors")), "pt"), f
+            if r["id"] not in handle.keys():
+                raise ValueError(f"{f.with_suffix('.safetensors')}: no cached states for behavior {r['id']!r}")
+            states.append(handle.get_tensor(r["id"]))
+    if current is not None:
+        yield current, records, _concat(states) if teacher_hidden else None
+
+
+def _next_group(groups, utt_id: str):
+    got, records, hidden = next(groups)
+    assert got == utt_id, (got, utt_id)  # both follow the same record stream
+    return records, hidden
+
+
+def _concat(states) -> np.ndarray:
+    import torch
+
+    t = torch.cat([s.to(torch.bfloat16) for s in states]) if states else torch.zeros(0, 0, dtype=torch.bfloat16)
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def _iter_records(bfiles: list[Path]):
+    for f in bfiles:
+        with open(f, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                try:
+                    yield f, lineno, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{f}:{lineno}: not valid JSON ({exc.msg})") from None
+
+
+def _check_settings(out: Path, settings: dict, overwrite: bool) -> None:
+    """A folder made from other inputs or settings is refused, or moved aside with ``overwrite``."""
+    from .runfolder import move_aside
+
+    path = out / SETTINGS
+    if not path.is_file():
+        if any(p.name != ".lock" for p in out.iterdir()) and not overwrite:
+            raise ValueError(f"{out} is not empty and holds no shards; pick another folder or pass "
+                             f"--overwrite to move its contents aside")
+        if overwrite and any(p.name != ".lock" for p in out.iterdir()):
+            print(f"shard: moved the old contents of {out} to {move_aside(out)}")
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    diffs = [f"{k} ({old.get(k)!r} -> {settings[k]!r})" for k in settings if old.get(k) != settings[k]]
+    if not diffs:
+        return
+    if not overwrite:
+        raise ValueError(f"{out} holds shards made from other inputs or settings: {', '.join(diffs)}; "
+                         f"pass --overwrite to move them aside and start again")
+    print(f"shard: moved the old shards of {out} to {move_aside(out)}")
+
+
+def _summarize(folder: Path, k: int, teacher_hidden: bool) -> dict:
+    """Shard ``k``'s entry of the index: its files, cut and record counts, tasks and checksums."""
+    files = {"cuts": f"cuts.{k:06d}.jsonl.gz", "recording": f"recording.{k:06d}.tar",
+             "behaviors": f"behaviors.{k:06d}.jsonl.gz"}
+    if teacher_hidden:
+        files[HIDDEN_FIELD] = f"{HIDDEN_FIELD}.{k:06d}.tar"
+    cuts, records, tasks = 0, 0, Counter()
+    with gzip.open(folder / files["behaviors"], "rt", encoding="utf-8") as f:
+        for line in f:
+            recs = json.loads(line).get("behaviors", [])
+            cuts += 1
+            records += len(recs)
+            tasks.update(r["task"] for r in recs)
+    with gzip.open(folder / files["cuts"], "rt", encoding="utf-8") as f:
+        longest = max((json.loads(line)["duration"] for line in f), default=0.0)
+    return {"files": files, "cuts": cuts, "records": records, "max_duration": longest, "tasks": dict(tasks),
+            "sha256": {field: _sha256_files([folder / name]) for field, name in files.items()}}
+
+
+def _make_index(out: Path, n_shards: int, settings: dict, without_behaviors: int) -> dict:
+    shards, tasks = [], Counter()
+    for k in range(n_shards):
+        path = out / SUMMARIES / f"{k:06d}.json"
+        summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else \
+            _summarize(out / SHAR, k, settings["teacher_hidden"])
+        tasks.update(summary.pop("tasks"))
+        shards.append(summary)
+    return {"format": FORMAT, "shards": shards, "cuts": sum(s["cuts"] for s in shards),
+            "records": sum(s["records"] for s in shards), "tasks": dict(sorted(tasks.items())),
+            "teacher_hidden": settings["teacher_hidden"], "without_behaviors": without_behaviors,
+            "settings": settings}
+
+
+def _sha256_files(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,315 @@
+"""Sharded storage and the streaming reader (mtbi_fast.shards, mtbi_fast.streaming): Lhotse reads
+the shards; readers of 2 ranks x 2 workers see every example once per epoch; streamed batches are
+the in-memory reader's batches of the same records; a killed run resumes to the same batches;
+bad shards are named or skipped and counted."""
+
+import collections
+import gzip
+import io
+import json
+import shutil
+import tarfile
+import zlib
+from functools import partial
+
+import pytest
+import torch
+
+lhotse = pytest.importorskip("lhotse")
+
+import mtbi_fast.train as train_mod  # noqa: E402
+from mtbi_fast.config import load_config  # noqa: E402
+from mtbi_fast.dataset import BatchBuilder, Item, MTBIData  # noqa: E402
+from mtbi_fast.model import ModelConfig, SpeechLLM  # noqa: E402
+from mtbi_fast.shards import SETTINGS, read_index, write_shards  # noqa: E402
+from mtbi_fast.streaming import Position, ShardData, ShardError, StreamingBatches  # noqa: E402
+from mtbi_fast.trainer import Trainer  # noqa: E402
+
+from helpers import CONFIG, metrics, overrides  # noqa: E402
+
+SHARD_SIZE = 3  # 12 utterances: 4 shards
+
+
+@pytest.fixture(scope="module")
+def shards(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "s"
+    write_shards(data / "train.jsonl", data / "beh", out, shard_size=SHARD_SIZE, teacher_hidden=True,
+                 progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    cfg = load_config(CONFIG, overrides(data, "/tmp/unused"))
+    return SpeechLLM.from_config(ModelConfig.from_dict(cfg["model"]))
+
+
+def builder(model, **kw):
+    return BatchBuilder(model, seed=0, mean_span=3.0, max_tokens=512, overlong="truncate", **kw)
+
+
+def stream_overrides(data, shards, out, *extra):
+    return overrides(data, out, "data.reader=streaming", f"data.train_shards={shards}", *extra)
+
+
+# --- the shard folder ---------------------------------------------------------------------------
+
+def test_shards_are_lhotse_shar_with_the_behaviors(data, shards):
+    index = read_index(shards)
+    records = [json.loads(line) for line in (data / "beh" / "shard-00000.jsonl").read_text().splitlines()]
+    assert (index["cuts"], index["records"], len(index["shards"])) == (12, len(records), 4)
+    assert [s["cuts"] for s in index["shards"]] == [3, 3, 3, 3]
+    assert index["teacher_hidden"] and sum(index["tasks"].values()) == len(records)
+
+    from safetensors.torch import load_file
+    states = load_file(str(data / "beh" / "shard-00000.safetensors"))
+    cuts = list(lhotse.CutSet.from_shar(in_dir=shards / "shar"))  # Lhotse alone reads it
+    assert [c.id for c in cuts] == sorted({r["utt_id"] for r in records})
+    by_utt = collections.defaultdict(list)
+    for r in records:
+        by_utt[r["utt_id"]].append(r)
+    manifest = {json.loads(line)["id"]: json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()}
+    import soundfile as sf
+    for cut in cuts:
+        assert cut.behaviors == by_utt[cut.id]
+        want = torch.cat([states[r["id"]] for r in by_utt[cut.id]])
+        got = torch.from_numpy(cut.load_teacher_hidden().view("int16")).view(torch.bfloat16)
+        assert torch.equal(got, want.to(torch.bfloat16))
+        words = [(a.symbol, round(a.start, 3)) for a in cut.supervisions[0].alignment["word"]]
+        assert words == [(w["word"], round(w["start"], 3)) for w in manifest[cut.id]["words"]]
+        audio, _ = sf.read(data / manifest[cut.id]["audio"], dtype="float32", always_2d=True)
+        assert torch.equal(torch.from_numpy(cut.load_audio()), torch.from_numpy(audio.T))  # lossless
+
+
+def test_a_killed_shard_run_finishes_and_a_changed_one_is_refused(data, shards, tmp_path):
+    out = tmp_path / "s"
+    shutil.copytree(shards, out)
+    want = (out / "shards.json").read_text()
+    # killed while writing shard 2: its cuts file (renamed last) is missing, a temporary folder is left
+    (out / "shar" / "cuts.000002.jsonl.gz").unlink()
+    (out / "shards.json").unlink()
+    (out / ".tmp" / "000002").mkdir(parents=True)
+    (out / ".tmp" / "000002" / "recording.000002.tar").write_bytes(b"partial")
+    with pytest.raises(FileNotFoundError, match="unfinished shard folder"):
+        read_index(out)
+    index = write_shards(data / "train.jsonl", data / "beh", out, shard_size=SHARD_SIZE, teacher_hidden=True,
+                         progress=False)
+    assert (out / "shards.json").read_text() == want and index["cuts"] == 12
+    assert not (out / ".tmp").exists()
+    with pytest.raises(ValueError, match=r"other inputs or settings: shard_size \(3 -> 5\)"):
+        write_shards(data / "train.jsonl", data / "beh", out, shard_size=5, progress=False)
+    index = write_shards(data / "train.jsonl", data / "beh", out, shard_size=5, overwrite=True, progress=False)
+    assert len(index["shards"]) == 3 and json.loads((out / SETTINGS).read_text())["shard_size"] == 5
+    aside = list(tmp_path.glob("s.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "shards.json").read_text() == want  # nothing lost
+
+
+def test_shard_refuses_behaviors_of_unknown_utterances(data, tmp_path):
+    lines = (data / "train.jsonl").read_text().splitlines(True)
+    (tmp_path / "few.jsonl").write_text("".join(lines[:5]))
+    with pytest.raises(ValueError, match=r"shard-00000\.jsonl:\d+: behavior .* refers to utterance .* not in"):
+        write_shards(tmp_path / "few.jsonl", data / "beh", tmp_path / "out", progress=False)
+
+
+# --- readers ------------------------------------------------------------------------------------
+
+def test_two_ranks_two_workers_see_every_example_once_per_epoch(data, shards, model):
+    d = ShardData(shards, builder(model), seed=3, examples=4, shuffle_cuts=2)
+    records = {json.loads(line)["id"] for line in (data / "beh" / "shard-00000.jsonl").read_text().splitlines()}
+    per_epoch = collections.defaultdict(collections.Counter)
+    for rank in (0, 1):
+        items = StreamingBatches(d, lambda step: 0.5, grad_accum=1, world=2, rank=rank, workers=2)
+        loader = torch.utils.data.DataLoader(items, batch_size=None, num_workers=2)
+        reached = set()
+        for batch in loader:  # until both readers of the rank are into their third epoch
+            s = batch["stream"]
+            if s["position"]["epoch"] >= 2:
+                reached.add(s["reader"])
+                if reached == {0, 1}:
+                    break
+                continue
+            per_epoch[s["position"]["epoch"]].update(batch["student"].example_ids)
+    for epoch in (0, 1):
+        assert set(per_epoch[epoch]) == records and set(per_epoch[epoch].values()) == {1}, epoch
+    # the shards of an epoch: disjoint per reader, all of them together, another order each epoch
+    for epoch in (0, 1):
+        parts = [d.shards(epoch, q, 4) for q in range(4)]
+        assert sorted(k for p in parts for k in p) == [0, 1, 2, 3]
+    assert [d.shards(e, 0, 1) for e in range(4)] != [d.shards(0, 0, 1)] * 4
+    with pytest.raises(ValueError, match="4 shards, fewer than the 6 readers"):
+        StreamingBatches(d, lambda step: 0.5, grad_accum=1, world=3, rank=0, workers=2)
+
+
+def test_streamed_batches_are_the_in_memory_batches_of_their_records(data, shards, model):
+    """Same records, keys and salt: the same mels (decoded from the shard's flac), packed inputs
+    and cached teacher states as the in-memory reader gives from the audio files."""
+    sa = {"freq_masks": 1, "freq_width": 10, "time_masks": 1, "time_width": 0.2}
+    d = ShardData(shards, builder(model, spec_augment=sa), seed=0, examples=4, shuffle_cuts=2,
+                  teacher_cache=True)
+    memory = MTBIData(data / "train.jsonl", data / "beh", model, 0, 3.0, 512, "truncate",
+                      teacher_cache=True, spec_augment=sa)
+    index = {r["id"]: i for i, r in enumerate(memory.records)}
+    streamed = iter(StreamingBatches(d, lambda step: 0.4, grad_accum=1))
+    for micro in range(4):
+        got = next(streamed)
+        items = []
+        for rid in got["student"].example_ids:
+            r = memory.records[index[rid]]
+            items.append(Item(zlib.crc32(rid.encode()), r, memory.utts[r["utt_id"]],
+                              partial(memory.mel, r["utt_id"]), memory.cache[rid]))
+        want = memory.build(items, 0.4, salt=micro)
+        for key in ("source", "position_ids", "cu_seqlens", "loss_positions", "target_ids"):
+            assert torch.equal(getattr(got["student"], key), getattr(want["student"], key)), key
+            assert torch.equal(getattr(got["teacher"], key), getattr(want["teacher"], key)), key
+        assert all(torch.equal(a, b) for a, b in zip(got["mels"], want["mels"]))
+        assert torch.equal(got["teacher_hidden"], want["teacher_hidden"])
+
+
+def test_length_buckets_group_similar_examples(shards, model):
+    """Bucketed micro-batches hold examples of similar length: the spread of lengths inside a
+    micro-batch is smaller than without buckets, over the same examples."""
+    spreads = {}
+    for buckets in (False, True):
+        d = ShardData(shards, builder(model), seed=1, examples=3, shuffle_cuts=3, length_buckets=buckets)
+        seen, spread = set(), []
+        for items, after, _ in d.batches(0, 1, Position()):
+            if after.epoch > 0:
+                break
+            lengths = [d._length(it) for it in items]
+            spread.append(max(lengths) - min(lengths))
+            seen.update(it.record["id"] for it in items)
+        spreads[buckets] = sum(spread) / len(spread)
+        assert len(seen) == d.index["records"]
+    assert spreads[True] < spreads[False], spreads
+
+
+def test_resume_from_a_position_gives_the_same_stream(shards, model):
+    d = ShardData(shards, builder(model), seed=2, examples=3, shuffle_cuts=2)
+    stream = d.batches(1, 2, Position())
+    full = [next(stream) for _ in range(12)]
+    for k in (0, 1, 4, 7, 10):  # resumed after batch k
+        again = d.batches(1, 2, Position(**vars(full[k][1])))
+        for want in full[k + 1:]:
+            items, after, _ = next(again)
+            assert [it.record["id"] for it in items] == [it.record["id"] for it in want[0]]
+            assert after == want[1]
+
+
+# --- training -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill_and_resume_streaming_gives_the_same_curve(data, shards, tmp_path, monkeypatch, workers):
+    args = ["train.steps=10", "train.save_every=4", "train.eval_every=0", f"data.num_workers={workers}",
+            "data.shuffle_cuts=2", "data.teacher_cache=true"]
+    full = tmp_path / "full"
+    assert train_mod.main(["--config", str(CONFIG), *stream_overrides(data, shards, full, *args)]) == 0
+    killed = tmp_path / "killed"
+    real_log = Trainer._log
+
+    def dying_log(self, *a, **k):
+        row = real_log(self, *a, **k)
+        if self.step == 6:  # killed after step 6, the last checkpoint at step 4
+            raise KeyboardInterrupt
+        return row
+
+    monkeypatch.setattr(Trainer, "_log", dying_log)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.main(["--config", str(CONFIG), *stream_overrides(data, shards, killed, *args)])
+    monkeypatch.setattr(Trainer, "_log", real_log)
+    saved = json.loads((killed / "checkpoints" / "step-000004" / "data-rank-0.json").read_text())
+    assert saved["num_workers"] == workers and len(saved["positions"]) == max(1, workers)
+    assert train_mod.main(["--config", str(CONFIG), *stream_overrides(data, shards, killed, *args)]) == 0
+    a, b = metrics(full), metrics(killed)
+    assert [r["step"] for r in b] == list(range(1, 11))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), (x, y)
+        assert x["skipped_cuts"] == 0
+    # other readers cannot continue these positions
+    other = [*args[:3], f"data.num_workers={1 if workers == 0 else 0}", *args[4:], "train.steps=12"]
+    assert train_mod.main(["--config", str(CONFIG), *stream_overrides(data, shards, killed, *other)]) == 2
+
+
+def test_reader_key_follows_the_data_given(data, shards, tmp_path):
+    base = overrides(data, tmp_path / "o")
+    assert load_config(CONFIG, base)["data"]["reader"] == "memory"
+    cfg = load_config(CONFIG, [*base, "data.train_manifest=null", "data.behaviors=null",
+                               f"data.train_shards={shards}"])
+    assert cfg["data"]["reader"] == "streaming"
+    with pytest.raises(ValueError, match="both set; set data.reader"):
+        load_config(CONFIG, [*base, f"data.train_shards={shards}"])
+    assert load_config(CONFIG, [*base, f"data.train_shards={shards}", "data.reader=memory"])["data"]["reader"] == "memory"
+    with pytest.raises(ValueError, match="data.reader is 'streaming' but data.train_shards is not set"):
+        load_config(CONFIG, [*base, "data.reader=streaming"])
+    with pytest.raises(ValueError, match="no training data"):
+        load_config(CONFIG, [*base, "data.train_manifest=null"])
+
+
+# --- bad shards ---------------------------------------------------------------------------------
+
+def _copy(shards, tmp_path):
+    out = tmp_path / "bad"
+    shutil.copytree(shards, out)
+    return out
+
+
+def _rewrite_cuts(path, edit):
+    lines = [json.loads(line) for line in gzip.open(path, "rt")]
+    with gzip.open(path, "wt") as f:
+        for c in lines:
+            f.write(json.dumps(edit(c)) + "\n")
+    return lines
+
+
+def _epoch(d, reader=0, readers=1):
+    ids, skipped = [], 0
+    for items, after, sk in d.batches(reader, readers, Position()):
+        if after.epoch > 0:
+            break
+        ids += [it.record["id"] for it in items]
+        skipped += sk
+    return ids, skipped
+
+
+def test_a_truncated_tar_names_the_shard_and_the_cut_or_is_skipped(shards, model, tmp_path):
+    bad = _copy(shards, tmp_path)
+    tar = bad / "shar" / "recording.000001.tar"
+    data = tar.read_bytes()
+    with tarfile.open(tar) as t:
+        flac = [m for m in t.getmembers() if m.name.endswith(".flac")][1]
+    tar.write_bytes(data[:flac.offset_data + 100])  # cut through the second cut's audio
+    d = ShardData(bad, builder(model), seed=0, examples=4, shuffle_cuts=100)
+    with pytest.raises(ShardError, match=r"shard .*cuts\.000001\.jsonl\.gz: cannot be read at cut "
+                                         r"'demo-train-004' \(number 2 of the shard\).*skip_bad_shards: true"):
+        _epoch(d)
+    d = ShardData(bad, builder(model), seed=0, examples=4, shuffle_cuts=100, skip_bad_shards=True)
+    ids, skipped = _epoch(d)
+    assert skipped >= 2 and len({i.split("/")[0] for i in ids}) == 12 - skipped
+
+
+def test_a_cut_without_alignment_or_audio_is_named(shards, model, tmp_path):
+    bad = _copy(shards, tmp_path)
+
+    def drop_alignment(c):
+        if c["id"] == "demo-train-004":
+            c["supervisions"][0].pop("alignment", None)
+        return c
+
+    _rewrite_cuts(bad / "shar" / "cuts.000001.jsonl.gz", drop_alignment)
+    d = ShardData(bad, builder(model), seed=0, examples=4, shuffle_cuts=100)
+    with pytest.raises(ShardError, match=r"cuts\.000001\.jsonl\.gz: cut 'demo-train-004': no word alignment"):
+        _epoch(d)
+    ids, skipped = _epoch(ShardData(bad, builder(model), seed=0, examples=4, shuffle_cuts=100,
+                                    skip_bad_shards=True))
+    assert skipped == 1 and not any(i.startswith("demo-train-004/") for i in ids) and len(ids) == 22
+
+    # a missing audio file in the tar: the last one
+    bad2 = _copy(shards, tmp_path / "2")
+    tar = bad2 / "shar" / "recording.000002.tar"
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(tar, "w") as t:
+        for m, payload in members[:-2]:  # the last cut's flac and its JSON
+            t.addfile(m, io.BytesIO(payload))
+    d = ShardData(bad2, builder(model), seed=0, examples=4, shuffle_cuts=100)
+    with pytest.raises(ShardError, match=r"shard .*cuts\.000002\.jsonl\.gz: 3 cuts in the index, 2 read"):
+        _epoch(d)
