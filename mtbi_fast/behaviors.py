@@ -15,6 +15,27 @@ where it stopped with nothing duplicated or lost, and gives the same files as an
 run. With ``cache_hidden`` each shard also gets ``shard-NNNNN.safetensors``: the teacher's final
 hidden states at the response positions (bf16, one tensor per record id).
 
+Batches: a shard's jobs are ordered by prompt length in tokens, longest first (a stable sort: ties
+keep plan order; the longest batch runs first, so a batch too big for memory fails at once), and
+cut into ``batch_size`` batches, so left padding wastes little; the records are written back in
+plan order. Batch ``b`` of shard ``k`` samples with a seed derived from the run seed and
+``(k, b)``, so a shard's bytes depend on the plan and settings alone.
+
+Ranks: under a launcher (``torchrun --nproc_per_node N``, ``deepspeed --num_gpus N``: the
+``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` variables; ``rank_world``) rank ``r`` of ``W`` writes
+the shards ``k`` with ``k % W == r``, and a shard's bytes do not depend on ``W``: any world size
+writes the files a single process writes. No process group: the ranks meet through the folder
+(a shared file system across machines). Rank 0 checks the folder and writes ``plan.json`` and
+``split.json``; the other ranks wait for them (``plan_timeout``) and refuse a plan that differs
+from their own. A killed rank's rerun (or the whole launch's) redoes only its missing shards.
+A world of one (no ``RANK``, or ``WORLD_SIZE=1``) is the plain single-process run.
+
+``index.json``: written once every shard is present (by whichever rank sees that last, or by the
+single process; identical content, so two ranks writing it at once is harmless): each shard file
+with its record count and sha256, the total records, and whether hidden states are present.
+``read_behaviors`` checks a folder's shard names and record counts against it when it is there
+(older folders have none).
+
 Provenance (docs/data.md): ``plan.json`` records the teacher LLM (``teacher_fingerprint``: its
 source plus sha256 fingerprints of its config, tokenizer and weights), the generation settings,
 the task split and the jobs (utterance ids and texts, prompt wordings). A rerun into a folder made
@@ -22,12 +43,19 @@ with anything different is refused with the differing fields listed; with ``over
 old files are moved aside to ``<folder>.replaced-<time>`` first. A rerun with identical settings
 resumes. Only ``cache_hidden`` may change between runs (it adds the missing hidden-state shards,
 which are the same with or without it). ``check_teacher`` tells the trainer whether a folder was
-made by the LLM its model config describes. One writer at a time: the folder is locked
-(``FolderLock``) while a run writes it.
+made by the LLM its model config describes.
+
+One run at a time: the single process, or rank 0, holds ``.lock`` (``FolderLock``); rank ``r > 0``
+holds ``.lock.rank-NNNNN`` (``r``) and a shared lock on ``.lock.ranks`` once the plan is there. A
+second run into the folder is refused naming the holder: its rank 0 (or single process) at
+``.lock``, its rank ``r`` at ``.lock.rank-r``; a single process while ranks of a launch still
+write (``.lock.ranks``), and ``overwrite`` before it moves anything while they do.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -45,9 +73,17 @@ from .attention import padded_attention
 from .data import Utterance
 from .hub import ASSETS, TINY_LLM, source_config
 from .io import atomic_write_text
-from .lock import LOCK_NAME, FolderLock
+from .lock import LOCK_NAME, FolderLock, FolderLockedError
+from .lock import _describe as describe_lock
 from .prompts import left_pad, template_halves
 from .tasks import TaskLibrary, TaskSplit
+
+PLAN_TIMEOUT_S = 600.0  # how long a rank > 0 waits for rank 0's plan.json
+RANKS_LOCK = LOCK_NAME + ".ranks"  # shared by the working ranks > 0; exclusive to move files aside
+RANKS_LOCK_PATIENCE_S = 10.0  # how long a rank > 0 waits out an exclusive .lock.ranks
+INDEX_NAME = "index.json"
+INDEX_FORMAT = 1
+BATCHING = "prompt_length"  # plan.json settings.batching: batches cut by prompt length (module docstring)
 
 
 @dataclass
@@ -90,58 +126,286 @@ def job(utterance: Utterance, task: str, wording: int, split: str) -> dict:
 def generate_behaviors(utterances: list[Utterance], library: TaskLibrary, llm, tokenizer,
                        out_dir: str | os.PathLike, cfg: BehaviorConfig, *,
                        split: TaskSplit | None = None, progress: bool = True,
-                       model_config: dict | None = None, overwrite: bool = False) -> dict:
+                       model_config: dict | None = None, overwrite: bool = False,
+                       rank: int | None = None, world: int | None = None,
+                       plan_timeout: float = PLAN_TIMEOUT_S) -> dict:
     """Run (or resume) behavior generation into ``out_dir``; returns a summary.
 
     ``model_config``: the model section that ``llm`` and ``tokenizer`` were loaded from (its
     ``llm`` source and ``init_seed``), recorded as the teacher's fingerprint; without it the
     folder records no teacher and ``check_teacher`` refuses it. A folder made with other settings
-    is refused, or with ``overwrite`` moved aside first (module docstring)."""
+    is refused, or with ``overwrite`` moved aside first (module docstring). ``rank`` of ``world``:
+    this process writes shards ``k % world == rank`` (default: ``rank_world()``, from the
+    launcher's environment); a rank other than 0 waits up to ``plan_timeout`` seconds for rank 0's
+    ``plan.json``."""
     out = Path(out_dir)
     split = split or library.split()
-    with FolderLock(out, "behaviors"):
+    if rank is None and world is None:
+        rank, world, _ = rank_world()
+    elif rank is None or world is None:
+        raise ValueError("give both rank and world, or neither (then RANK and WORLD_SIZE are read)")
+    _check_rank(rank, world)
+    replaced = None
+    with contextlib.ExitStack() as held:
+        if rank == 0:
+            held.enter_context(FolderLock(out, "behaviors" if world == 1
+                                          else f"behaviors, rank 0 of {world}"))
+            ranks_held = world == 1 and (out / RANKS_LOCK).exists()
+            if ranks_held:  # no ranks of a launch write meanwhile
+                held.enter_context(_RanksLock(out, fcntl.LOCK_EX))
         jobs = plan(utterances, split, library, cfg)
         record = _provenance(jobs, split, library, llm, cfg, model_config)
-        replaced = _check_folder(out, record, split, overwrite)
-        # plan.json first: a run killed before split.json is written still resumes
-        atomic_write_text(out / "plan.json", json.dumps(record, indent=2))
-        split.save(out / "split.json")
-        summary = _generate(jobs, library, llm, tokenizer, out, cfg, progress)
+        if rank == 0:
+            with contextlib.ExitStack() as moving:
+                def before_move():  # ranks of another launch may still write the old files
+                    if not ranks_held:
+                        moving.enter_context(_RanksLock(out, fcntl.LOCK_EX))
+
+                replaced = _check_folder(out, record, split, overwrite, before_move)
+                # plan.json first: a run killed before split.json is written still resumes
+                atomic_write_text(out / "plan.json", json.dumps(record, indent=2))
+                split.save(out / "split.json")
+        else:
+            _wait_for_plan(out, record, split, overwrite, plan_timeout, rank)
+            lock = FolderLock(out, f"behaviors, rank {rank} of {world}")
+            lock.path = out / rank_lock_name(rank)
+            held.enter_context(lock)
+            held.enter_context(_RanksLock(out, fcntl.LOCK_SH))
+            _check_folder(out, record, split, False)  # still the plan it waited for
+        summary = _generate(jobs, library, llm, tokenizer, out, cfg, progress, rank, world)
+        n_shards = summary["shards"]
+        if _all_shards_there(out, n_shards, cfg.cache_hidden):  # this rank finished last
+            index = write_index(out, n_shards)
+            summary["index"] = str(out / INDEX_NAME)
+            if progress and world > 1:
+                print(f"behaviors (rank {rank} of {world}): all {n_shards} shards are there; wrote "
+                      f"{out / INDEX_NAME} ({index['records']} records)")
     if replaced is not None:
         summary["replaced"] = str(replaced)
     return summary
 
 
-def _generate(jobs, library, llm, tokenizer, out: Path, cfg: BehaviorConfig, progress: bool) -> dict:
+def rank_world(environ=None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from a launcher's ``RANK``, ``WORLD_SIZE`` and
+    ``LOCAL_RANK`` (torchrun and the deepspeed launcher set all three); ``(0, 1, 0)`` without
+    ``RANK``. ``LOCAL_RANK`` defaults to ``RANK`` (one machine)."""
+    env = os.environ if environ is None else environ
+    if env.get("RANK", "") == "":
+        return 0, 1, 0
+    try:
+        rank = int(env["RANK"])
+        world = int(env.get("WORLD_SIZE", ""))
+        local = int(env.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise ValueError(f"RANK={env.get('RANK')!r}, WORLD_SIZE={env.get('WORLD_SIZE')!r}, "
+                         f"LOCAL_RANK={env.get('LOCAL_RANK')!r}: whole numbers expected (set by "
+                         "torchrun or deepspeed)") from None
+    _check_rank(rank, world)
+    return rank, world, local
+
+
+def _check_rank(rank: int, world: int) -> None:
+    if not (isinstance(rank, int) and isinstance(world, int) and world >= 1 and 0 <= rank < world):
+        raise ValueError(f"rank {rank!r} of world {world!r}: need 0 <= rank < world")
+
+
+def rank_shards(n_shards: int, rank: int, world: int) -> list[int]:
+    """The shards rank ``rank`` of ``world`` writes: ``k % world == rank``."""
+    return list(range(rank, n_shards, world))
+
+
+def shard_name(k: int, ext: str = "jsonl") -> str:
+    return f"shard-{k:05d}.{ext}"
+
+
+def batches(jobs: list[dict], library: TaskLibrary, tokenizer, batch_size: int) -> list[list[int]]:
+    """The positions of ``jobs`` (one shard) in batches of ``batch_size``: longest prompt first
+    (tokens, as ``answer`` builds them), equal lengths in plan order."""
+    lengths = prompt_lengths(jobs, library, tokenizer)
+    order = sorted(range(len(jobs)), key=lambda i: -lengths[i])
+    return [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+
+
+def prompt_lengths(jobs: list[dict], library: TaskLibrary, tokenizer) -> list[int]:
+    """Each job's prompt length in tokens: ``prefix_ids + transcript_ids + suffix_ids``."""
+    halves, out = {}, []
+    for j in jobs:
+        key = (j["task"], j["wording"])
+        if key not in halves:
+            prefix, suffix = template_halves(tokenizer, library.tasks[j["task"]][j["wording"]])
+            halves[key] = len(prefix) + len(suffix)
+        out.append(halves[key] + len(tokenizer(j["text"], add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def _generate(jobs, library, llm, tokenizer, out: Path, cfg: BehaviorConfig, progress: bool,
+              rank: int = 0, world: int = 1) -> dict:
     shards = [jobs[i:i + cfg.shard_size] for i in range(0, len(jobs), cfg.shard_size)]
-    todo = [k for k in range(len(shards)) if not (out / f"shard-{k:05d}.jsonl").exists()
-            or (cfg.cache_hidden and not (out / f"shard-{k:05d}.safetensors").exists())]
+    mine = rank_shards(len(shards), rank, world)
+    todo = [k for k in mine if not (out / shard_name(k)).exists()
+            or (cfg.cache_hidden and not (out / shard_name(k, "safetensors")).exists())]
+    n_mine = sum(len(shards[k]) for k in mine)
     t0, n_tokens, n_done = time.time(), 0, 0
-    bar = tqdm(total=len(jobs), initial=len(jobs) - sum(len(shards[k]) for k in todo),
-               desc="behaviors", unit="prompt", disable=not progress)
+    bar = tqdm(total=n_mine, initial=n_mine - sum(len(shards[k]) for k in todo),
+               desc="behaviors" if world == 1 else f"behaviors {rank}/{world}", unit="prompt",
+               disable=not progress)
     for k in todo:
-        records, hidden = [], {}
-        for b in range(0, len(shards[k]), cfg.batch_size):
-            batch = shards[k][b:b + cfg.batch_size]
-            records += answer(batch, library, llm, tokenizer, cfg, derived_seed(cfg.seed, f"{k}/{b}"),
-                              hidden=hidden if cfg.cache_hidden else None)
-            n_tokens += sum(len(r["response_ids"]) for r in records[-len(batch):])
+        shard, by_pos, hidden = shards[k], {}, {}
+        for b, positions in enumerate(batches(shard, library, tokenizer, cfg.batch_size)):
+            batch = [shard[i] for i in positions]
+            # the seed key is the batch's start in the shard, as before batches were sorted
+            records = answer(batch, library, llm, tokenizer, cfg,
+                             derived_seed(cfg.seed, f"{k}/{b * cfg.batch_size}"),
+                             hidden=hidden if cfg.cache_hidden else None)
+            by_pos.update(zip(positions, records))
+            n_tokens += sum(len(r["response_ids"]) for r in records)
             n_done += len(batch)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - t0, 1e-9):.0f}")
         if cfg.cache_hidden:
-            _write_hidden(out / f"shard-{k:05d}.safetensors", hidden)
-        atomic_write_text(out / f"shard-{k:05d}.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            _write_hidden(out / shard_name(k, "safetensors"), {j["id"]: hidden[j["id"]] for j in shard})
+        atomic_write_text(out / shard_name(k), "".join(
+            json.dumps(by_pos[i], ensure_ascii=False) + "\n" for i in range(len(shard))))
     bar.close()
     elapsed = time.time() - t0
     summary = {"prompts": len(jobs), "generated": n_done, "shards": len(shards),
                "new_tokens": n_tokens, "seconds": round(elapsed, 2),
-               "tokens_per_s": round(n_tokens / elapsed, 1) if elapsed > 0 else None}
-    if progress:
+               "tokens_per_s": round(n_tokens / elapsed, 1) if elapsed > 0 else None,
+               "rank": rank, "world": world, "rank_shards": len(mine), "rank_prompts": n_mine}
+    if progress and world == 1:
         print(f"behaviors: {n_done} generated now, {len(jobs)} in all, {n_tokens} tokens in "
               f"{elapsed:.1f} s ({summary['tokens_per_s']} tokens/s) -> {out}")
+    elif progress:
+        print(f"behaviors (rank {rank} of {world}): {n_done} generated now, {n_mine} of "
+              f"{len(jobs)} prompts ({len(mine)} of {len(shards)} shards) are this rank's, "
+              f"{n_tokens} tokens in {elapsed:.1f} s ({summary['tokens_per_s']} tokens/s) -> {out}")
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# ranks: the plan they wait for, their locks, the index at the end
+
+def rank_lock_name(rank: int) -> str:
+    return f"{LOCK_NAME}.rank-{rank:05d}"
+
+
+class PlanTimeoutError(TimeoutError, ValueError):
+    """Rank 0's plan.json did not appear in time (a ``ValueError`` too: the command line prints
+    it as one line)."""
+
+
+def _wait_for_plan(out: Path, record: dict, split: TaskSplit, overwrite: bool, timeout: float,
+                   rank: int) -> None:
+    """Wait for rank 0's ``plan.json`` and ``split.json`` and check that they are this rank's;
+    a plan that differs is refused at once, or with ``overwrite`` waited out (rank 0 moves it
+    aside)."""
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        if (out / "plan.json").is_file() and (out / "split.json").is_file():
+            try:
+                _check_folder(out, record, split, False)
+                return
+            except (ValueError, OSError) as exc:  # OSError: rank 0 is moving the files
+                if not overwrite and not isinstance(exc, OSError):
+                    raise
+                last = exc
+        if time.monotonic() >= deadline:
+            why = f" (last seen: {last})" if last is not None else ""
+            raise PlanTimeoutError(
+                f"rank {rank}: {out / 'plan.json'} (rank 0 writes it) did not appear within "
+                f"{timeout:g} s{why}; did rank 0 fail? Its error comes first")
+        time.sleep(min(0.2, max(timeout / 10, 0.01)))
+
+
+class _RanksLock:
+    """``flock`` on ``<folder>/.lock.ranks``: shared by the working ranks > 0, exclusive for a
+    single process while it works, and for moving a folder aside. A shared lock waits out an
+    exclusive one a few seconds (rank 0 holds it while it writes a new plan)."""
+
+    def __init__(self, folder: Path, mode: int):
+        self.folder, self.mode, self._fd = Path(folder), mode, None
+
+    def __enter__(self):
+        path = self.folder / RANKS_LOCK
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + (RANKS_LOCK_PATIENCE_S if self.mode == fcntl.LOCK_SH else 0)
+        while True:
+            try:
+                fcntl.flock(fd, self.mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                raise FolderLockedError(
+                    f"{self.folder} is in use by {self._holders()} (lock file {path}); wait for it "
+                    "to finish or stop it, or use another folder") from None
+        self._fd = fd
+        return self
+
+    def _holders(self) -> str:
+        if self.mode == fcntl.LOCK_SH:  # a single process, or rank 0 moving files aside
+            return describe_lock(self.folder / LOCK_NAME)
+        ranks = []
+        for p in sorted(self.folder.glob(LOCK_NAME + ".rank-*")):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                ranks.append(describe_lock(p))
+            finally:
+                os.close(fd)
+        return "the ranks of a launch: " + ("; ".join(ranks) or "(ranks unknown)")
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _all_shards_there(out: Path, n_shards: int, hidden: bool) -> bool:
+    exts = ("jsonl", "safetensors") if hidden else ("jsonl",)
+    return all((out / shard_name(k, ext)).exists() for k in range(n_shards) for ext in exts)
+
+
+def write_index(out_dir: str | os.PathLike, n_shards: int) -> dict:
+    """Write ``index.json`` for a folder whose ``n_shards`` shards are all there (module
+    docstring), atomically; returns it. Hidden states count when every shard has them."""
+    out = Path(out_dir)
+    hidden = all((out / shard_name(k, "safetensors")).exists() for k in range(n_shards))
+    files, total = [], 0
+    for k in range(n_shards):
+        sha, lines = _sha_and_lines(out / shard_name(k))
+        files.append({"name": shard_name(k), "records": lines, "sha256": sha})
+        total += lines
+        if hidden:
+            path = out / shard_name(k, "safetensors")
+            files.append({"name": path.name, "records": _safetensors_count(path),
+                          "sha256": _sha_and_lines(path)[0]})
+    index = {"format": INDEX_FORMAT, "shards": n_shards, "records": total, "hidden_states": hidden,
+             "files": files}
+    atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def _sha_and_lines(path: Path) -> tuple[str, int]:
+    h, lines = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            lines += chunk.count(b"\n")
+    return h.hexdigest(), lines
+
+
+def _safetensors_count(path: Path) -> int:
+    """Tensors in a safetensors file, from its header."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return sum(k != "__metadata__" for k in header)
 
 
 def answer(batch: list[dict], library: TaskLibrary, llm, tokenizer, cfg: BehaviorConfig, seed: int,
@@ -198,20 +462,51 @@ def answer(batch: list[dict], library: TaskLibrary, llm, tokenizer, cfg: Behavio
 
 
 def read_behaviors(out_dir: str | os.PathLike) -> list[dict]:
-    """All records of a behaviors folder, in plan order."""
+    """All records of a behaviors folder, in plan order. With an ``index.json`` (module
+    docstring) the shard names and record counts must be the ones it lists."""
     out = Path(out_dir)
     files = sorted(out.glob("shard-*.jsonl"))
+    listed = _indexed_shards(out, files)
     if not files:
         raise FileNotFoundError(f"no behavior shards in {out} (run `mtbi-fast behaviors`)")
     records = []
     for f in files:
+        n = len(records)
         with open(f, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{f}:{lineno}: not valid JSON ({exc.msg})") from None
+        if listed is not None and len(records) - n != listed[f.name]:
+            raise ValueError(f"{f} has {len(records) - n} records, {out / INDEX_NAME} lists "
+                             f"{listed[f.name]}: the shard changed after the index was written")
     return records
+
+
+def _indexed_shards(out: Path, files: list[Path]) -> dict | None:
+    """{shard name: records} from ``index.json`` (None without one), after checking that the
+    folder's ``shard-*.jsonl`` are exactly the ones it lists."""
+    path = out / INDEX_NAME
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text())
+        listed = {f["name"]: f["records"] for f in index["files"] if f["name"].endswith(".jsonl")}
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a behaviors index ({exc})") from None
+    present = {f.name for f in files}
+    missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
+    if missing:
+        raise FileNotFoundError(
+            f"{out / missing[0]} is missing: {path} lists {len(listed)} shards and "
+            f"{len(missing)} of them are not there ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); rerun `mtbi-fast behaviors` into {out}")
+    if extra:
+        raise ValueError(f"{out / extra[0]} is not in {path} ({len(extra)} shard file"
+                         f"{'s' if len(extra) > 1 else ''} it does not list: "
+                         f"{', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})")
+    return listed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +608,8 @@ def _provenance(jobs, split: TaskSplit, library: TaskLibrary, llm, cfg: Behavior
                 "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample,
                 "temperature": cfg.temperature if cfg.do_sample else None,
                 "top_p": cfg.top_p if cfg.do_sample else None,
-                "dtype": str(params.dtype).removeprefix("torch.") if params is not None else None}
+                "dtype": str(params.dtype).removeprefix("torch.") if params is not None else None,
+                "batching": BATCHING}
     asked = [(j["id"], j["text"], library.tasks[j["task"]][j["wording"]]) for j in jobs]
     return {"format": PLAN_FORMAT,
             "teacher": teacher_fingerprint(model_config) if model_config is not None else None,
@@ -322,11 +618,16 @@ def _provenance(jobs, split: TaskSplit, library: TaskLibrary, llm, cfg: Behavior
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
 
 
-def _check_folder(out: Path, record: dict, split: TaskSplit, overwrite: bool) -> Path | None:
+def _check_folder(out: Path, record: dict, split: TaskSplit, overwrite: bool,
+                  before_move=None) -> Path | None:
     """Refuse (or with ``overwrite`` move aside) what ``out`` holds unless it was made with the
-    same teacher, settings, split and jobs as ``record``; returns where old files went."""
-    present = [p for p in out.iterdir() if p.name != LOCK_NAME]
-    if not any(p.name in ("plan.json", "split.json") or p.name.startswith("shard-") for p in present):
+    same teacher, settings, split and jobs as ``record``; returns where old files went.
+    ``before_move()`` runs before anything is moved (rank 0: no other launch's ranks write)."""
+    if not out.is_dir():
+        return None
+    present = [p for p in out.iterdir() if not (p.name == LOCK_NAME or p.name.startswith(LOCK_NAME + "."))]
+    if not any(p.name in ("plan.json", "split.json", INDEX_NAME) or p.name.startswith("shard-")
+               for p in present):
         return None  # nothing of a behaviors run here
     plan_path, diffs = out / "plan.json", []
     if not plan_path.is_file():
@@ -353,6 +654,8 @@ def _check_folder(out: Path, record: dict, split: TaskSplit, overwrite: bool) ->
     if not overwrite:
         raise ValueError(f"{out} holds behaviors made differently: {'; '.join(diffs)}; use another "
                          "output folder, or --overwrite (overwrite=True) to move the old files aside")
+    if before_move is not None:
+        before_move()
     aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1
     while aside.exists():

@@ -35,12 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a user error (also MTBI_FAST_DEBUG=1)")
+    # DeepSpeed's launcher (`deepspeed --module mtbi_fast.cli ...`) passes --local_rank=N before the
+    # command; the rank's GPU comes from LOCAL_RANK, which it sets too
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     common = argparse.ArgumentParser(add_help=False)  # --debug after the command works too
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)
     sub = _Sub(parser.add_subparsers(dest="command"), common)
     sub.add_parser("info", help="versions and which loss backends run on this machine")
-    for add in (_add_models, _add_behaviors, _add_train, _add_infer, _add_eval, _add_demo,
+    for add in (_add_models, _add_behaviors, _add_shard, _add_train, _add_infer, _add_eval, _add_demo,
                 _add_align, _add_manifest):
         add(sub)
     return parser
@@ -57,7 +60,11 @@ def _add_models(sub):
 
 
 def _add_behaviors(sub):
-    b = sub.add_parser("behaviors", help="the frozen LLM answers task prompts about transcripts")
+    b = sub.add_parser("behaviors", help="the frozen LLM answers task prompts about transcripts",
+                       description="The frozen LLM answers task prompts about transcripts. Under "
+                       "torchrun or deepspeed (RANK, WORLD_SIZE, LOCAL_RANK set) each rank writes "
+                       "every WORLD_SIZE-th shard on cuda:LOCAL_RANK (CPU without CUDA); the files "
+                       "are the ones a single process writes.")
     b.add_argument("--manifest", required=True, help="utterance manifest (JSONL)")
     b.add_argument("--tasks", default="configs/tasks.yaml", help="task library (YAML)")
     b.add_argument("--config", required=True, help="run config whose model.llm is the teacher")
@@ -121,6 +128,19 @@ def _add_demo(sub):
                     help="also train and evaluate continuation-only and no-interleaving baselines")
 
 
+def _add_shard(sub):
+    sh = sub.add_parser("shard", help="a manifest and its behaviors as Lhotse Shar shards, for "
+                        "streaming training (data.train_shards)")
+    sh.add_argument("manifest", help="JSONL manifest or Lhotse CutSet, with word times")
+    sh.add_argument("behaviors", help="the behaviors folder made from it")
+    sh.add_argument("-o", "--output", required=True, help="the shard folder")
+    sh.add_argument("--shard-size", type=int, default=1000, help="utterances per shard (default 1000)")
+    sh.add_argument("--teacher-hidden", action="store_true",
+                    help="also store the teacher's cached states (behaviors made with --cache-hidden)")
+    sh.add_argument("--overwrite", action="store_true",
+                    help="move aside shards made from other inputs or settings instead of refusing")
+
+
 def _add_align(sub):
     al = sub.add_parser("align", help="add word times to a manifest (pocketsphinx, offline)")
     al.add_argument("manifest")
@@ -144,6 +164,11 @@ def _add_manifest(sub):
     val.add_argument("--decode", dest="decode", action="store_true", help=argparse.SUPPRESS)
     val.add_argument("--config", help="a run or model config: report clips longer than its "
                      "model takes (model.max_audio_seconds and the encoder's positions)")
+    conv = vsub.add_parser("convert", help="JSONL manifest <-> Lhotse CutSet (the direction "
+                           "follows the input: a CutSet becomes a manifest, a manifest a CutSet)")
+    conv.add_argument("manifest")
+    conv.add_argument("-o", "--output", required=True,
+                      help="a .jsonl manifest, or a .jsonl.gz / .jsonl CutSet")
     imp = vsub.add_parser("import-librispeech", help="LibriSpeech folder -> manifest")
     imp.add_argument("root")
     imp.add_argument("-o", "--output", required=True)
@@ -182,7 +207,8 @@ def _run(parser, args) -> int:
     if args.version:
         print(__version__)
         return 0
-    commands = {"info": _info, "models": _models, "behaviors": _behaviors, "manifest": _manifest,
+    commands = {"info": _info, "models": _models, "behaviors": _behaviors, "shard": _shard,
+                "manifest": _manifest,
                 "align": _align, "infer": _infer, "demo": _demo, "eval": _eval, "train": _train}
     if args.command in commands:
         return commands[args.command](args)
@@ -249,7 +275,7 @@ def _models(args) -> int:
 
 
 def _behaviors(args) -> int:
-    from .behaviors import BehaviorConfig, generate_behaviors
+    from .behaviors import BehaviorConfig, generate_behaviors, rank_world
     from .hub import load_teacher
     from .lhotse_io import read_utterances
     from .model import ModelConfig
@@ -258,13 +284,20 @@ def _behaviors(args) -> int:
     model_cfg = ModelConfig.from_dict(_model_section(args.config))
     utts = read_utterances(args.manifest)  # a JSONL manifest or a Lhotse CutSet
     library = TaskLibrary.load(args.tasks)
+    rank, world, local_rank = rank_world()  # (0, 1, 0) without a launcher
     llm, tokenizer = load_teacher(model_cfg.llm, seed=model_cfg.init_seed, dtype=model_cfg.dtype)
+    import torch
+
+    if torch.cuda.is_available():  # one GPU a rank (a launcher's LOCAL_RANK; 0 without one)
+        torch.cuda.set_device(local_rank)
+        llm.to(f"cuda:{local_rank}")
     cfg = BehaviorConfig(per_utterance=args.per_utterance, split=args.split, seed=args.seed,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          shard_size=args.shard_size, do_sample=args.sample,
                          cache_hidden=args.cache_hidden)
     generate_behaviors(utts, library, llm, tokenizer, args.output, cfg,
-                       model_config=model_cfg.to_dict(), overwrite=args.overwrite)
+                       model_config=model_cfg.to_dict(), overwrite=args.overwrite,
+                       rank=rank, world=world)
     return 0
 
 
@@ -295,8 +328,8 @@ def _infer(args) -> int:
 
 
 def _eval(args) -> int:
-    from .data import read_manifest
     from .evaluate import Embedder, evaluate, markdown
+    from .lhotse_io import read_utterances  # a JSONL manifest or a Lhotse CutSet
     from .model import SpeechLLM
     from .tasks import TaskLibrary, TaskSplit
 
@@ -316,7 +349,7 @@ def _eval(args) -> int:
         from .fetch import fetch
 
         embedder = Embedder(fetch("minilm", quiet=True))
-    result = evaluate(models, read_manifest(args.manifest), library, split, args.output,
+    result = evaluate(models, read_utterances(args.manifest), library, split, args.output,
                       per_split=args.per_split, max_new_tokens=args.max_new_tokens, embedder=embedder,
                       batch_size=args.batch_size)
     print(markdown(result["summary"], result["deltas"], result["baseline"], per_task=False), end="")
@@ -326,9 +359,10 @@ def _eval(args) -> int:
 
 def _align(args) -> int:
     from .align import MIN_COVERAGE, align_manifest
-    from .data import read_manifest, write_manifest
+    from .data import write_manifest
+    from .lhotse_io import read_utterances
 
-    utts = read_manifest(args.manifest)
+    utts = read_utterances(args.manifest)  # a JSONL manifest or a Lhotse CutSet
     t0 = time.time()
     aligned, problems = align_manifest(
         utts, workers=args.workers,
@@ -350,10 +384,31 @@ def _align(args) -> int:
     return 0 if aligned else 1
 
 
+def _shard(args) -> int:
+    from .shards import write_shards
+
+    write_shards(args.manifest, args.behaviors, args.output, shard_size=args.shard_size,
+                 teacher_hidden=args.teacher_hidden, overwrite=args.overwrite,
+                 progress=sys.stderr.isatty())
+    return 0
+
+
 def _manifest(args) -> int:
     from .data import ManifestError, import_librispeech, read_manifest, write_manifest
     from .hub import max_audio_seconds
 
+    if args.manifest_command == "convert":
+        from .lhotse_io import is_cutset_manifest, manifest_to_cutset, read_utterances
+
+        utts = read_utterances(args.manifest)
+        if is_cutset_manifest(args.manifest):
+            write_manifest(args.output, utts)
+            what = "manifest"
+        else:
+            manifest_to_cutset(utts).to_file(args.output)
+            what = "Lhotse CutSet"
+        print(f"{len(utts)} utterances -> {args.output} ({what})")
+        return 0
     if args.manifest_command == "import-librispeech":
         utts = import_librispeech(args.root)
         write_manifest(args.output, utts)
@@ -400,7 +455,7 @@ def _info(args) -> int:
         import triton
 
         print(f"triton {triton.__version__}")
-    except Exception as exc:  # noqa: BLE001 - report any import failure
+    except Exception as exc:
         print(f"triton unavailable: {exc}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from mtbi_kernels import triton_available

@@ -97,20 +97,28 @@ def _cut_to_utterance(cut, require_words: bool):
     sup = cut.supervisions[0]
     if not sup.text or not sup.text.strip():
         return None, "supervision has no text"
-    words = None
-    items = (sup.alignment or {}).get("word")
-    if items:
-        try:  # rounded to 1 us: start + duration can pass the next start by 1e-16
-            words = check_alignment([Word(a.symbol, round(a.start, 6), round(a.start + a.duration, 6))
-                                     for a in items],
-                                    cut.duration, cut.id, tolerance=0.05)
-        except ValueError as exc:
-            return None, str(exc).replace(f"utterance {cut.id!r}: ", "")
-    elif require_words:
+    try:
+        words = cut_words(cut)
+    except ValueError as exc:
+        return None, str(exc).replace(f"utterance {cut.id!r}: ", "")
+    if words is None and require_words:
         return None, ('no word alignment (supervision.alignment["word"]); '
                       "run `mtbi-fast align` to add word times")
     extra = {k: v for k, v in (cut.custom or {}).items() if isinstance(v, _JSON_TYPES)}
     return Utterance(cut.id, str(audio), sup.text.strip(), float(cut.duration), words, extra), None
+
+
+def cut_words(cut) -> list[Word] | None:
+    """The word times of a cut's first supervision (``alignment["word"]``), checked
+    (``check_alignment``), or None without them. Items with an empty symbol (the silences of the
+    LibriSpeech alignments Lhotse's recipe reads) are left out."""
+    items = (cut.supervisions[0].alignment or {}).get("word") if cut.supervisions else None
+    items = [a for a in items or () if a.symbol and a.symbol.strip()]
+    if not items:
+        return None
+    # rounded to 1 us: start + duration can pass the next start by 1e-16
+    return check_alignment([Word(a.symbol, round(a.start, 6), round(a.start + a.duration, 6)) for a in items],
+                           cut.duration, cut.id, tolerance=0.05)
 
 
 def is_cutset_manifest(path: str | os.PathLike) -> bool:

@@ -40,17 +40,18 @@ import math
 import random
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from .audio import SAMPLE_RATE, encoder_frames, mel_frames, wave_from_samples
-from .data import Utterance, Word, check_alignment
+from .data import Utterance
 from .dataset import BatchBuilder, Item, mel_or_bad_audio
 from .errors import USER_ERRORS
 from .interleave import RatioSchedule
+from .lhotse_io import cut_words
 from .shards import HIDDEN_FIELD, read_index, shard_paths
 
 
@@ -279,15 +280,13 @@ def cut_utterance(cut, where: str) -> Utterance:
     if not cut.supervisions or not (cut.supervisions[0].text or "").strip():
         raise ShardError(f"{where}: no supervision with text" + _SKIP_HINT)
     sup = cut.supervisions[0]
-    items = (sup.alignment or {}).get("word")
-    if not items:
-        raise ShardError(f'{where}: no word alignment (supervision.alignment["word"]); align the corpus '
-                         f"(`mtbi-fast align`) and write the shards again" + _SKIP_HINT)
     try:
-        words = check_alignment([Word(a.symbol, round(a.start, 6), round(a.start + a.duration, 6))
-                                 for a in items], cut.duration, cut.id, tolerance=0.05)
+        words = cut_words(cut)
     except ValueError as exc:
         raise ShardError(f"{where}: {exc}" + _SKIP_HINT) from None
+    if words is None:
+        raise ShardError(f'{where}: no word alignment (supervision.alignment["word"]); align the corpus '
+                         f"(`mtbi-fast align`) and write the shards again" + _SKIP_HINT)
     return Utterance(cut.id, where, sup.text.strip(), float(cut.duration), words, {})
 
 

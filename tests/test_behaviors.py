@@ -1,6 +1,11 @@
-"""mtbi_fast/behaviors.py with the tiny config: resume equality, determinism, hidden-state cache."""
+"""mtbi_fast/behaviors.py with the tiny config: resume equality, determinism, hidden-state cache,
+ranks (the files of one process from any world size), prompt-length batches, index.json."""
 
+import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,7 +128,8 @@ def test_bad_plan_options_are_named(setup):
 
 
 def everything(d):
-    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.name != ".lock"}
+    """Every file of a folder but the lock files (.lock, and the ranks' .lock.*)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if not p.name.startswith(".lock")}
 
 
 def test_plan_records_the_teacher_settings_and_jobs(tmp_path, setup):
@@ -137,7 +143,7 @@ def test_plan_records_the_teacher_settings_and_jobs(tmp_path, setup):
     assert len(rec["teacher"]["config_sha256"]) == len(rec["teacher"]["tokenizer_sha256"]) == 64
     assert rec["settings"] == dict(per_utterance=2, split="train", tasks=None, seed=3, shard_size=64,
                                    batch_size=8, max_new_tokens=3, do_sample=True, temperature=0.7,
-                                   top_p=0.9, dtype="float32")
+                                   top_p=0.9, dtype="float32", batching="prompt_length")
     assert rec["jobs"] == 6 and len(rec["jobs_sha256"]) == 64
     assert json.loads((tmp_path / ".lock").read_text())["job"] == "behaviors"  # who held it last
     beh.check_teacher(tmp_path, MODEL)  # the same LLM: accepted
@@ -284,3 +290,216 @@ def test_a_folder_in_use_is_refused(tmp_path, setup):
             generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path,
                                BehaviorConfig(per_utterance=1, max_new_tokens=2), progress=False)
     assert not list(tmp_path.glob("shard-*")) and not (tmp_path / "plan.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# ranks: each writes every world-th shard; the files are a single process's
+
+
+def run_ranks(utts, lib, model, out, cfg, world, order=None, **kw):
+    """Rank 0, 1, ... (or ``order``) of ``world``, one after the other, in this process."""
+    return [generate_behaviors(utts, lib, model.llm, model.tokenizer, out, cfg, progress=False,
+                               rank=r, world=world, model_config=MODEL, **kw)
+            for r in (order or range(world))]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_write_the_files_of_a_single_process(tmp_path, setup, world):
+    model, utts, lib = setup
+    cfg = BehaviorConfig(per_utterance=5, max_new_tokens=5, batch_size=3, shard_size=4,
+                         do_sample=True, cache_hidden=True)
+    one = generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path / "one", cfg,
+                             progress=False, model_config=MODEL)
+    assert one["index"] == str(tmp_path / "one" / "index.json")
+    summaries = run_ranks(utts, lib, model, tmp_path / "ranks", cfg, world)
+    assert [s["generated"] for s in summaries] == [
+        sum(min(4, 15 - 4 * k) for k in beh.rank_shards(4, r, world)) for r in range(world)]
+    assert "index" not in summaries[0] and "index" in summaries[-1]  # the last rank sees all shards
+    want = everything(tmp_path / "one")
+    assert sorted(want) == sorted(["index.json", "plan.json", "split.json"] + [
+        f"shard-{k:05d}.{ext}" for k in range(4) for ext in ("jsonl", "safetensors")])
+    assert everything(tmp_path / "ranks") == want  # byte for byte: jsonl, safetensors, index, plan
+    index = json.loads(want["index.json"])
+    assert index["shards"] == 4 and index["records"] == 15 and index["hidden_states"] is True
+    assert [f["name"] for f in index["files"]] == sorted(n for n in want if n.startswith("shard-"))
+    assert [f["records"] for f in index["files"]] == [4, 4, 4, 4, 4, 4, 3, 3]
+    for f in index["files"]:
+        assert f["sha256"] == __import__("hashlib").sha256(want[f["name"]]).hexdigest()
+    assert read_behaviors(tmp_path / "ranks") == read_behaviors(tmp_path / "one")
+
+
+def test_rank_slices_are_disjoint_and_cover_every_shard():
+    for n in (0, 1, 5, 17):
+        for world in (1, 2, 3, 8):
+            slices = [beh.rank_shards(n, r, world) for r in range(world)]
+            assert sorted(itertools.chain(*slices)) == list(range(n))  # every shard once
+            assert all(k % world == r for r, ks in enumerate(slices) for k in ks)
+    assert beh.rank_world({}) == (0, 1, 0)
+    assert beh.rank_world({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
+    with pytest.raises(ValueError, match=r"rank 4 of world 4: need 0 <= rank < world"):
+        beh.rank_world({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match=r"RANK=.0., WORLD_SIZE=None, LOCAL_RANK=None: whole numbers expected"):
+        beh.rank_world({"RANK": "0"})
+
+
+def test_a_killed_rank_reruns_only_its_missing_shards(tmp_path, setup):
+    model, utts, lib = setup
+    cfg = BehaviorConfig(per_utterance=5, max_new_tokens=4, batch_size=2, shard_size=4, do_sample=True)
+    generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path / "one", cfg, progress=False,
+                       model_config=MODEL)
+    out = tmp_path / "ranks"
+    run_ranks(utts, lib, model, out, cfg, 2)
+    (out / "shard-00003.jsonl").unlink()  # rank 1 was killed before its last shard
+    with pytest.raises(FileNotFoundError, match=rf"^{out}/shard-00003.jsonl is missing: {out}/index.json "
+                                                r"lists 4 shards and 1 of them are not there"):
+        read_behaviors(out)
+    real, asked = beh.answer, []
+    beh.answer = lambda batch, *a, **k: asked.append([j["id"] for j in batch]) or real(batch, *a, **k)
+    try:
+        rank0, rank1 = run_ranks(utts, lib, model, out, cfg, 2)
+    finally:
+        beh.answer = real
+    assert rank0["generated"] == 0 and "index" not in rank0  # rank 0 has nothing to do; 3 is missing
+    assert rank1["generated"] == 3 and rank1["index"]  # shard 3 only (15 jobs: 4 + 4 + 4 + 3)
+    assert sorted(itertools.chain(*asked)) == sorted(j["id"] for j in plan(utts, lib.split(), lib, cfg)[12:])
+    assert everything(out) == everything(tmp_path / "one")
+
+
+def test_batches_follow_prompt_length_and_records_keep_plan_order(tmp_path, setup):
+    model, utts, lib = setup
+    cfg = BehaviorConfig(per_utterance=6, max_new_tokens=3, batch_size=4, shard_size=10)
+    jobs = plan(utts, lib.split(), lib, cfg)
+    lengths = beh.prompt_lengths(jobs, lib, model.tokenizer)
+    assert len(set(lengths)) > 3  # the test means something: prompts of several lengths
+    cut = beh.batches(jobs, lib, model.tokenizer, 4)
+    flat = list(itertools.chain(*cut))
+    assert sorted(flat) == list(range(len(jobs))) and [len(b) for b in cut[:-1]] == [4] * (len(cut) - 1)
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # longest first
+    for a, b in itertools.pairwise(flat):  # equal lengths keep plan order
+        assert lengths[a] > lengths[b] or a < b
+    # answer() builds exactly the prompts whose lengths were sorted
+    one = beh.answer([jobs[0]], lib, model.llm, model.tokenizer, cfg, 0)[0]
+    assert len(one["prefix_ids"] + one["transcript_ids"] + one["suffix_ids"]) == lengths[0]
+    # the records come back in plan order, batches cut per shard by length
+    seen = []
+    real = beh.answer
+    beh.answer = lambda batch, *a, **k: seen.append([j["id"] for j in batch]) or real(batch, *a, **k)
+    try:
+        generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path, cfg, progress=False)
+    finally:
+        beh.answer = real
+    assert [r["id"] for r in read_behaviors(tmp_path)] == [j["id"] for j in jobs]
+    by_id = dict(zip((j["id"] for j in jobs), lengths))
+    for k in range(0, len(jobs), 10):
+        shard = [j["id"] for j in jobs[k:k + 10]]
+        want = [[shard[i] for i in b] for b in beh.batches(jobs[k:k + 10], lib, model.tokenizer, 4)]
+        assert seen[:len(want)] == want
+        got = [by_id[i] for b in seen[:len(want)] for i in b]
+        assert got == sorted(got, reverse=True)
+        seen = seen[len(want):]
+    assert seen == []
+
+
+def test_index_names_a_missing_or_extra_shard(tmp_path, setup):
+    model, utts, lib = setup
+    cfg = BehaviorConfig(per_utterance=5, max_new_tokens=2, shard_size=4)
+    generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path, cfg, progress=False)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["hidden_states"] is False and index["records"] == 15
+    assert [f["name"] for f in index["files"]] == [f"shard-{k:05d}.jsonl" for k in range(4)]
+    records = read_behaviors(tmp_path)
+    shard1 = (tmp_path / "shard-00001.jsonl").read_bytes()
+    (tmp_path / "shard-00001.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path}/shard-00001.jsonl is missing: "
+                                                rf"{tmp_path}/index.json lists 4 shards"):
+        read_behaviors(tmp_path)
+    (tmp_path / "shard-00001.jsonl").write_bytes(shard1)
+    (tmp_path / "shard-00004.jsonl").write_bytes(shard1)
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/shard-00004.jsonl is not in {tmp_path}/index.json"):
+        read_behaviors(tmp_path)
+    (tmp_path / "shard-00004.jsonl").unlink()
+    (tmp_path / "shard-00001.jsonl").write_bytes(shard1.split(b"\n", 1)[1])  # one record fewer
+    with pytest.raises(ValueError, match=rf"shard-00001.jsonl has 3 records, {tmp_path}/index.json lists 4"):
+        read_behaviors(tmp_path)
+    (tmp_path / "shard-00001.jsonl").write_bytes(shard1)
+    (tmp_path / "index.json").unlink()  # a folder from before index.json: read as it is
+    assert read_behaviors(tmp_path) == records
+
+
+def test_ranks_wait_for_rank_0s_plan_and_refuse_another(tmp_path, setup):
+    model, utts, lib = setup
+    cfg = BehaviorConfig(per_utterance=1, max_new_tokens=2, shard_size=2)
+    with pytest.raises(beh.PlanTimeoutError, match=rf"^rank 1: {tmp_path}/plan.json \(rank 0 writes it\) "
+                                                   r"did not appear within 0.3 s; did rank 0 fail"):
+        generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path, cfg, progress=False,
+                           rank=1, world=2, plan_timeout=0.3)
+    assert isinstance(beh.PlanTimeoutError("x"), ValueError)  # one line on the command line
+    run_ranks(utts, lib, model, tmp_path, cfg, 2, order=[0])
+    with pytest.raises(ValueError, match=r"made differently: settings.max_new_tokens \(recorded 2, now 3\)"):
+        generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path,
+                           BehaviorConfig(per_utterance=1, max_new_tokens=3, shard_size=2),
+                           progress=False, rank=1, world=2, model_config=MODEL, plan_timeout=60)
+    assert not (tmp_path / "shard-00001.jsonl").exists()
+
+
+def test_ranks_refuse_a_second_run(tmp_path, setup, monkeypatch):
+    from mtbi_fast.lock import FolderLock, FolderLockedError
+
+    monkeypatch.setattr(beh, "RANKS_LOCK_PATIENCE_S", 0.2)
+    model, utts, lib = setup
+    cfg = BehaviorConfig(per_utterance=1, max_new_tokens=2, shard_size=1)
+    run_ranks(utts, lib, model, tmp_path, cfg, 2, order=[0])
+    # rank 1 of a launch at work: its own lock, and its share of .lock.ranks
+    live = FolderLock(tmp_path, "behaviors, rank 1 of 2")
+    live.path = tmp_path / ".lock.rank-00001"
+    with live, beh._RanksLock(tmp_path, beh.fcntl.LOCK_SH):
+        with pytest.raises(FolderLockedError, match=rf"{tmp_path} is in use by the ranks of a launch: "
+                                                    r"process \d+ on .* \(behaviors, rank 1 of 2"):
+            generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path, cfg, progress=False)
+        with pytest.raises(FolderLockedError, match=r"is in use by process \d+ .*rank 1 of 2.*\.lock\.rank-00001"):
+            run_ranks(utts, lib, model, tmp_path, cfg, 2, order=[1])  # a second rank 1
+        with pytest.raises(FolderLockedError, match="is in use by the ranks of a launch"):
+            run_ranks(utts, lib, model, tmp_path, BehaviorConfig(per_utterance=1, max_new_tokens=3),
+                      2, order=[0], overwrite=True)  # would move the files rank 1 writes
+        before = everything(tmp_path)
+        assert run_ranks(utts, lib, model, tmp_path, cfg, 2, order=[0])[0]["generated"] == 0  # a sibling
+        assert everything(tmp_path) == before
+    with FolderLock(tmp_path, "behaviors"):  # a single process at work: ranks 0 and 1 refused
+        with pytest.raises(FolderLockedError, match=r"is in use by process \d+ on .* \(behaviors, since"):
+            run_ranks(utts, lib, model, tmp_path, cfg, 2, order=[0])
+        with beh._RanksLock(tmp_path, beh.fcntl.LOCK_EX), pytest.raises(
+                FolderLockedError, match=r"is in use by process \d+ on .* \(behaviors, since"):
+            generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path, cfg, progress=False,
+                               rank=1, world=2, model_config=MODEL)
+    run_ranks(utts, lib, model, tmp_path, cfg, 2, order=[1])
+    assert (tmp_path / "index.json").exists()
+
+
+def test_ranks_launched_as_processes_at_once(tmp_path, setup):
+    """Two `mtbi-fast behaviors` processes with a launcher's RANK / WORLD_SIZE / LOCAL_RANK,
+    running at the same time, write the files of one in-process run."""
+    from mtbi_fast.hub import load_teacher
+    from mtbi_fast.model import ModelConfig
+
+    _, utts, lib = setup
+    model_cfg = ModelConfig.from_dict(MODEL)
+    llm, tok = load_teacher(model_cfg.llm, seed=model_cfg.init_seed, dtype=model_cfg.dtype)
+    cfg = BehaviorConfig(per_utterance=5, max_new_tokens=4, batch_size=3, shard_size=2,
+                         cache_hidden=True)
+    generate_behaviors(utts, lib, llm, tok, tmp_path / "one", cfg, progress=False,
+                       model_config=model_cfg.to_dict())
+    args = [sys.executable, "-m", "mtbi_fast.cli", "behaviors", "--manifest",
+            ROOT / "tests" / "data" / "clips.jsonl", "--config", ROOT / "configs" / "tiny.yaml",
+            "-o", tmp_path / "ranks", "--per-utterance", 5, "--max-new-tokens", 4, "--batch-size", 3,
+            "--shard-size", 2, "--cache-hidden"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    procs = [subprocess.Popen([str(a) for a in args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              env={**env, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+             for r in (1, 0)]  # rank 1 first: it waits for rank 0's plan
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for r, text in zip((1, 0), outs):
+        assert f"behaviors (rank {r} of 2): " in text and " tokens/s) -> " in text, text
+    assert everything(tmp_path / "ranks") == everything(tmp_path / "one")

@@ -17,15 +17,15 @@ import torch
 
 lhotse = pytest.importorskip("lhotse")
 
-import mtbi_fast.train as train_mod  # noqa: E402
-from mtbi_fast.config import load_config  # noqa: E402
-from mtbi_fast.dataset import BatchBuilder, Item, MTBIData  # noqa: E402
-from mtbi_fast.model import ModelConfig, SpeechLLM  # noqa: E402
-from mtbi_fast.shards import SETTINGS, read_index, write_shards  # noqa: E402
-from mtbi_fast.streaming import Position, ShardData, ShardError, StreamingBatches  # noqa: E402
-from mtbi_fast.trainer import Trainer  # noqa: E402
+import mtbi_fast.train as train_mod
+from mtbi_fast.config import load_config
+from mtbi_fast.dataset import BatchBuilder, Item, MTBIData
+from mtbi_fast.model import ModelConfig, SpeechLLM
+from mtbi_fast.shards import SETTINGS, read_index, write_shards
+from mtbi_fast.streaming import Position, ShardData, ShardError, StreamingBatches
+from mtbi_fast.trainer import Trainer
 
-from helpers import CONFIG, metrics, overrides  # noqa: E402
+from helpers import CONFIG, metrics, overrides
 
 SHARD_SIZE = 3  # 12 utterances: 4 shards
 
@@ -253,7 +253,8 @@ def _copy(shards, tmp_path):
 
 
 def _rewrite_cuts(path, edit):
-    lines = [json.loads(line) for line in gzip.open(path, "rt")]
+    with gzip.open(path, "rt") as f:
+        lines = [json.loads(line) for line in f]
     with gzip.open(path, "wt") as f:
         for c in lines:
             f.write(json.dumps(edit(c)) + "\n")
