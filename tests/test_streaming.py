@@ -25,7 +25,7 @@ from mtbi_fast.shards import SETTINGS, read_index, write_shards
 from mtbi_fast.streaming import Position, ShardData, ShardError, StreamingBatches
 from mtbi_fast.trainer import Trainer
 
-from helpers import CONFIG, metrics, overrides
+from helpers import CONFIG, ROOT, metrics, overrides
 
 SHARD_SIZE = 3  # 12 utterances: 4 shards
 
@@ -314,3 +314,49 @@ def test_a_cut_without_alignment_or_audio_is_named(shards, model, tmp_path):
     d = ShardData(bad2, builder(model), seed=0, examples=4, shuffle_cuts=100)
     with pytest.raises(ShardError, match=r"shard .*cuts\.000002\.jsonl\.gz: 3 cuts in the index, 2 read"):
         _epoch(d)
+
+
+# --- DeepSpeed ZeRO-3, 2 CPU ranks over gloo, streaming ---------------------------------------------
+
+def _zero_stream_worker(rank, world, port, data, shards, out, steps):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    cfg = load_config(CONFIG, stream_overrides(data, shards, out, "deepspeed=" + str(ROOT / "configs" / "ds_zero3.json"),
+                                               f"train.steps={steps}", "train.save_every=3",
+                                               "train.eval_every=0", "data.shuffle_cuts=2"))
+    Trainer(cfg).train()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown, where gloo threads can abort the process
+
+
+def _spawn(*args):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_zero_stream_worker, args=(2, port, *map(str, args[:3]), args[3]), nprocs=2)
+
+
+def test_zero3_two_ranks_stream_and_resume_exactly(data, shards, tmp_path):
+    """Each rank saves its readers' positions; a run resumed from step 3 continues the streams of
+    both ranks: the same losses as the uninterrupted run."""
+    pytest.importorskip("deepspeed")
+    full = tmp_path / "full"
+    _spawn(data, shards, full, 6)
+    ckpt = full / "checkpoints" / "step-000003"
+    assert sorted(p.name for p in ckpt.glob("data-rank-*.json")) == ["data-rank-0.json", "data-rank-1.json"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("step-000006", "final", ".lock"))
+    (resumed / "checkpoints" / "latest").write_text("step-000003")
+    _spawn(data, shards, resumed, 6)
+    a, b = metrics(full), metrics(resumed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["time"] for r in b[:3]] == [r["time"] for r in a[:3]]  # resumed: steps 1-3 not rerun
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), (x, y)
