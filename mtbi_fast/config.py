@@ -32,7 +32,8 @@ SCHEMA = {
              "skip_bad_audio": bool},
     "interleave": {"schedule": str, "start": (int, float), "end": (int, float), "steps": int,
                    "mean_span": (int, float)},
-    "packing": {"max_tokens": int, "examples_per_step": int, "overlong": str},
+    "packing": {"max_tokens": int, "examples_per_step": int, "token_budget": (int, type(None)),
+                "overlong": str},
     "train": {"steps": int, "lr": (int, float), "weight_decay": (int, float),
               "warmup_steps": int, "grad_accum": int, "clip_grad": (int, float, type(None)), "seed": int,
               "log_every": int, "eval_every": int, "eval_examples": int, "save_every": int,
@@ -51,7 +52,7 @@ DEFAULTS = {
              "eval_manifest": None, "eval_behaviors": None, "teacher_cache": False, "tasks": None,
              "spec_augment": None, "num_workers": 2, "prefetch_factor": 2, "skip_bad_audio": False},
     "interleave": {"schedule": "cosine", "start": 0.8, "end": 0.0, "steps": 1000, "mean_span": 3.0},
-    "packing": {"max_tokens": 1024, "examples_per_step": 8, "overlong": "truncate"},
+    "packing": {"max_tokens": 1024, "examples_per_step": 8, "token_budget": None, "overlong": "truncate"},
     "train": {"steps": 1000, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 50, "grad_accum": 1,
               "clip_grad": 1.0, "seed": 0, "log_every": 10, "eval_every": 0, "eval_examples": 16,
               "save_every": 0, "keep_last": 2},
@@ -67,6 +68,7 @@ RANGES = (
     ("interleave.mean_span", "number", 0, False, False),
     ("packing.max_tokens", "int", 2, True, False),
     ("packing.examples_per_step", "int", 1, True, False),
+    ("packing.token_budget", "int", 1, True, True),     # null: examples_per_step examples a micro-batch
     ("train.steps", "int", 1, True, False),
     ("train.lr", "number", 0, False, False),
     ("train.weight_decay", "number", 0, True, False),
@@ -109,6 +111,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     RatioSchedule.from_config(interleave_schedule(cfg))
     _check_ranges(cfg, path)
     _check_reader(cfg["data"], path)
+    if cfg["packing"]["token_budget"] is not None and cfg["data"]["reader"] != "streaming":
+        raise ValueError(f"{path}: packing.token_budget sizes the streaming reader's micro-batches; the "
+                         f"in-memory reader takes packing.examples_per_step examples (set it to null)")
     _check_loss(cfg["model"].get("loss") or {}, path)
     _resolve_paths(cfg, path.parent)
     return cfg

@@ -15,9 +15,11 @@ epoch. A folder needs at least R shards. Each reader's stream is endless, one ep
 **Shuffling and bucketing.** A reader takes its cuts ``shuffle_cuts`` at a time (a *window*,
 which never spans two epochs). The window's examples (one per behavior record) are shuffled with a
 generator seeded by (seed, epoch, reader, window); with ``length_buckets`` they are then sorted by
-their estimated length (prompt, speech frames, response), cut into micro-batches of ``examples``
-examples, and the micro-batches shuffled, so each micro-batch packs examples of similar length.
-The last micro-batch of a window may hold fewer examples. Memory: one window's cuts (their
+their length (prompt, response and the whole transcript as speech frames: the most the example
+can take), cut into micro-batches and the micro-batches shuffled, so each micro-batch packs
+examples of similar length. A micro-batch holds ``examples`` examples, or with ``token_budget``
+as many as fit that many tokens (Lhotse's dynamic batching by duration, in tokens). The last
+micro-batch of a window may hold fewer. Memory: one window's cuts (their
 compressed audio) and their log-mels.
 
 **Position and resume.** A reader's position is (epoch, first cut of the current window,
@@ -72,7 +74,8 @@ class ShardData:
     """A shard folder and what a reader needs to build batches from it (module docstring)."""
 
     def __init__(self, folder: str, builder: BatchBuilder, *, seed: int, examples: int,
-                 shuffle_cuts: int = 128, length_buckets: bool = True, tasks: list[str] | None = None,
+                 shuffle_cuts: int = 128, length_buckets: bool = True, token_budget: int | None = None,
+                 tasks: list[str] | None = None,
                  teacher_cache: bool = False, skip_bad_shards: bool = False, max_seconds: float | None = None):
         self.folder = Path(folder)
         self.index = read_index(self.folder)
@@ -86,6 +89,7 @@ class ShardData:
             self.check_durations(max_seconds)
         self.builder, self.seed, self.examples = builder, seed, examples
         self.shuffle_cuts, self.length_buckets, self.tasks = shuffle_cuts, length_buckets, tasks
+        self.token_budget = token_budget
         self.teacher_cache, self.skip_bad_shards = teacher_cache, skip_bad_shards
 
     def __len__(self) -> int:  # behavior records (all tasks)
@@ -223,16 +227,27 @@ class ShardData:
         return items
 
     def _micro_batches(self, items: list[Item], reader: int, epoch: int, start: int) -> list[list[Item]]:
-        """The window's items shuffled (and bucketed by length) into micro-batches."""
+        """The window's items shuffled (and bucketed by length) into micro-batches: of
+        ``examples`` examples, or with ``token_budget`` of as many examples as fit it."""
         rng = random.Random(hash_seed(self.seed, epoch, reader, start))
         items = list(items)
         rng.shuffle(items)
-        n = self.examples
-        if not self.length_buckets:
-            return [items[i:i + n] for i in range(0, len(items), n)]
-        items.sort(key=self._length)  # stable: equal lengths stay shuffled
-        groups = [items[i:i + n] for i in range(0, len(items), n)]
-        rng.shuffle(groups)
+        if self.length_buckets:
+            items.sort(key=self._length)  # stable: equal lengths stay shuffled
+        if self.token_budget is None:
+            n = self.examples
+            groups = [items[i:i + n] for i in range(0, len(items), n)]
+        else:
+            groups, used = [], self.token_budget
+            for it in items:
+                n = self._length(it)
+                if used + n > self.token_budget:  # a longer example than the budget goes alone
+                    groups.append([])
+                    used = 0
+                groups[-1].append(it)
+                used += n
+        if self.length_buckets:
+            rng.shuffle(groups)
         return groups
 
     def _length(self, item: Item) -> int:

@@ -403,7 +403,8 @@ class Trainer:
             limit = self.model.encoder.max_frames * 2 * HOP_LENGTH / SAMPLE_RATE
             data = ShardData(d["train_shards"], builder, seed=cfg["train"]["seed"],
                              examples=cfg["packing"]["examples_per_step"], shuffle_cuts=d["shuffle_cuts"],
-                             length_buckets=d["length_buckets"], tasks=d["tasks"],
+                             length_buckets=d["length_buckets"], token_budget=cfg["packing"]["token_budget"],
+                             tasks=d["tasks"],
                              teacher_cache=d["teacher_cache"], skip_bad_shards=d["skip_bad_shards"],
                              max_seconds=limit)
         else:

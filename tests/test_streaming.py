@@ -183,6 +183,20 @@ def test_length_buckets_group_similar_examples(shards, model):
     assert spreads[True] < spreads[False], spreads
 
 
+def test_token_budget_fills_micro_batches_up_to_it(shards, model):
+    d = ShardData(shards, builder(model), seed=1, examples=3, shuffle_cuts=3, token_budget=600)
+    seen, sizes = [], []
+    for items, after, _ in d.batches(0, 1, Position()):
+        if after.epoch > 0:
+            break
+        lengths = [d._length(it) for it in items]
+        assert sum(lengths) <= 600 or len(items) == 1
+        sizes.append(len(items))
+        seen += [it.record["id"] for it in items]
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == d.index["records"]
+    assert len(set(sizes)) > 1 and max(sizes) > 3  # as many as fit, not a fixed count
+
+
 def test_resume_from_a_position_gives_the_same_stream(shards, model):
     d = ShardData(shards, builder(model), seed=2, examples=3, shuffle_cuts=2)
     stream = d.batches(1, 2, Position())
@@ -200,7 +214,8 @@ def test_resume_from_a_position_gives_the_same_stream(shards, model):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_kill_and_resume_streaming_gives_the_same_curve(data, shards, tmp_path, monkeypatch, workers):
     args = ["train.steps=10", "train.save_every=4", "train.eval_every=0", f"data.num_workers={workers}",
-            "data.shuffle_cuts=2", "data.teacher_cache=true"]
+            "data.shuffle_cuts=2", "data.teacher_cache=true",
+            f"packing.token_budget={600 if workers else 'null'}"]  # with workers: dynamic batches
     full = tmp_path / "full"
     assert train_mod.main(["--config", str(CONFIG), *stream_overrides(data, shards, full, *args)]) == 0
     killed = tmp_path / "killed"
@@ -242,6 +257,8 @@ def test_reader_key_follows_the_data_given(data, shards, tmp_path):
         load_config(CONFIG, [*base, "data.reader=streaming"])
     with pytest.raises(ValueError, match="no training data"):
         load_config(CONFIG, [*base, "data.train_manifest=null"])
+    with pytest.raises(ValueError, match="packing.token_budget sizes the streaming reader"):
+        load_config(CONFIG, [*base, "packing.token_budget=2048"])
 
 
 # --- bad shards ---------------------------------------------------------------------------------
