@@ -135,6 +135,8 @@ def _add_shard(sub):
     sh.add_argument("behaviors", help="the behaviors folder made from it")
     sh.add_argument("-o", "--output", required=True, help="the shard folder")
     sh.add_argument("--shard-size", type=int, default=1000, help="utterances per shard (default 1000)")
+    sh.add_argument("--workers", type=int, default=1,
+                    help="processes writing shards at once (the files are the same for any number)")
     sh.add_argument("--teacher-hidden", action="store_true",
                     help="also store the teacher's cached states (behaviors made with --cache-hidden)")
     sh.add_argument("--overwrite", action="store_true",
@@ -389,7 +391,7 @@ def _shard(args) -> int:
 
     write_shards(args.manifest, args.behaviors, args.output, shard_size=args.shard_size,
                  teacher_hidden=args.teacher_hidden, overwrite=args.overwrite,
-                 progress=sys.stderr.isatty())
+                 workers=args.workers, progress=sys.stderr.isatty())
     return 0
 
 

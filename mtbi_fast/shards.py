@@ -24,7 +24,9 @@ hidden]), stored as the bf16 bit pattern in a uint16 array (numpy has no bf16; v
 ``torch.bfloat16``).
 
 Utterances are sharded in the behaviors' plan order (sorted by utterance id), ``shard_size``
-cuts a shard; an utterance without behaviors is left out (counted). Each shard is written into a
+cuts a shard; an utterance without behaviors is left out (counted). The files of a shard are a
+function of its inputs (no times in them), whichever process wrote them: ``workers`` processes
+write shards side by side. Each shard is written into a
 temporary folder and its files renamed into ``shar/``, the cuts file last: a shard whose cuts file
 exists is complete. A killed run, run again with the same inputs and settings, writes only the
 missing shards; one with different inputs or settings is refused (``overwrite`` moves the old
@@ -39,7 +41,9 @@ import json
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,12 +66,15 @@ SUMMARIES = "shard_summaries"  # one JSON per finished shard: its entry of the i
 
 def write_shards(manifest: str | os.PathLike, behaviors: str | os.PathLike, out_dir: str | os.PathLike,
                  *, shard_size: int = 1000, teacher_hidden: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> dict:
+                 workers: int = 1, progress: bool = True) -> dict:
     """Write (or finish) the shards of ``manifest``'s utterances with their ``behaviors`` into
     ``out_dir`` (module docstring); returns the index (``shards.json``). ``teacher_hidden``: also
-    the teacher's cached states (the behaviors folder's ``shard-*.safetensors``)."""
+    the teacher's cached states (the behaviors folder's ``shard-*.safetensors``). ``workers``:
+    processes writing shards at once (the files are the same for any number)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out, behaviors = Path(out_dir), Path(behaviors)
     bfiles = sorted(behaviors.glob("shard-*.jsonl"))
     if not bfiles:
@@ -98,14 +105,27 @@ def write_shards(manifest: str | os.PathLike, behaviors: str | os.PathLike, out_
                    desc="shard", unit="utt", disable=not progress)
         written = 0
         groups = _records_by_utterance(bfiles, teacher_hidden)
-        for k, shard_ids in enumerate(shards):
-            if k not in todo:
-                for _ in shard_ids:  # past this shard's records
-                    next(groups)
-                continue
-            _write_shard(out, k, ((utts[u], *_next_group(groups, u)) for u in shard_ids), teacher_hidden)
-            written += len(shard_ids)
-            bar.update(len(shard_ids))
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
+        pending: deque = deque()  # (future, utterances) of the shards being written
+        try:
+            for k, shard_ids in enumerate(shards):
+                if k not in todo:
+                    for _ in shard_ids:  # past this shard's records
+                        next(groups)
+                    continue
+                items = [(utts[u], *_next_group(groups, u)) for u in shard_ids]
+                if pool is None:
+                    _write_shard(out, k, items, teacher_hidden)
+                    pending.append((None, len(items)))
+                else:  # at most two shards a worker in flight: memory stays bounded
+                    pending.append((pool.submit(_write_shard, out, k, items, teacher_hidden), len(items)))
+                while pending and (pool is None or len(pending) >= 2 * workers):
+                    written += _finish(pending.popleft(), bar)
+            while pending:
+                written += _finish(pending.popleft(), bar)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         bar.close()
         index = _make_index(out, len(shards), settings, len(utts) - len(ids))
         atomic_write_text(out / INDEX, json.dumps(index, indent=2))
@@ -164,12 +184,29 @@ def _write_shard(out: Path, k: int, items, teacher_hidden: bool) -> None:
                 cut = cut.attach_tensor(HIDDEN_FIELD, hidden)
             writer.write(cut)
     names = sorted(p.name for p in tmp.iterdir())
+    for name in names:  # gzip headers carry the time: rewritten without it, a shard's bytes are its inputs'
+        if name.endswith(".gz"):
+            _gzip_without_time(tmp / name)
     cuts = _cuts_file(out, k).name
     summary = _summarize(tmp, k, teacher_hidden)
     atomic_write_text(out / SUMMARIES / f"{k:06d}.json", json.dumps(summary))
     for name in [n for n in names if n != cuts] + [cuts]:
         os.replace(tmp / name, out / SHAR / name)
     tmp.rmdir()
+
+
+def _gzip_without_time(path: Path) -> None:
+    data = gzip.decompress(path.read_bytes())
+    with open(path, "wb") as raw, gzip.GzipFile(path.name[:-3], "wb", fileobj=raw, mtime=0) as f:
+        f.write(data)
+
+
+def _finish(entry, bar) -> int:
+    future, n = entry
+    if future is not None:
+        future.result()  # a worker's error is raised here
+    bar.update(n)
+    return n
 
 
 def _cuts_file(out: Path, k: int) -> Path:

@@ -104,6 +104,19 @@ def test_a_killed_shard_run_finishes_and_a_changed_one_is_refused(data, shards, 
     assert len(aside) == 1 and (aside[0] / "shards.json").read_text() == want  # nothing lost
 
 
+def test_shards_are_the_same_bytes_for_any_number_of_workers(data, shards, tmp_path):
+    """Two worker processes write the files one process wrote (no times in the gzip headers), at
+    another time: the index with its checksums is the same."""
+    import time
+
+    time.sleep(1.1)  # a gzip header with a time would now differ
+    index = write_shards(data / "train.jsonl", data / "beh", tmp_path / "w2", shard_size=SHARD_SIZE,
+                         teacher_hidden=True, workers=2, progress=False)
+    assert index == read_index(shards)
+    for f in (shards / "shar").iterdir():
+        assert (tmp_path / "w2" / "shar" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 def test_shard_refuses_behaviors_of_unknown_utterances(data, tmp_path):
     lines = (data / "train.jsonl").read_text().splitlines(True)
     (tmp_path / "few.jsonl").write_text("".join(lines[:5]))
