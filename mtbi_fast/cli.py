@@ -65,7 +65,7 @@ def _add_behaviors(sub):
                        "torchrun or deepspeed (RANK, WORLD_SIZE, LOCAL_RANK set) each rank writes "
                        "every WORLD_SIZE-th shard on cuda:LOCAL_RANK (CPU without CUDA); the files "
                        "are the ones a single process writes.")
-    b.add_argument("--manifest", required=True, help="utterance manifest (JSONL)")
+    b.add_argument("--manifest", required=True, help="utterance manifest (JSONL) or Lhotse CutSet")
     b.add_argument("--tasks", default="configs/tasks.yaml", help="task library (YAML)")
     b.add_argument("--config", required=True, help="run config whose model.llm is the teacher")
     b.add_argument("-o", "--output", required=True, help="output folder (resumable)")
@@ -391,7 +391,7 @@ def _shard(args) -> int:
 
     write_shards(args.manifest, args.behaviors, args.output, shard_size=args.shard_size,
                  teacher_hidden=args.teacher_hidden, overwrite=args.overwrite,
-                 workers=args.workers, progress=sys.stderr.isatty())
+                 workers=args.workers)
     return 0
 
 

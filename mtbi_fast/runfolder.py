@@ -47,6 +47,9 @@ RESUME_MAY_CHANGE = frozenset({
     "model.loss.chunk_size", "model.loss.memory_budget", "output_dir"})
 DATA_KEYS = ("data.train_manifest", "data.behaviors", "data.train_shards", "data.eval_manifest",
              "data.eval_behaviors")
+# Keys added after runs began whose recorded value is not the default: a run recorded without
+# data.reader read its data into memory ("auto" is resolved before the config is recorded).
+IMPLIED_BEFORE = {"data.reader": "memory"}
 WRITE_PROBE = ".write-test-"
 DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler:LossScaler",
                           "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
@@ -168,8 +171,8 @@ def run_differences(recorded: dict, cfg: dict, fingerprint: dict) -> list[str]:
     for key in sorted(set(old) | set(new)):
         if key in RESUME_MAY_CHANGE or key in DATA_KEYS:
             continue
-        if key not in old and key in defaults and new.get(key) == defaults[key]:
-            continue  # a key added after the run began, at its default: what the run did
+        if key not in old and new.get(key) == IMPLIED_BEFORE.get(key, defaults.get(key, _MISSING)):
+            continue  # a key added after the run began, at the value the run had
         if old.get(key, _MISSING) != new.get(key, _MISSING):
             diffs.append(f"{key} ({_short(old.get(key, _MISSING))} -> {_short(new.get(key, _MISSING))})")
     was = recorded.get("data") or {}
@@ -305,11 +308,12 @@ def load_stream_positions(folder: Path, rank: int, world: int, workers: int) -> 
         raise ValueError(f"cannot resume the streaming reader: {path} is missing (the checkpoint "
                          f"was made by an in-memory run or by fewer ranks)")
     record = read_json(path)
-    if (record.get("world"), record.get("num_workers")) != (world, workers):
+    readers = record.get("num_workers")
+    if record.get("world") != world or not isinstance(readers, int) or max(1, readers) != max(1, workers):
         raise ValueError(f"cannot resume the streaming reader from {folder}: it was saved by "
                          f"{record.get('world')} rank(s) x data.num_workers={record.get('num_workers')}, "
                          f"this run has {world} x {workers}; the shards each reader reads depend on "
-                         f"both, so resume with the same ones")
+                         f"both (0 and 1 workers are the same readers), so resume with the same ones")
     positions = record.get("positions")
     if not isinstance(positions, dict) or not all(
             isinstance(v, dict) and all(isinstance(v.get(k), int) for k in ("epoch", "cut", "batch"))

@@ -89,7 +89,8 @@ def write_shards(manifest: str | os.PathLike, behaviors: str | os.PathLike, out_
     with FolderLock(out, "shard"):
         t0 = time.time()
         utts = {u.id: u for u in read_utterances(manifest, require_words=True)}
-        ids = _utterances_with_behaviors(bfiles, utts, manifest)
+        ids, n_records = _utterances_with_behaviors(bfiles, utts, manifest)
+        _check_behaviors_complete(behaviors, n_records)
         settings = {"format": FORMAT, "shard_size": shard_size, "teacher_hidden": teacher_hidden,
                     "manifest_sha256": _sha256_files([Path(manifest)]),
                     "behaviors_sha256": _sha256_files(bfiles), "utterances": len(ids)}
@@ -102,7 +103,7 @@ def write_shards(manifest: str | os.PathLike, behaviors: str | os.PathLike, out_
         (out / SHAR).mkdir(exist_ok=True)
         todo = {k for k in range(len(shards)) if not _cuts_file(out, k).is_file()}
         bar = tqdm(total=len(ids), initial=sum(len(shards[k]) for k in range(len(shards)) if k not in todo),
-                   desc="shard", unit="utt", disable=not progress)
+                   desc="shard", unit="utt", disable=None if progress else True)  # None: a terminal only
         written = 0
         groups = _records_by_utterance(bfiles, teacher_hidden)
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
@@ -215,9 +216,11 @@ def _cuts_file(out: Path, k: int) -> Path:
 
 def _utterances_with_behaviors(bfiles: list[Path], utts: dict[str, Utterance], manifest) -> list[str]:
     """The ids of the utterances that have behaviors, in the behaviors' order (which must group
-    each utterance's records together, as ``mtbi-fast behaviors`` writes them)."""
-    ids, seen = [], set()
+    each utterance's records together, as ``mtbi-fast behaviors`` writes them), and the number
+    of records."""
+    ids, seen, n = [], set(), 0
     for f, lineno, r in _iter_records(bfiles):
+        n += 1
         u = r.get("utt_id")
         if u not in utts:
             raise ValueError(f"{f}:{lineno}: behavior {r.get('id')!r} refers to utterance {u!r}, "
@@ -229,7 +232,19 @@ def _utterances_with_behaviors(bfiles: list[Path], utts: dict[str, Utterance], m
                              f"shards need behaviors in plan order (as `mtbi-fast behaviors` writes them)")
         seen.add(u)
         ids.append(u)
-    return ids
+    return ids, n
+
+
+def _check_behaviors_complete(behaviors: Path, n_records: int) -> None:
+    """All the behaviors the folder's plan asked for are there: a behaviors run still going (or
+    killed) would otherwise give shards with some utterances or records missing."""
+    plan = behaviors / "plan.json"
+    if not plan.is_file():
+        return
+    jobs = json.loads(plan.read_text(encoding="utf-8")).get("jobs")
+    if isinstance(jobs, int) and n_records != jobs:
+        raise ValueError(f"{behaviors} holds {n_records} of the {jobs} behaviors its plan.json asks "
+                         f"for: `mtbi-fast behaviors` has not finished there (run it again to finish)")
 
 
 def _records_by_utterance(bfiles: list[Path], teacher_hidden: bool) -> Iterator[tuple[str, list, np.ndarray | None]]:

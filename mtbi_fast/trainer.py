@@ -3,7 +3,9 @@
 
 Each step takes the next ``packing.examples_per_step`` behavior records of a seeded, endless
 shuffle (micro-batch ``(step * grad_accum + k) * world + rank``: a pure function of the step, so a
-resumed run sees exactly the batches an uninterrupted run sees), interleaves each utterance at the
+resumed run sees exactly the batches an uninterrupted run sees; the streaming reader,
+``data.reader: streaming``, reads them from shards and resumes from the positions its checkpoints
+record: ``mtbi_fast.streaming``), interleaves each utterance at the
 scheduled text ratio, packs student and teacher versions, and minimizes the imitation loss. The
 batches (audio decode, log-mel, SpecAugment, interleaving, packing) are built ahead of the step by
 ``data.num_workers`` DataLoader worker processes; the time the loop still waits for them is logged
@@ -12,7 +14,8 @@ the start (built under ``zero.Init``) and only the adapter (and LoRA / top encod
 enabled) is optimized.
 
 ``metrics.jsonl`` has one row per logged step (step, loss, kl, ce, tokens_per_s, lr, ratio,
-data_wait_s, data_wait_share, skipped_audio) and evaluation rows from step 0 on (step, eval_kl);
+data_wait_s, data_wait_share, skipped_audio; streaming also skipped_cuts) and evaluation rows from
+step 0 on (step, eval_kl);
 TensorBoard events are written too when tensorboard is installed. The run folder's other files,
 checkpoints and resume: ``mtbi_fast.runfolder``. ``.lock`` holds the folder for one training at a
 time.

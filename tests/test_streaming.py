@@ -117,6 +117,16 @@ def test_shards_are_the_same_bytes_for_any_number_of_workers(data, shards, tmp_p
         assert (tmp_path / "w2" / "shar" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+def test_shard_refuses_unfinished_behaviors(data, tmp_path):
+    beh = tmp_path / "beh"
+    shutil.copytree(data / "beh", beh)
+    lines = (beh / "shard-00000.jsonl").read_text().splitlines(True)
+    (beh / "shard-00000.jsonl").write_text("".join(lines[:-3]))
+    (beh / "index.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=rf"holds {len(lines) - 3} of the {len(lines)} behaviors its plan.json"):
+        write_shards(data / "train.jsonl", beh, tmp_path / "out", progress=False)
+
+
 def test_shard_refuses_behaviors_of_unknown_utterances(data, tmp_path):
     lines = (data / "train.jsonl").read_text().splitlines(True)
     (tmp_path / "few.jsonl").write_text("".join(lines[:5]))
@@ -253,8 +263,26 @@ def test_kill_and_resume_streaming_gives_the_same_curve(data, shards, tmp_path, 
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), (x, y)
         assert x["skipped_cuts"] == 0
     # other readers cannot continue these positions
-    other = [*args[:3], f"data.num_workers={1 if workers == 0 else 0}", *args[4:], "train.steps=12"]
+    other = [*args[:3], f"data.num_workers={2 if workers == 0 else 1}", *args[4:], "train.steps=12"]
     assert train_mod.main(["--config", str(CONFIG), *stream_overrides(data, shards, killed, *other)]) == 2
+    if workers == 0:  # 1 worker: the same single reader
+        same = [*args[:3], "data.num_workers=1", *args[4:], "train.steps=11"]
+        assert train_mod.main(["--config", str(CONFIG), *stream_overrides(data, shards, killed, *same)]) == 0
+        assert [r["step"] for r in metrics(killed)][-1] == 11
+
+
+def test_runs_recorded_before_the_streaming_keys_resume(data, tmp_path):
+    """A run recorded before data.reader and the other new keys existed is the same run."""
+    from mtbi_fast.runfolder import _jsonable, run_differences
+
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "o"))
+    old = _jsonable(cfg)
+    for key in ("reader", "train_shards", "shuffle_cuts", "length_buckets", "skip_bad_shards"):
+        del old["data"][key]
+    del old["packing"]["token_budget"]
+    assert run_differences({"config": old}, cfg, {}) == []
+    cfg["data"]["shuffle_cuts"] = 7
+    assert run_differences({"config": old}, cfg, {}) == ["data.shuffle_cuts (<missing> -> 7)"]
 
 
 def test_reader_key_follows_the_data_given(data, shards, tmp_path):
