@@ -44,9 +44,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "psutil", "jiwer", "peft>=0.13",
-                "pocketsphinx>=5",
+                "pocketsphinx>=5", "piper-tts>=1.3", "onnx", "onnxruntime",
                 "liger-kernel>=0.8"],  # the loss's peer: its chunked JSD at beta 0 is our KL
         "align": ["pocketsphinx>=5"],
+        "corpus": ["piper-tts>=1.3", "onnx", "onnxruntime"],  # mtbi-fast corpus build: Piper's voice
         "flash": ["flash-attn>=2.6"],
         "lora": ["peft>=0.13"],
     },

