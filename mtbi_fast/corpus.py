@@ -46,7 +46,6 @@ import math
 import os
 import random
 import re
-import shutil
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
