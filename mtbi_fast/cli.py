@@ -118,6 +118,9 @@ def _add_eval(sub):
 def _add_demo(sub):
     dm = sub.add_parser("demo", help="the whole method end to end on the bundled corpus")
     dm.add_argument("--tiny", action="store_true", help="random tiny models (a minute or two)")
+    dm.add_argument("--corpus", choices=["demo", "large"], default="demo",
+                    help="the bundled corpus (default) or `mtbi-fast corpus build`'s 2,000 + 200 "
+                    "utterances (built first if needed)")
     dm.add_argument("--output", default="runs/demo", help="report folder (resumable)")
     dm.add_argument("--overwrite", action="store_true",
                     help="move aside a training run made with other settings (e.g. --steps) "
@@ -235,7 +238,7 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     run_demo(args.output, tiny=args.tiny, baselines=args.baselines, steps=args.steps,
-             overwrite=args.overwrite)
+             overwrite=args.overwrite, corpus=args.corpus)
     return 0
 
 

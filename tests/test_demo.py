@@ -51,3 +51,24 @@ def test_demo_steps_must_be_sensible(tmp_path):
     with pytest.raises(ValueError, match="--steps must be >= 4, got 2"):
         run_demo(tmp_path / "demo", tiny=True, steps=2)
     assert not (tmp_path / "demo").exists()  # refused before anything was written
+
+
+
+def test_tiny_demo_on_the_larger_corpus(tmp_path, monkeypatch):
+    """--corpus large takes its utterances from `mtbi-fast corpus build`'s folder (here a stand-in
+    folder given as the cached corpus; the build itself: tests/test_corpus.py)."""
+    import mtbi_fast.corpus as corpus_mod
+    from mtbi_fast.data import Utterance, read_manifest, write_manifest
+    from helpers import ROOT
+
+    built = tmp_path / "natural"
+    for split, n in (("train", 40), ("test", 4)):
+        utts = read_manifest(ROOT / "data" / "demo" / f"{split}.jsonl", require_words=True)[:n]
+        write_manifest(built / f"{split}.jsonl", [Utterance(f"nat-{u.id}", u.audio, u.text, u.duration, u.words,
+                                                            {"speaker": "stand-in"}) for u in utts])
+    monkeypatch.setattr(corpus_mod, "build_corpus", lambda *a, **k: built)
+    out = tmp_path / "demo"
+    assert cli(["demo", "--tiny", "--corpus", "large", "--output", str(out), "--steps", "4"]) == 0
+    used = read_manifest(out / "train.jsonl")
+    assert len(used) == 40 and all(u.id.startswith("nat-") and u.extra == {"speaker": "stand-in"} for u in used)
+    assert "the larger corpus" in (out / "report.md").read_text()
