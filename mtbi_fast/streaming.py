@@ -44,6 +44,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -118,42 +119,30 @@ class ShardData:
 
     def batches(self, reader: int, readers: int, start: Position) -> Iterator[tuple[list[Item], Position, int]]:
         """Reader ``reader``'s micro-batches from ``start`` on, endless: (items, the position after
-        them, cuts skipped as bad since the previous batch)."""
+        them, cuts skipped as bad since the previous batch). Each epoch's shards are read in one
+        pass (a resumed reader skips to its window's first cut once)."""
         pos = Position(**asdict(start))
-        given = 0  # micro-batches given in the current epoch
         while True:
-            window, skipped = self._window(reader, readers, pos.epoch, pos.cut)
-            if window is None:  # the epoch is over
-                if given == 0 and start.epoch < pos.epoch:  # a whole epoch without an example
-                    raise ValueError(f"reader {reader} of {readers} found no examples in a whole epoch "
-                                     f"of {self.folder}" + (f" (data.tasks={self.tasks})" if self.tasks else ""))
-                pos, given = Position(pos.epoch + 1, 0, 0), 0
-                continue
-            cuts, items = window
-            groups = self._micro_batches(items, reader, pos.epoch, pos.cut)
-            next_window = pos.cut + cuts
-            for b in range(pos.batch, len(groups)):
-                after = Position(pos.epoch, pos.cut, b + 1) if b + 1 < len(groups) else \
-                    Position(pos.epoch, next_window, 0)
-                yield groups[b], after, skipped
-                given += 1
-                skipped = 0
-            pos = Position(pos.epoch, next_window, 0)
-
-    def _window(self, reader: int, readers: int, epoch: int, start: int):
-        """((cuts read, items) of the window that starts at cut ``start`` of the reader's epoch,
-        cuts skipped), or (None, skipped) past the epoch's end."""
-        cuts, skipped = [], 0
-        for cut, bad in self._cuts(self.shards(epoch, reader, readers), start):
-            if bad:
-                skipped += 1
-            cuts.append(cut)
-            if len(cuts) == self.shuffle_cuts:
-                break
-        if not cuts:
-            return None, skipped
-        items = [it for cut in cuts if cut is not None for it in cut]
-        return (len(cuts), items), skipped
+            cuts = self._cuts(self.shards(pos.epoch, reader, readers), pos.cut)
+            given = 0  # micro-batches given in this epoch
+            while True:
+                window = list(islice(cuts, self.shuffle_cuts))
+                if not window:  # the epoch is over
+                    break
+                skipped = sum(bad for _, bad in window)
+                items = [it for cut, _ in window if cut is not None for it in cut]
+                groups = self._micro_batches(items, reader, pos.epoch, pos.cut)
+                next_window = Position(pos.epoch, pos.cut + len(window), 0)
+                for b in range(pos.batch, len(groups)):
+                    after = Position(pos.epoch, pos.cut, b + 1) if b + 1 < len(groups) else next_window
+                    yield groups[b], after, skipped
+                    given += 1
+                    skipped = 0
+                pos = next_window
+            if given == 0 and start.epoch < pos.epoch:  # a whole epoch without an example
+                raise ValueError(f"reader {reader} of {readers} found no examples in a whole epoch "
+                                 f"of {self.folder}" + (f" (data.tasks={self.tasks})" if self.tasks else ""))
+            pos = Position(pos.epoch + 1, 0, 0)
 
     def _cuts(self, shards: list[int], start: int):
         """(the items of each cut or None for a bad one skipped, whether it was skipped) from cut
