@@ -73,8 +73,7 @@ from .attention import padded_attention
 from .data import Utterance
 from .hub import ASSETS, TINY_LLM, source_config
 from .io import atomic_write_text
-from .lock import LOCK_NAME, FolderLock, FolderLockedError
-from .lock import _describe as describe_lock
+from .lock import LOCK_NAME, FolderLock, FolderLockedError, describe_lock
 from .prompts import left_pad, template_halves
 from .tasks import TaskLibrary, TaskSplit
 

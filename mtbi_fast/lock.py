@@ -40,7 +40,7 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe(self.path)
+            holder = describe_lock(self.path)
             os.close(fd)
             raise FolderLockedError(
                 f"{self.folder} is in use by {holder} (lock file {self.path}); wait for it to "
@@ -65,7 +65,7 @@ class FolderLock:
         self.release()
 
 
-def _describe(path: Path) -> str:
+def describe_lock(path: Path) -> str:
     """"process 1234 on host (training, since ...)" from a lock file, as far as it reads."""
     try:
         info = json.loads(path.read_text() or "{}")
