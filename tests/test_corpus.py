@@ -42,6 +42,12 @@ def test_piper_word_times_follow_the_matched_phonemes():
     assert [(w.word, w.start, w.end) for w in times] == [("the", 1, 3), ("old", 3, 7), ("cat", 8, 11), ("-", 11, 12)]
 
 
+def test_corpus_sizes_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="train and test must be >= 1, got 0 and 5"):
+        build_corpus(0, 5, out=tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+
+
 def test_speaker_lists_are_disjoint():
     assert not set(TRAIN_SPEAKERS) & set(TEST_SPEAKERS)
     assert not set(ESPEAK_ACCENTS["train"]) & set(ESPEAK_ACCENTS["test"])

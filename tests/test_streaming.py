@@ -117,6 +117,14 @@ def test_shards_are_the_same_bytes_for_any_number_of_workers(data, shards, tmp_p
         assert (tmp_path / "w2" / "shar" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+@pytest.mark.parametrize("kw, message", [(dict(shard_size=0), "shard_size must be >= 1, got 0"),
+                                         (dict(workers=0), "workers must be >= 1, got 0")])
+def test_shard_refuses_bad_sizes(data, tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        write_shards(data / "train.jsonl", data / "beh", tmp_path / "out", progress=False, **kw)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 def test_shard_refuses_unfinished_behaviors(data, tmp_path):
     beh = tmp_path / "beh"
     shutil.copytree(data / "beh", beh)
