@@ -124,8 +124,9 @@ def run_packed(model, examples, frames):
         x = pack_embeddings(batch.source, embed, buf)
         kw = model_inputs(batch, x, attn_implementation=model.config._attn_implementation)
         h = model(**kw).last_hidden_state.reshape(-1, HIDDEN)
-        rows = h.index_select(0, batch.loss_positions).square()
-        # the same per-example mean as the padded variant
+        rows = h.index_select(0, batch.loss_positions).float().square()
+        # the same per-example mean as the padded variant (summed in float32: the model may be
+        # bf16 on a GPU)
         per_ex = torch.zeros(len(batch.example_ids), device=h.device).index_add_(
             0, batch.loss_example, rows.mean(1))
         counts = torch.bincount(batch.loss_example, minlength=len(batch.example_ids))

@@ -5,15 +5,13 @@ imports torch and triton only (through ``runtime``, its one guarded Triton impor
 ``mtbi_fast``.
 
 - ``fused_linear_kl``: the imitation loss at the 3-GEMM floor (cuBLAS logits + a Triton row pass);
-- ``linear_kl_recompute``: the two-pass design that recomputes the logits (O(N) extra memory);
 - ``triton_pack_embeddings`` / ``triton_unpack_grad``: packed ``inputs_embeds`` and its gradient;
 - ``compile_check``: compile any of them for sm_80/sm_90a here and read ``ptxas -v``.
 """
 
 from .fused_linear_kl import fused_linear_kl
-from .linear_kl_recompute import linear_kl_recompute
 from .pack import triton_pack_embeddings, triton_unpack_grad
 from .runtime import interpreter_enabled, require_triton_device, triton_available
 
-__all__ = ["fused_linear_kl", "interpreter_enabled", "linear_kl_recompute", "require_triton_device",
-           "triton_available", "triton_pack_embeddings", "triton_unpack_grad"]
+__all__ = ["fused_linear_kl", "interpreter_enabled", "require_triton_device", "triton_available",
+           "triton_pack_embeddings", "triton_unpack_grad"]

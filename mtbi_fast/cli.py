@@ -491,7 +491,7 @@ def _info(args) -> int:
 
     backends = ["chunked", "eager"]
     if triton_available(device):
-        backends += ["triton", "triton_recompute"]
+        backends += ["triton"]
     print(f"loss backends on {device}: {', '.join(backends)} (auto -> {AUTO_BACKEND[device]})")
     kernel = "none" if TORCH_VARLEN_KERNEL is None else "torch.nn.attention.varlen.varlen_attn"
     print(f"attention: auto -> {resolve_attn('auto')} (torch varlen kernel: {kernel})")

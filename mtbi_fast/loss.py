@@ -15,9 +15,6 @@ Backends (one signature, see ``_chunked_linear_kl``):
   with ``TRITON_INTERPRET=1``): per chunk of rows one fp32-output GEMM of ``[h_s; h_t]`` against
   the head, one Triton pass per row for the statistics and the logit gradient, then ``G @ W``.
   The chunk's logits are the extra memory, bounded by ``memory_budget`` (1 GiB by default).
-- ``"triton_recompute"``: ``mtbi_kernels.linear_kl_recompute``, two Triton passes that form every
-  logit tile twice (5 GEMM-equivalents) and never store the logits: O(N) extra memory plus one
-  gradient chunk (``memory_budget`` bounds it too).
 - ``"chunked"``: plain PyTorch over chunks of rows (the same 3-GEMM structure as ``"triton"``,
   with three or four chunk x V buffers); the default on CPU.
 - ``"eager"``: ``mtbi_fast.reference.eager_row_losses``, everything materialized through autograd.
@@ -38,16 +35,24 @@ from torch import nn
 
 from .reference import eager_row_losses
 
-BACKENDS = ("auto", "triton", "triton_recompute", "chunked", "eager")
+BACKENDS = ("auto", "triton", "chunked", "eager")
+# Backends that existed once, and why they went (named in the error when one is asked for).
+RETIRED_BACKENDS = {
+    "triton_recompute": "the two-pass kernel that formed every logit tile twice was retired after "
+                        "the GPU suite measured it slower than 'triton' at every shape and memory "
+                        "budget (5.7x at N=8192 on an H200, and 'triton' under a 256 MiB budget "
+                        "used less memory; docs/gpu.md); use backend='triton' with a smaller "
+                        "memory_budget instead",
+}
 REDUCTIONS = ("mean", "sum", "none")
 
 # What ``backend="auto"`` runs, by device, and the measurement behind it.
 # - cpu: "chunked". benchmarks/bench_loss.py on 2 CPU cores (benchmarks/results/loss_cpu.md):
 #   the chunked PyTorch path beats eager; the Triton kernels only run in the interpreter there.
-# - cuda: "triton", the 3-GEMM design: 6 N H V flops against the 10 N H V of
-#   "triton_recompute", at an extra memory of one chunk's fp32 logits (<= memory_budget). Not yet
-#   measured on a GPU: benchmarks/gpu_suite.sh times both designs and the chunked path at several
-#   budgets, and this table follows its results.
+# - cuda: "triton", the 3-GEMM design. benchmarks/gpu_suite.sh on an NVIDIA H200
+#   (benchmarks/results/loss_cuda.md): 0.50-0.52x eager's time at every measured shape (Llama-3 8B's
+#   head at N=8192/16384/32768, Qwen2.5-7B's at N=8192), 82-91% of the measured matmul roofline,
+#   and 1.5x faster than the faster Liger-Kernel loss; the retired two-pass kernel was 5.7x slower.
 AUTO_BACKEND = {"cpu": "chunked", "cuda": "triton"}
 
 
@@ -78,8 +83,7 @@ def imitation_loss(
     Returns a scalar (``reduction`` "mean" or "sum") or per-row losses with the leading shape
     ("none"). The loss is float32 whatever the input dtype. ``memory_budget``: bytes of extra
     memory a fused backend may use for its chunk buffers (default 1 GiB; the chunks are rows for
-    "triton" and "chunked", vocabulary columns for "triton_recompute"); ``chunk_size`` sets the
-    rows per chunk of "triton" and "chunked" directly. Ignored rows (``target_ids ==
+    "triton" and "chunked"); ``chunk_size`` sets the rows per chunk directly. Ignored rows (``target_ids ==
     ignore_index``) are zeroed before any GEMM, so whatever they hold (NaN padding) changes
     nothing; ``check_finite`` (default on) raises a ``ValueError`` naming the tensor and row when a
     counted row of either hidden state holds NaN or inf (one fused reduction over the N x H
@@ -118,7 +122,7 @@ def imitation_loss(
             loss = _reduce(_combine(row_kl, row_ce, options), target, ignore_index, reduction)
         else:
             impl = _fused_impl(name)
-            if chunk_size is not None and name != "triton_recompute":
+            if chunk_size is not None:
                 options["chunk_size"] = int(chunk_size)
             if memory_budget is not None:
                 options["memory_budget"] = int(memory_budget)
@@ -386,7 +390,7 @@ def _fused_impl(name: str):
         return _chunked_linear_kl
     import mtbi_kernels
 
-    return mtbi_kernels.fused_linear_kl if name == "triton" else mtbi_kernels.linear_kl_recompute
+    return mtbi_kernels.fused_linear_kl
 
 
 def _resolve_backend(backend: str, h_s: torch.Tensor) -> str:
@@ -449,6 +453,8 @@ def _check_options(temperature, reduction, backend, chunk_size=None, memory_budg
                    kl_weight=1.0, ce_weight=0.0):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend in RETIRED_BACKENDS:
+        raise ValueError(f"backend={backend!r} is no longer available: {RETIRED_BACKENDS[backend]}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):

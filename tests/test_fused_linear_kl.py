@@ -1,5 +1,5 @@
-"""mtbi_kernels' loss kernels directly: the 3-GEMM ``fused_linear_kl`` and the two-pass
-``linear_kl_recompute``, in the CPU interpreter (and compiled, on a GPU).
+"""mtbi_kernels' loss kernel directly: the 3-GEMM ``fused_linear_kl``, in the CPU interpreter (and
+compiled, on a GPU).
 
 Row losses and the gradients of sum(row_scale * row_loss) against float64 autograd through the
 eager reference, with non-uniform row weights, ignored rows, and chunk/tile sizes that divide
@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import float64_reference, make_inputs
 
-from mtbi_kernels import fused_linear_kl, linear_kl_recompute, triton_available
+from mtbi_kernels import fused_linear_kl, triton_available
 from mtbi_kernels.fused_linear_kl import DEFAULT_MEMORY_BUDGET, chunk_rows
 
 
@@ -103,26 +103,11 @@ def test_chunk_rows_follow_the_memory_budget():
     assert chunk_rows(8192, 128256, chunk_size=300) == 300
 
 
-# (block_m, block_v, block_k, vocab_splits, grad_chunk): tiles that divide nothing, the vocabulary
-# split across programs (statistics merged on the host), gradient chunks smaller than V
-@pytest.mark.parametrize("blocks", [(16, 16, 16, 1, None), (32, 64, 32, 3, 64), (64, 128, 64, 2, 128),
-                                    (16, 32, 16, 7, 32)])
-@pytest.mark.parametrize("opts", OPTS[:2], ids=["kl", "T1.7+ce"])
-@pytest.mark.parametrize("teacher_head", [False, True])
-def test_recompute_matches_float64(blocks, opts, teacher_head):
-    x, row_scale, ref = odd_case(teacher_head, opts)
-    bm, bv, bk, splits, chunk = blocks
-    out = call(linear_kl_recompute, x, row_scale, teacher_head, block_m=bm, block_v=bv, block_k=bk,
-               vocab_splits=splits, grad_chunk=chunk, **opts)
-    check(out, ref, opts, tol=1e-6)
-
-
-@pytest.mark.parametrize("impl", [fused_linear_kl, linear_kl_recompute])
-def test_without_targets_and_without_grads(impl):
+def test_without_targets_and_without_grads():
     x = make_inputs(n=21, h=17, v=67, dtype=torch.float32)
     ref_rows, *_ = float64_reference({k: v for k, v in x.items() if k != "target_ids"},
                                      torch.ones(21), temperature=3.0)
-    row_kl, row_ce, gh, gw, gb = impl(
+    row_kl, row_ce, gh, gw, gb = fused_linear_kl(
         x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"], x["lm_head_weight"], None,
         None, None, torch.ones(21), temperature=3.0, need_grad_hidden=False)
     assert gh is None and gw is None and gb is None
@@ -130,30 +115,27 @@ def test_without_targets_and_without_grads(impl):
     torch.testing.assert_close(9.0 * row_kl.double(), ref_rows, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("impl", [fused_linear_kl, linear_kl_recompute])
-def test_empty_input(impl):
+def test_empty_input():
     x = make_inputs(n=1, h=8, v=20, dtype=torch.float32)
-    rows, _, gh, _, _ = impl(x["student_hidden"][:0], x["teacher_hidden"][:0], x["lm_head_weight"],
+    rows, _, gh, _, _ = fused_linear_kl(x["student_hidden"][:0], x["teacher_hidden"][:0], x["lm_head_weight"],
                              x["lm_head_weight"], None, None, None, torch.ones(0))
     assert rows.shape == (0,) and gh.shape == (0, 8)
 
 
-@pytest.mark.parametrize("impl", [fused_linear_kl, linear_kl_recompute])
-def test_refuses_cpu_without_interpreter(impl, monkeypatch):
+def test_refuses_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not triton_available("cpu")
     x = make_inputs(n=4, h=8, v=20, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
-        impl(x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"], x["lm_head_weight"],
+        fused_linear_kl(x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"], x["lm_head_weight"],
              None, None, None, torch.ones(4))
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("impl", [fused_linear_kl, linear_kl_recompute])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("teacher_head", [False, True])
-def test_kernels_on_gpu(impl, dtype, teacher_head):
+def test_kernels_on_gpu(dtype, teacher_head):
     """Compiled (not interpreted) kernels on a real GPU at odd shapes, with several chunks: bf16
     gradients within 1e-2 relative error of float64, fp32 within 1e-5 (the issue's targets)."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -163,6 +145,5 @@ def test_kernels_on_gpu(impl, dtype, teacher_head):
     row_scale = torch.full((1000,), 1 / 998, device="cuda")
     opts = dict(ce_weight=0.2, temperature=1.3)
     ref = float64_reference(x, row_scale, **opts)
-    kw = dict(chunk_size=300) if impl is fused_linear_kl else dict(grad_chunk=1024)
-    out = call(impl, x, row_scale, teacher_head, **opts, **kw)
+    out = call(fused_linear_kl, x, row_scale, teacher_head, **opts, chunk_size=300)
     check(out, ref, opts, tol=1e-5 if dtype == torch.float32 else 1e-2)

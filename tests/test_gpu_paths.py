@@ -29,7 +29,7 @@ def test_fp32_output_gemms_are_native():
     assert native_fp32_out("addmm", "cuda"), "torch.addmm(..., out_dtype=float32) is missing"
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton", "triton_recompute"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_loss_module_on_gpu_at_a_real_vocabulary(backend, dtype):
     """V=50257 (GPT-2's, odd): 2048-column row tiles, several row chunks (a 64 MiB budget)."""
@@ -53,7 +53,7 @@ def test_loss_module_on_gpu_at_a_real_vocabulary(backend, dtype):
     assert rel_err(hs.grad, ref_x["student_hidden"].grad) < tol
 
 
-@pytest.mark.parametrize("backend", ["triton", "triton_recompute"])
+@pytest.mark.parametrize("backend", ["triton"])
 def test_reduction_none_with_a_trainable_head_on_gpu(backend):
     """The deferred path: per-row weights arrive in backward, which recomputes the head's
     gradient."""

@@ -10,7 +10,7 @@ import mtbi_fast
 from mtbi_fast import ImitationLoss, imitation_loss
 from mtbi_fast.reference import eager_row_losses
 
-BACKENDS = ["eager", "chunked", "triton", "triton_recompute"]
+BACKENDS = ["eager", "chunked", "triton"]
 GRAD_KEYS = ("student_hidden", "lm_head_weight", "lm_head_bias")
 
 
@@ -178,7 +178,7 @@ def test_huge_logits(backend):
     assert_matches(out, grads, ref_out, ref_grads, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_recompute"])
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_error_within_twice_eager(backend, dtype):
     """At bf16/fp16 the fused paths' error (vs float64 on the same rounded inputs) is at most twice
@@ -313,6 +313,8 @@ def _base():
         (lambda a: a.__setitem__(3, None), {"ce_weight": 0.5}, r"ce_weight=0.5 needs target_ids"),
         (lambda a: None, {"reduction": "avg"}, r"reduction must be one of"),
         (lambda a: None, {"backend": "cuda"}, r"backend must be one of"),
+        (lambda a: None, {"backend": "triton_recompute"},
+         r"backend='triton_recompute' is no longer available: .*memory_budget"),
         (lambda a: None, {"temperature": 0.0}, r"temperature must be a finite number > 0"),
     ],
 )
@@ -340,10 +342,10 @@ def test_module_rejects_bad_options():
         ImitationLoss(ce_weight=float("nan"))
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_recompute"])
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
 def test_memory_budget_changes_chunks_not_results(backend):
-    """A budget too small for more than one row (or one tile of columns) at a time gives the same
-    loss and gradients as the default."""
+    """A budget too small for more than one row at a time gives the same loss and gradients as the
+    default."""
     x = make_inputs(n=23, h=16, v=203, bias=True, ignore=(5,))
     ref_out, ref_grads = reference(x, temperature=1.3, ce_weight=0.2)
     out, grads = run(x, backend, temperature=1.3, ce_weight=0.2, memory_budget=1)
