@@ -5,7 +5,7 @@
 #
 # Stages (each under `timeout`, the suite going on past a failing one; every stage's limit is
 # also capped by what is left of SUITE_BUDGET_S, default 470 s). Limits sized from the first real
-# run, on an NVIDIA H200 on 2026-11-26 (seconds taken in brackets; 390 s in all):
+# run, on an NVIDIA H200 on 2026-11-26 (seconds taken in brackets; about 406 s in all):
 #   env           nvidia-smi, the card, python / torch / CUDA / triton / transformers -> env.txt  15 s [13]
 #   setup         benchmarks/gpu_setup.sh: wheels from .gpu/wheels when deepspeed is missing,
 #                 the mtbi_kernels link; PYTHONPATH=/tmp/site:$PWD for the stages after it      30 s [21]

@@ -39,10 +39,9 @@ BACKENDS = ("auto", "triton", "chunked", "eager")
 # Backends that existed once, and why they went (named in the error when one is asked for).
 RETIRED_BACKENDS = {
     "triton_recompute": "the two-pass kernel that formed every logit tile twice was retired after "
-                        "the GPU suite measured it slower than 'triton' at every shape and memory "
-                        "budget (5.7x at N=8192 on an H200, and 'triton' under a 256 MiB budget "
-                        "used less memory; docs/gpu.md); use backend='triton' with a smaller "
-                        "memory_budget instead",
+                        "the GPU suite measured it 5.3-5.8x slower than 'triton' at every shape "
+                        "on an H200, and 'triton' under a 256 MiB budget used less memory "
+                        "(docs/gpu.md); use backend='triton' with a smaller memory_budget instead",
 }
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -51,8 +50,9 @@ REDUCTIONS = ("mean", "sum", "none")
 #   the chunked PyTorch path beats eager; the Triton kernels only run in the interpreter there.
 # - cuda: "triton", the 3-GEMM design. benchmarks/gpu_suite.sh on an NVIDIA H200
 #   (benchmarks/results/loss_cuda.md): 0.50-0.52x eager's time at every measured shape (Llama-3 8B's
-#   head at N=8192/16384/32768, Qwen2.5-7B's at N=8192), 82-91% of the measured matmul roofline,
-#   and 1.5x faster than the faster Liger-Kernel loss; the retired two-pass kernel was 5.7x slower.
+#   head at N=8192/16384/32768, Qwen2.5-7B's at N=8192), 79-91% of the measured matmul roofline,
+#   and 1.5x faster than the faster Liger-Kernel loss; the retired two-pass kernel was 5.3-5.8x
+#   slower.
 AUTO_BACKEND = {"cpu": "chunked", "cuda": "triton"}
 
 
