@@ -25,7 +25,7 @@ import pytest
 import torch
 import results_table
 from loss_cases import (CPU_BACKENDS, CPU_CASES, CUDA_BACKENDS, CUDA_CASES, CUDA_ONLY_AT_N8192,
-                        cuda_peak_extra_bytes, make_case, step_fn)
+                        cuda_peak_extra_bytes, make_case, matmul_tflops, step_fn)
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
@@ -101,7 +101,7 @@ def test_loss_forward_backward(benchmark, loss_results, case, backend):
     row = dict(case=name, variant=backend, n=n, h=h, v=v, dtype=dtype, device=device)
     if device == "cuda":
         row.update(device_name=torch.cuda.get_device_name(),
-                   matmul_roofline_tflops=_matmul_tflops(n, h, v, dtype))
+                   matmul_roofline_tflops=matmul_tflops(n, h, v, dtype))
         row["floor_seconds"] = 6 * n * h * v / (row["matmul_roofline_tflops"] * 1e12)
         if backend == "liger_chunked":
             row["note"] = "also computes the head's gradient"
@@ -178,22 +178,3 @@ def targets_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_ROOFLINE: dict = {}
-
-
-def _matmul_tflops(n, h, v, dtype) -> float:
-    """Measured throughput of one plain [N, H] x [H, V] matmul at this dtype (the roofline)."""
-    key = (n, h, v, dtype)
-    if key not in _ROOFLINE:
-        a = torch.randn(n, h, device="cuda", dtype=getattr(torch, dtype))
-        b = torch.randn(h, v, device="cuda", dtype=getattr(torch, dtype))
-        for _ in range(3):
-            a @ b
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            a @ b
-        end.record()
-        torch.cuda.synchronize()
-        _ROOFLINE[key] = 2 * n * h * v / (start.elapsed_time(end) / 10 / 1e3) / 1e12
-    return _ROOFLINE[key]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 
@@ -86,6 +87,35 @@ def step_fn(backend, hs, ht, w, target):
         imitation_loss(x, ht, w, target, ce_weight=0.5, backend=name, **kw).backward()
         return x.grad
     return step
+
+
+_ROOFLINE: dict = {}
+
+
+def matmul_tflops(n: int, h: int, v: int, dtype: str, device: str = "cuda") -> float:
+    """Measured throughput of one plain [N, H] x [H, V] matmul at this dtype (the roofline),
+    memoized per shape: 3 warm-ups, then the mean of 10 (CUDA events on a GPU, wall time on CPU)."""
+    key = (n, h, v, dtype, device)
+    if key not in _ROOFLINE:
+        a = torch.randn(n, h, device=device, dtype=getattr(torch, dtype))
+        b = torch.randn(h, v, device=device, dtype=getattr(torch, dtype))
+        for _ in range(3):
+            a @ b
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                a @ b
+            end.record()
+            torch.cuda.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            for _ in range(10):
+                a @ b
+            seconds = time.perf_counter() - t0
+        _ROOFLINE[key] = 2 * n * h * v / (seconds / 10) / 1e12
+    return _ROOFLINE[key]
 
 
 def cuda_peak_extra_bytes(step) -> int:

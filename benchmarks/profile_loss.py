@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loss_cases import CPU_CASES, CUDA_CASES, make_case, step_fn  # noqa: E402
+from loss_cases import CPU_CASES, CUDA_CASES, make_case, matmul_tflops, step_fn  # noqa: E402
 
 # kernel / operator names of matrix products: cuBLAS / cuBLASLt / CUTLASS kernels on CUDA
 # (sm90 "nvjet" and "xmma" kernels, "gemm", "cutlass"), the aten operators on the CPU
@@ -35,21 +35,6 @@ GEMM_MARKERS = ("gemm", "nvjet", "xmma", "cutlass", "matmul", "aten::mm", "aten:
 def is_gemm(name: str) -> bool:
     low = name.lower()
     return any(m in low for m in GEMM_MARKERS)
-
-
-def matmul_tflops(n: int, h: int, v: int, dtype: torch.dtype, device: str, reps: int = 5) -> float:
-    """The measured rate of one (N x H) @ (H x V) product in this dtype: the roofline used."""
-    a = torch.randn(n, h, device=device, dtype=dtype)
-    b = torch.randn(h, v, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ b
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n * h * v * reps / (time.perf_counter() - t0) / 1e12
 
 
 def profile_backend(backend: str, case: tuple, steps: int) -> dict:
@@ -99,7 +84,7 @@ def markdown(case: tuple, rate: float, results: list[dict], device_name: str) ->
     lines = [f"Kernel-level profile of the imitation loss, forward + backward, case {name} "
              f"(N={n}, H={h}, V={v}, {dtype}, frozen head) (`python benchmarks/profile_loss.py`)",
              "", f"{device_name}, torch {torch.__version__}. Measured matmul rate "
-             f"{rate:.0f} TFLOP/s, so the 3-GEMM floor (student and teacher logits, G @ W) is "
+             f"{rate:.3g} TFLOP/s, so the 3-GEMM floor (student and teacher logits, G @ W) is "
              f"{floor_ms:.1f} ms.", "",
              "| backend | step (ms) | kernels (ms) | GEMMs (ms) | other kernels (ms) "
              "| GEMMs / floor |", "|---|---:|---:|---:|---:|---:|"]
@@ -141,7 +126,7 @@ def main(argv=None) -> int:
         print(f"profiling {b} on {case[0]} ...", flush=True)
         results.append(profile_backend(b, case, args.steps))
     _, n, h, v, dtype, device = case
-    rate = matmul_tflops(n, h, v, getattr(torch, dtype), device)
+    rate = matmul_tflops(n, h, v, dtype, device)
     dev_name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     md = markdown(case, rate, results, dev_name)
     args.out.mkdir(parents=True, exist_ok=True)
