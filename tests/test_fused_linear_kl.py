@@ -14,10 +14,10 @@ from mtbi_kernels import fused_linear_kl, triton_available
 from mtbi_kernels.fused_linear_kl import DEFAULT_MEMORY_BUDGET, chunk_rows
 
 
-def call(impl, x, row_scale, teacher_head, **kw):
+def call(x, row_scale, teacher_head, **kw):
     w_t = x.get("teacher_lm_head_weight", x["lm_head_weight"])
     b_t = None if teacher_head else x.get("lm_head_bias")
-    return impl(x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"], w_t,
+    return fused_linear_kl(x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"], w_t,
                 x.get("lm_head_bias"), b_t, x.get("target_ids"), row_scale,
                 need_grad_hidden=True, need_grad_weight=True,
                 need_grad_bias="lm_head_bias" in x, **kw)
@@ -57,7 +57,7 @@ OPTS = [dict(), dict(temperature=1.7, ce_weight=0.4, kl_weight=0.6), dict(ce_wei
 def test_3gemm_matches_float64(chunk, opts, teacher_head):
     """Chunks of rows that divide nothing, V not a multiple of the row tile."""
     x, row_scale, ref = odd_case(teacher_head, opts)
-    check(call(fused_linear_kl, x, row_scale, teacher_head, chunk_size=chunk, **opts), ref, opts,
+    check(call(x, row_scale, teacher_head, chunk_size=chunk, **opts), ref, opts,
           tol=1e-6)
 
 
@@ -72,7 +72,7 @@ def test_3gemm_half_inputs_write_half_gradients_in_place(dtype, teacher_head):
     row_scale = torch.full((37,), 1 / 36)
     opts = dict(temperature=1.3, ce_weight=0.2)
     ref = float64_reference(x, row_scale, **opts)
-    check(call(fused_linear_kl, x, row_scale, teacher_head, chunk_size=10, **opts), ref, opts,
+    check(call(x, row_scale, teacher_head, chunk_size=10, **opts), ref, opts,
           tol=1e-2)
 
 
@@ -82,7 +82,7 @@ def test_3gemm_ignored_rows_with_nan_hidden_states_get_zero_gradient():
     x = make_inputs(n=12, h=16, v=300, bias=True, ignore=(4,), dtype=torch.float32)
     x["student_hidden"][4] = float("nan")
     row_scale = torch.ones(12)
-    row_kl, row_ce, gh, gw, gb = call(fused_linear_kl, x, row_scale, False, ce_weight=0.5)
+    row_kl, row_ce, gh, gw, gb = call(x, row_scale, False, ce_weight=0.5)
     assert row_kl[4] == 0 and row_ce[4] == 0
     assert torch.count_nonzero(gh[4]) == 0
     assert all(torch.isfinite(t).all() for t in (row_kl, row_ce, gh, gw, gb))
@@ -117,8 +117,9 @@ def test_without_targets_and_without_grads():
 
 def test_empty_input():
     x = make_inputs(n=1, h=8, v=20, dtype=torch.float32)
-    rows, _, gh, _, _ = fused_linear_kl(x["student_hidden"][:0], x["teacher_hidden"][:0], x["lm_head_weight"],
-                             x["lm_head_weight"], None, None, None, torch.ones(0))
+    rows, _, gh, _, _ = fused_linear_kl(x["student_hidden"][:0], x["teacher_hidden"][:0],
+                                        x["lm_head_weight"], x["lm_head_weight"], None, None, None,
+                                        torch.ones(0))
     assert rows.shape == (0,) and gh.shape == (0, 8)
 
 
@@ -127,8 +128,8 @@ def test_refuses_cpu_without_interpreter(monkeypatch):
     assert not triton_available("cpu")
     x = make_inputs(n=4, h=8, v=20, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
-        fused_linear_kl(x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"], x["lm_head_weight"],
-             None, None, None, torch.ones(4))
+        fused_linear_kl(x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"],
+                        x["lm_head_weight"], None, None, None, torch.ones(4))
 
 
 @pytest.mark.cuda
@@ -145,5 +146,5 @@ def test_kernels_on_gpu(dtype, teacher_head):
     row_scale = torch.full((1000,), 1 / 998, device="cuda")
     opts = dict(ce_weight=0.2, temperature=1.3)
     ref = float64_reference(x, row_scale, **opts)
-    out = call(fused_linear_kl, x, row_scale, teacher_head, **opts, chunk_size=300)
+    out = call(x, row_scale, teacher_head, **opts, chunk_size=300)
     check(out, ref, opts, tol=1e-5 if dtype == torch.float32 else 1e-2)
