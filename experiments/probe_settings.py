@@ -12,6 +12,7 @@ the held-out imitation KL with each utterance's own clip and with another uttera
     python experiments/probe_settings.py runs/demo $H --steps 300 model.train_encoder_layers=2
     python experiments/probe_settings.py runs/demo $H --steps 100 --init-scale 10
     python experiments/probe_settings.py runs/demo $H --model runs/demo/run/final   # score, no training
+    python experiments/probe_settings.py runs/demo $H --steps 300 --repeat-wer       # + repeat WER
 
 DEMO is a ``mtbi-fast demo`` output folder (its resolved ``run/config.yaml``, manifests and
 behaviors); HELDOUT one or more (comma-separated) behaviors folders with cached teacher states
@@ -21,6 +22,9 @@ DEMO/probes/<overrides>), and appends a JSON line per HELDOUT folder to DEMO/pro
 ``--model DIR`` scores a trained model (a ``save_pretrained`` folder, e.g. a demo's ``run/final``)
 instead of training one
 (the 300-step probes of docs/results.md: ``benchmarks/results/demo_probes.jsonl``).
+``--repeat-wer`` also has the model answer every repeat wording (seen and held-out) for every
+utterance of ``--manifest`` from its speech and adds the mean WER against the transcript per
+wording kind, as the demo's evaluation computes it, and the corpus-level WER, to the first row.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from mtbi_fast.behaviors import read_behaviors
 from mtbi_fast.config import load_config
 from mtbi_fast.data import read_manifest
 from mtbi_fast.dataset import load_hidden_cache
-from mtbi_fast.evaluate import imitation_kl, other_speech
+from mtbi_fast.behaviors import job
+from mtbi_fast.evaluate import imitation_kl, model_answers, other_speech, repeat_wer
+from mtbi_fast.tasks import TaskLibrary
 from mtbi_fast.model import SpeechLLM
 from mtbi_fast.trainer import Trainer
 
@@ -55,6 +61,8 @@ def main() -> None:
     ap.add_argument("--manifest", type=Path, default=ROOT / "data" / "demo" / "test.jsonl")
     ap.add_argument("--output", type=Path)
     ap.add_argument("--model", type=Path, help="score this trained model instead of training one")
+    ap.add_argument("--repeat-wer", action="store_true",
+                    help="also the repeat WER on every repeat wording of every --manifest utterance")
     args = ap.parse_intermixed_args()
     config = args.demo / "run" / "config.yaml"
     if not config.is_file():
@@ -88,16 +96,38 @@ def main() -> None:
         model = trainer.model.eval()
     results = args.demo / "probes" / "results.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
+    wer = repeat_scores(model, read_manifest(args.manifest)) if args.repeat_wer else {}
     for folder, (records, hidden) in heldout.items():
         jobs = [{"id": r["id"], "utt_id": r["utt_id"], "audio": audio[r["utt_id"]]} for r in records]
         own = sum(imitation_kl(model, jobs, records, hidden)) / len(jobs)
         other = sum(imitation_kl(model, other_speech(jobs), records, hidden)) / len(jobs)
         row = {"overrides": args.overrides, "steps": args.steps, "init_scale": args.init_scale,
                "heldout": folder, "train_s": round(seconds), "kl_own": round(own, 4),
-               "kl_other": round(other, 4), "gap": round(other - own, 4), "n": len(jobs)}
+               "kl_other": round(other, 4), "gap": round(other - own, 4), "n": len(jobs), **wer}
+        wer = {}  # once, with the first folder's row
         print(json.dumps(row))
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def repeat_scores(model, utts) -> dict:
+    """``model``'s repeat WER from the speech on every repeat wording of every utterance: the mean
+    over prompts (the demo's figure) and over all words (edits / transcript words), for the split's
+    seen wordings (``wer_seen``) and held-out ones (``wer_new``)."""
+    library = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
+    split = library.split()
+    kinds = {"seen": split.train.get("repeat", []), "new": split.heldout_wordings.get("repeat", [])}
+    out = {}
+    for kind, wordings in kinds.items():
+        jobs = [{**job(u, "repeat", w, kind), "audio": u.audio} for u in utts for w in wordings]
+        if not jobs:
+            continue
+        answers = model_answers(model, jobs, library, max_new_tokens=32, batch_size=16, desc=f"repeat ({kind})")
+        per = [repeat_wer(j["text"], a) for j, a in zip(jobs, answers)]
+        out[f"wer_{kind}"] = round(sum(per) / len(per), 4)
+        out[f"wer_{kind}_corpus"] = round(repeat_wer([j["text"] for j in jobs], answers), 4)
+        out[f"wer_{kind}_n"] = len(jobs)
+    return out
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ def _add_behaviors(sub):
     b.add_argument("-o", "--output", required=True, help="output folder (resumable)")
     b.add_argument("--per-utterance", type=int, default=4)
     b.add_argument("--split", default="train", choices=["train", "heldout_wording", "heldout_task"])
+    b.add_argument("--only-tasks", metavar="TASK[,TASK...]",
+                   help="draw prompts of these tasks only (e.g. continue: BLSP-style behaviors; "
+                   "repeat: transcription behaviors); default: every task of the split")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--batch-size", type=int, default=8)
@@ -302,6 +305,14 @@ def _behaviors(args) -> int:
     model_cfg = ModelConfig.from_dict(_model_section(args.config))
     utts = read_utterances(args.manifest)  # a JSONL manifest or a Lhotse CutSet
     library = TaskLibrary.load(args.tasks)
+    only = None
+    if args.only_tasks is not None:
+        only = tuple(t.strip() for t in args.only_tasks.split(",") if t.strip())
+        unknown = [t for t in only if t not in library.tasks]
+        if unknown or not only:
+            what = f"unknown task {unknown[0]!r}" if unknown else "no task named"
+            raise ValueError(f"--only-tasks: {what} (the tasks of {args.tasks}: "
+                             f"{', '.join(sorted(library.tasks))})")
     rank, world, local_rank = rank_world()  # (0, 1, 0) without a launcher
     llm, tokenizer = load_teacher(model_cfg.llm, seed=model_cfg.init_seed, dtype=model_cfg.dtype)
     import torch
@@ -312,7 +323,7 @@ def _behaviors(args) -> int:
     cfg = BehaviorConfig(per_utterance=args.per_utterance, split=args.split, seed=args.seed,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          shard_size=args.shard_size, do_sample=args.sample,
-                         cache_hidden=args.cache_hidden)
+                         cache_hidden=args.cache_hidden, tasks=only)
     generate_behaviors(utts, library, llm, tokenizer, args.output, cfg,
                        model_config=model_cfg.to_dict(), overwrite=args.overwrite,
                        rank=rank, world=world)

@@ -173,7 +173,6 @@ def score_rows(jobs: list[dict], answers: dict, kls: dict, kls_other: dict,
     "teacher"): agreement with the teacher's answer (ROUGE-L, chrF, similarity with an
     ``embedder``), the repeat task's WER, and the imitation KLs (``kls``, ``kls_other``: {model:
     [KL or None per job]})."""
-    import jiwer
     import sacrebleu
 
     emb = {name: embedder(outs) for name, outs in answers.items()} if embedder is not None else {}
@@ -189,7 +188,7 @@ def score_rows(jobs: list[dict], answers: dict, kls: dict, kls_other: dict,
             if embedder is not None:
                 row["similarity"] = float(emb[name][i] @ emb["teacher"][i])
             if j["task"] == "repeat":
-                row["wer"] = jiwer.wer(_norm(j["text"]), _norm(hyp) or "-")
+                row["wer"] = repeat_wer(j["text"], hyp)
             if name in kls and kls[name][i] is not None:  # None: an empty teacher answer
                 row["kl"] = kls[name][i]
             if name in kls_other and kls_other[name][i] is not None:
@@ -387,7 +386,19 @@ def plot(summary: dict, path: Path):
     tmp.replace(path)
 
 
-def _norm(s: str) -> str:
+def repeat_wer(transcript: str | list[str], answer: str | list[str]) -> float:
+    """The word error rate of ``answer`` against ``transcript`` (jiwer), both normalized with
+    ``wer_words``; an empty answer counts as every word deleted (1.0). Lists of transcripts and
+    answers give the corpus-level rate (all edits over all transcript words)."""
+    import jiwer
+
+    if isinstance(transcript, str):
+        return jiwer.wer(wer_words(transcript), wer_words(answer) or "-")
+    return jiwer.wer([wer_words(t) for t in transcript], [wer_words(a) or "-" for a in answer])
+
+
+def wer_words(s: str) -> str:
+    """``s`` lower-cased, without punctuation but apostrophes, single-spaced (for WER)."""
     return " ".join("".join(c for c in s.lower() if c.isalnum() or c in " '").split())
 
 

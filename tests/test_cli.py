@@ -87,6 +87,28 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
 
+def test_behaviors_only_tasks(tmp_path, capsys):
+    from mtbi_fast.behaviors import read_behaviors
+    from mtbi_fast.tasks import TaskLibrary
+
+    clips = ROOT / "tests" / "data" / "clips.jsonl"
+    library = ROOT / "configs" / "tasks.yaml"
+    names = ", ".join(sorted(TaskLibrary.load(library).tasks))
+    assert cli(behaviors_args(clips, tmp_path / "b", "configs/tiny.yaml", "--only-tasks", "repeat,recite")) == 2
+    assert one_error(capsys) == (f"mtbi-fast: error: --only-tasks: unknown task 'recite' (the tasks of "
+                                 f"configs/tasks.yaml: {names})")
+    assert cli(behaviors_args(clips, tmp_path / "b", "configs/tiny.yaml", "--only-tasks", " , ")) == 2
+    assert one_error(capsys).startswith("mtbi-fast: error: --only-tasks: no task named (the tasks of")
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+
+    out = tmp_path / "r"
+    assert cli(behaviors_args(clips, out, "configs/tiny.yaml", "--only-tasks", "repeat",
+                              "--tasks", str(library), "--per-utterance", "2")) == 0
+    records = read_behaviors(out)
+    n_clips = len(clips.read_text().splitlines())
+    assert len(records) == 2 * n_clips and {r["task"] for r in records} == {"repeat"}
+
+
 def test_behaviors_folder_in_use_and_made_differently(tmp_path, capsys):
     import os
     import socket

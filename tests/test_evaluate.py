@@ -8,7 +8,7 @@ import yaml
 
 from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors, read_behaviors
 from mtbi_fast.data import read_manifest
-from mtbi_fast.evaluate import Embedder, evaluate, rouge_l
+from mtbi_fast.evaluate import Embedder, evaluate, repeat_wer, rouge_l
 from mtbi_fast.model import ModelConfig, SpeechLLM
 from mtbi_fast.tasks import TaskLibrary
 
@@ -217,3 +217,13 @@ def test_an_empty_teacher_answer_has_no_kl_not_nan(tmp_path, monkeypatch):
     assert not torch.isnan(torch.tensor([d["mean"] for s in result["deltas"]["mtbi"].values()
                                          for d in s.values()])).any()
     assert "nan" not in (tmp_path / "eval.md").read_text().lower()
+
+
+def test_repeat_wer_counts_edits_over_transcript_words():
+    # hand-counted: case and punctuation do not count, apostrophes stay part of the word
+    assert repeat_wer("The cat, sat.", "the cat sat on") == pytest.approx(1 / 3)  # 1 insertion
+    assert repeat_wer("It's late", "its late") == pytest.approx(1 / 2)            # 1 substitution
+    assert repeat_wer("one two three", "") == 1.0                                  # all deleted
+    assert repeat_wer("one two three", "?!") == 1.0
+    # corpus level: all edits over all words (1 of 6), not the mean of 1/2 and 0/4
+    assert repeat_wer(["a b", "c d e f"], ["a x", "C, d e f"]) == pytest.approx(1 / 6)
