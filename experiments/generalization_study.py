@@ -100,7 +100,7 @@ def run_study(args) -> dict:
     times["behaviors"] = time.time() - t
 
     t = time.time()
-    runs = {}
+    runs, trained = {}, False
     for seed in args.seeds:
         for arm in args.arms:
             if arm == "mtbi-small" and seed != args.seeds[0]:
@@ -109,19 +109,21 @@ def run_study(args) -> dict:
             runs[name] = out / f"run-{name}"
             if complete(runs[name], args.steps):
                 continue
+            trained = True
             print(f"[3/4] training {name}: {args.steps} steps")
             Trainer(run_config(config, out, arm, seed, args.steps)).train()
     times["training"] = time.time() - t
 
     t = time.time()
     print(f"[4/4] evaluation: {len(runs) + 1} models on {len(test)} test utterances")
-    result = evaluation(runs, test, out, embedder, args.tiny)
+    result, evaluated = evaluation(runs, test, out, embedder, args.tiny)
     times["evaluation"] = time.time() - t
     times["total"] = time.time() - t0
+    times = carried_times(out / "study.json", times, trained=trained, evaluated=evaluated)
 
     study = summarize(result, runs, args, times)
     (out / "study.json").write_text(json.dumps(study, indent=1))
-    plot_curves(runs, out / "eval_kl.png", args)
+    plot_curves(runs, out / "eval_kl.png", args, n_train=len(train))
     plot_differences(study, out / "differences.png")
     (out / "report.md").write_text(report(study, result, args))
     print((out / "report.md").read_text())
@@ -193,13 +195,28 @@ def evaluation(runs: dict, test, out: Path, embedder: Path, tiny: bool) -> dict:
     if saved.is_file():
         result = json.loads(saved.read_text())
         if set(names) <= set(result["summary"]):
-            return result
+            return result, False
     models = {name: SpeechLLM.from_pretrained(folder / "final") for name, folder in runs.items()}
     models["untrained"] = SpeechLLM.from_config(next(iter(models.values())).config)
     library = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
     split = library.split()
     return evaluate(models, test, library, split, out / "eval", per_split=1,
-                    max_new_tokens=12 if tiny else 32, embedder=Embedder(embedder), batch_size=16)
+                    max_new_tokens=12 if tiny else 32, embedder=Embedder(embedder), batch_size=16), True
+
+
+def carried_times(saved: Path, times: dict, *, trained: bool, evaluated: bool) -> dict:
+    """``times`` with the training and evaluation seconds of the earlier ``saved`` study.json
+    where this rerun did no training (every run complete) or no evaluation (reused), so a rerun
+    that only rewrites the report keeps what the work took; the total is recomputed."""
+    if not saved.is_file():
+        return times
+    before = json.loads(saved.read_text()).get("seconds", {})
+    times = dict(times)
+    for stage, did in (("training", trained), ("evaluation", evaluated)):
+        if not did and stage in before:
+            times[stage] = before[stage]
+    times["total"] = max(times["total"], sum(v for k, v in times.items() if k != "total"))
+    return times
 
 
 def summarize(result: dict, runs: dict, args, times: dict) -> dict:
@@ -222,9 +239,31 @@ def summarize(result: dict, runs: dict, args, times: dict) -> dict:
     for name, folder in runs.items():
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         curves[name] = [(r["step"], r["eval_kl"]) for r in rows if "eval_kl" in r]
+    memorization = {}  # MTBI on every training utterance minus MTBI on --small of them (first seed)
+    first = args.seeds[0]
+    if f"mtbi-s{first}" in runs and f"mtbi-small-s{first}" in runs:
+        d = paired_deltas(result["rows"], f"mtbi-small-s{first}", seed=first)
+        memorization = d.get(f"mtbi-s{first}", {})
     return {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "seconds": {k: round(v, 1) for k, v in times.items()}, "differences": diffs,
-            "goal": goal, "goal_met": bool(goal) and all(goal.values()), "eval_kl": curves}
+            "goal": goal, "goal_met": bool(goal) and all(goal.values()), "memorization": memorization,
+            "eval_kl": curves}
+
+
+def verdict(study: dict) -> str:
+    """The goal's verdict: "met", "not met", or "not tested" (no continue-only or no-interleave
+    run to compare with)."""
+    if not study["goal"]:
+        return "not tested (no continue-only or no-interleave run in this study)"
+    return "met" if study["goal_met"] else "not met"
+
+
+def delta_cells(cells: dict) -> str:
+    """ROUGE-L, chrF, similarity and imitation KL differences as table cells, then n."""
+    fmt = [(f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" if (c := cells.get(m)) else "-")
+           for m in ("rouge_l", "chrf", "similarity", "kl")]
+    n = next(iter(cells.values()))["n"] if cells else 0
+    return " | ".join(fmt) + f" | {n} |"
 
 
 def report(study: dict, result: dict, args) -> str:
@@ -235,7 +274,7 @@ def report(study: dict, result: dict, args) -> str:
              "## The goal", "",
              "MTBI beats continue-only and no-interleave on new wordings and on new tasks, by ROUGE-L or "
              "chrF, the 95% interval of the paired difference excluding 0, in every seed: "
-             f"**{'met' if study['goal_met'] else 'not met'}**.", "",
+             f"**{verdict(study)}**.", "",
              "| comparison | held |", "|---|---|"]
     lines += [f"| {k} | {'yes' if v else 'no'} |" for k, v in study["goal"].items()]
     lines += ["", "## MTBI minus each baseline, prompt by prompt (mean [95% bootstrap CI])", "",
@@ -244,18 +283,21 @@ def report(study: dict, result: dict, args) -> str:
     for seed, by_base in study["differences"].items():
         for base, by_split in by_base.items():
             for sp, cells in by_split.items():
-                fmt = [(f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]" if (c := cells.get(m)) else "-")
-                       for m in ("rouge_l", "chrf", "similarity", "kl")]
-                n = next(iter(cells.values()))["n"] if cells else 0
-                lines.append(f"| {seed} | {base} | {SPLIT_NAMES[sp]} | " + " | ".join(fmt) + f" | {n} |")
-    lines += ["", "(imitation KL: lower is better, so a negative difference favours MTBI.)", "",
-              "## Every model against the teacher", "",
+                lines.append(f"| {seed} | {base} | {SPLIT_NAMES[sp]} | " + delta_cells(cells))
+    lines += ["", "(imitation KL: lower is better, so a negative difference favours MTBI.)", ""]
+    if study["memorization"]:
+        lines += [f"## MTBI minus MTBI-small (on {args.small} of the training utterances), seed "
+                  f"{args.seeds[0]}, same steps: the memorization check", "",
+                  "| split | ROUGE-L | chrF | similarity | imitation KL | n |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {SPLIT_NAMES[sp]} | " + delta_cells(cells) for sp, cells in study["memorization"].items()]
+        lines += [""]
+    lines += ["## Every model against the teacher", "",
               markdown(result["summary"], result["deltas"], result["baseline"], per_task=False),
               "![held-out KL](eval_kl.png)", "", "![differences](differences.png)", ""]
     return "\n".join(lines)
 
 
-def plot_curves(runs: dict, path: Path, args) -> None:
+def plot_curves(runs: dict, path: Path, args, n_train: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,7 +308,8 @@ def plot_curves(runs: dict, path: Path, args) -> None:
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         pts = [(r["step"], r["eval_kl"]) for r in rows if "eval_kl" in r]
         arm = name.rsplit("-s", 1)[0]
-        label = f"{name} ({args.small} utterances)" if arm == "mtbi-small" else name
+        n = min(args.small, n_train) if arm == "mtbi-small" else n_train
+        label = f"{name} ({n:,} training utterances)"
         ax.plot(*zip(*pts), "o-" if arm in ("mtbi", "mtbi-small") else ".--", label=label, alpha=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out imitation KL (nats, speech only)")

@@ -53,8 +53,20 @@ def test_tiny_study_end_to_end(tmp_path):
                 key = f"s{seed} vs {base}, {study_mod.SPLIT_NAMES[split]}"
                 assert study["goal"][key] == (cells["rouge_l"]["lo"] > 0 or cells["chrf"]["lo"] > 0)
     assert study["goal_met"] == all(study["goal"].values())
+    assert study_mod.verdict(study) == ("met" if study["goal_met"] else "not met")
+    assert study_mod.verdict({"goal": {}, "goal_met": False}).startswith("not tested")
+    # the memorization check: MTBI minus MTBI-small, seed 0, prompt by prompt
+    for split, cells in study["memorization"].items():
+        ids = [r["id"] for r in rows if r["model"] == "mtbi-s0" and r["split"] == split]
+        d = [by[("mtbi-s0", i)]["chrf"] - by[("mtbi-small-s0", i)]["chrf"] for i in ids]
+        assert cells["chrf"]["mean"] == pytest.approx(sum(d) / len(d))
+    assert set(study["memorization"]) == {r["split"] for r in rows}
 
     # a rerun finds every run complete and the evaluation done
     stamps = {r: (out / f"run-{r}" / "metrics.jsonl").stat().st_mtime_ns for r in runs}
     assert study_mod.main(argv) == 0
     assert stamps == {r: (out / f"run-{r}" / "metrics.jsonl").stat().st_mtime_ns for r in runs}
+    # ... and keeps what the training and the evaluation took the first time
+    again = json.loads((out / "study.json").read_text())["seconds"]
+    assert again["training"] == study["seconds"]["training"] > 0
+    assert again["evaluation"] == study["seconds"]["evaluation"] > 0
