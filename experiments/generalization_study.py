@@ -14,7 +14,8 @@ study's paths, ``--steps`` and ``train.seed``:
 - ``no-interleave``: MTBI's tasks, speech only from the first step;
 - ``mtbi-ce``: MTBI plus cross-entropy on the teacher's response (``model.loss.ce_weight=0.5``);
 - ``mtbi-small``: MTBI on the first ``--small`` training utterances only, first seed only
-  (memorization: its held-out KL curve is plotted with MTBI's).
+  (memorization: its held-out KL curve is plotted with MTBI's, and the report gives MTBI minus
+  MTBI-small prompt by prompt).
 
 The corpus is ``mtbi-fast corpus build``'s (``--train``/``--test`` utterances; ``--tiny``: 40/8 of
 the bundled demo corpus with the random tiny models). The teacher answers one prompt per training
@@ -26,10 +27,11 @@ by seed, with 95% bootstrap intervals over prompts.
 
 The goal, stated so that it can fail: MTBI beats both continue-only and no-interleave on new
 wordings and on new tasks, by ROUGE-L or chrF, with the 95% interval of the paired difference
-excluding 0, in every seed. ``report.md`` says whether it held.
+excluding 0, in every seed. ``report.md`` says whether it held (or that it was not tested, when
+``--arms`` leaves out both continue-only and no-interleave).
 
 Output in ``--output``: report.md, study.json, eval_kl.png (held-out KL against steps, every run),
-differences.png; the runs (``run-<arm>-s<seed>``), the behaviors and ``eval/``. Every stage resumes
+differences.png (with a baseline arm); the runs (``run-<arm>-s<seed>``), the behaviors and ``eval/``. Every stage resumes
 from what the folder holds.
 """
 
@@ -116,7 +118,7 @@ def run_study(args) -> dict:
 
     t = time.time()
     print(f"[4/4] evaluation: {len(runs) + 1} models on {len(test)} test utterances")
-    result, evaluated = evaluation(runs, test, out, embedder, args.tiny)
+    result, evaluated = evaluation(runs, test, out, embedder, args.tiny, reuse=not trained)
     times["evaluation"] = time.time() - t
     times["total"] = time.time() - t0
     times = carried_times(out / "study.json", times, trained=trained, evaluated=evaluated)
@@ -124,7 +126,8 @@ def run_study(args) -> dict:
     study = summarize(result, runs, args, times)
     (out / "study.json").write_text(json.dumps(study, indent=1))
     plot_curves(runs, out / "eval_kl.png", args, n_train=len(train))
-    plot_differences(study, out / "differences.png")
+    if study["differences"]:  # nothing to draw without a baseline
+        plot_differences(study, out / "differences.png")
     (out / "report.md").write_text(report(study, result, args))
     print((out / "report.md").read_text())
     return study
@@ -187,14 +190,15 @@ def complete(run: Path, steps: int) -> bool:
     return any(r.get("step") == steps and "loss" in r for r in rows)
 
 
-def evaluation(runs: dict, test, out: Path, embedder: Path, tiny: bool) -> dict:
+def evaluation(runs: dict, test, out: Path, embedder: Path, tiny: bool, reuse: bool = True):
     """Every trained model and the untrained one on every test utterance (``out/eval``; reused
-    when it has every model)."""
+    when it has every model and ``reuse``: not after this run trained a model again). Returns the
+    result and whether it was computed now."""
     saved = out / "eval" / "eval.json"
     names = [*runs, "untrained"]
     if saved.is_file():
         result = json.loads(saved.read_text())
-        if set(names) <= set(result["summary"]):
+        if reuse and set(names) <= set(result["summary"]):
             return result, False
     models = {name: SpeechLLM.from_pretrained(folder / "final") for name, folder in runs.items()}
     models["untrained"] = SpeechLLM.from_config(next(iter(models.values())).config)
@@ -220,7 +224,8 @@ def carried_times(saved: Path, times: dict, *, trained: bool, evaluated: bool) -
 
 
 def summarize(result: dict, runs: dict, args, times: dict) -> dict:
-    """MTBI's paired differences from each baseline per seed, and the goal's verdict."""
+    """MTBI's paired differences from each baseline per seed, the goal's verdict, MTBI minus
+    MTBI-small (first seed) and the held-out KL curves."""
     diffs = {}
     for seed in args.seeds:
         mtbi = f"mtbi-s{seed}"
@@ -246,7 +251,8 @@ def summarize(result: dict, runs: dict, args, times: dict) -> dict:
         memorization = d.get(f"mtbi-s{first}", {})
     return {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "seconds": {k: round(v, 1) for k, v in times.items()}, "differences": diffs,
-            "goal": goal, "goal_met": bool(goal) and all(goal.values()), "memorization": memorization,
+            "goal": goal, "goal_tested": bool(goal), "goal_met": bool(goal) and all(goal.values()),
+            "memorization": memorization,
             "eval_kl": curves}
 
 
@@ -274,17 +280,20 @@ def report(study: dict, result: dict, args) -> str:
              "## The goal", "",
              "MTBI beats continue-only and no-interleave on new wordings and on new tasks, by ROUGE-L or "
              "chrF, the 95% interval of the paired difference excluding 0, in every seed: "
-             f"**{verdict(study)}**.", "",
-             "| comparison | held |", "|---|---|"]
-    lines += [f"| {k} | {'yes' if v else 'no'} |" for k, v in study["goal"].items()]
-    lines += ["", "## MTBI minus each baseline, prompt by prompt (mean [95% bootstrap CI])", "",
-              "| seed | baseline | split | ROUGE-L | chrF | similarity | imitation KL | n |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
-    for seed, by_base in study["differences"].items():
-        for base, by_split in by_base.items():
-            for sp, cells in by_split.items():
-                lines.append(f"| {seed} | {base} | {SPLIT_NAMES[sp]} | " + delta_cells(cells))
-    lines += ["", "(imitation KL: lower is better, so a negative difference favours MTBI.)", ""]
+             f"**{verdict(study)}**.", ""]
+    if study["goal"]:
+        lines += ["| comparison | held |", "|---|---|"]
+        lines += [f"| {k} | {'yes' if v else 'no'} |" for k, v in study["goal"].items()]
+        lines += [""]
+    if study["differences"]:
+        lines += ["## MTBI minus each baseline, prompt by prompt (mean [95% bootstrap CI])", "",
+                  "| seed | baseline | split | ROUGE-L | chrF | similarity | imitation KL | n |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for seed, by_base in study["differences"].items():
+            for base, by_split in by_base.items():
+                for sp, cells in by_split.items():
+                    lines.append(f"| {seed} | {base} | {SPLIT_NAMES[sp]} | " + delta_cells(cells))
+        lines += ["", "(imitation KL: lower is better, so a negative difference favours MTBI.)", ""]
     if study["memorization"]:
         lines += [f"## MTBI minus MTBI-small (on {args.small} of the training utterances), seed "
                   f"{args.seeds[0]}, same steps: the memorization check", "",
@@ -293,7 +302,9 @@ def report(study: dict, result: dict, args) -> str:
         lines += [""]
     lines += ["## Every model against the teacher", "",
               markdown(result["summary"], result["deltas"], result["baseline"], per_task=False),
-              "![held-out KL](eval_kl.png)", "", "![differences](differences.png)", ""]
+              "![held-out KL](eval_kl.png)", ""]
+    if study["differences"]:
+        lines += ["![differences](differences.png)", ""]
     return "\n".join(lines)
 
 

@@ -36,14 +36,13 @@ from pathlib import Path
 
 import torch
 
-from mtbi_fast.behaviors import read_behaviors
+from mtbi_fast.behaviors import job, read_behaviors
 from mtbi_fast.config import load_config
 from mtbi_fast.data import read_manifest
 from mtbi_fast.dataset import load_hidden_cache
-from mtbi_fast.behaviors import job
 from mtbi_fast.evaluate import imitation_kl, model_answers, other_speech, repeat_wer
-from mtbi_fast.tasks import TaskLibrary
 from mtbi_fast.model import SpeechLLM
+from mtbi_fast.tasks import TaskLibrary
 from mtbi_fast.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +72,8 @@ def main() -> None:
                                f"interleave.steps={args.steps}", "train.eval_every=0",
                                "train.save_every=0", "deepspeed=null", "train.log_every=10",
                                *args.overrides])
-    audio = {u.id: u.audio for u in read_manifest(args.manifest)}
+    utts = read_manifest(args.manifest)
+    audio = {u.id: u.audio for u in utts}
     heldout = {}
     for folder in args.heldout.split(","):
         records = read_behaviors(folder)
@@ -96,7 +96,7 @@ def main() -> None:
         model = trainer.model.eval()
     results = args.demo / "probes" / "results.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
-    wer = repeat_scores(model, read_manifest(args.manifest)) if args.repeat_wer else {}
+    wer = repeat_scores(model, utts) if args.repeat_wer else {}
     for folder, (records, hidden) in heldout.items():
         jobs = [{"id": r["id"], "utt_id": r["utt_id"], "audio": audio[r["utt_id"]]} for r in records]
         own = sum(imitation_kl(model, jobs, records, hidden)) / len(jobs)
@@ -116,10 +116,11 @@ def repeat_scores(model, utts) -> dict:
     seen wordings (``wer_seen``) and held-out ones (``wer_new``)."""
     library = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
     split = library.split()
-    kinds = {"seen": split.train.get("repeat", []), "new": split.heldout_wordings.get("repeat", [])}
+    kinds = {"seen": ("train", split.train.get("repeat", [])),
+             "new": ("heldout_wording", split.heldout_wordings.get("repeat", []))}
     out = {}
-    for kind, wordings in kinds.items():
-        jobs = [{**job(u, "repeat", w, kind), "audio": u.audio} for u in utts for w in wordings]
+    for kind, (part, wordings) in kinds.items():
+        jobs = [{**job(u, "repeat", w, part), "audio": u.audio} for u in utts for w in wordings]
         if not jobs:
             continue
         answers = model_answers(model, jobs, library, max_new_tokens=32, batch_size=16, desc=f"repeat ({kind})")

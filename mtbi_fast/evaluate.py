@@ -388,7 +388,7 @@ def plot(summary: dict, path: Path):
 
 def repeat_wer(transcript: str | list[str], answer: str | list[str]) -> float:
     """The word error rate of ``answer`` against ``transcript`` (jiwer), both normalized with
-    ``wer_words``; an empty answer counts as every word deleted (1.0). Lists of transcripts and
+    ``wer_words``; an empty answer scores 1.0, as if every word were missed. Lists of transcripts and
     answers give the corpus-level rate (all edits over all transcript words)."""
     import jiwer
 

@@ -223,7 +223,7 @@ def test_repeat_wer_counts_edits_over_transcript_words():
     # hand-counted: case and punctuation do not count, apostrophes stay part of the word
     assert repeat_wer("The cat, sat.", "the cat sat on") == pytest.approx(1 / 3)  # 1 insertion
     assert repeat_wer("It's late", "its late") == pytest.approx(1 / 2)            # 1 substitution
-    assert repeat_wer("one two three", "") == 1.0                                  # all deleted
+    assert repeat_wer("one two three", "") == 1.0                                  # nothing said
     assert repeat_wer("one two three", "?!") == 1.0
     # corpus level: all edits over all words (1 of 6), not the mean of 1/2 and 0/4
     assert repeat_wer(["a b", "c d e f"], ["a x", "C, d e f"]) == pytest.approx(1 / 6)

@@ -52,7 +52,7 @@ def test_tiny_study_end_to_end(tmp_path):
                 cells = study["differences"][seed][base][split]
                 key = f"s{seed} vs {base}, {study_mod.SPLIT_NAMES[split]}"
                 assert study["goal"][key] == (cells["rouge_l"]["lo"] > 0 or cells["chrf"]["lo"] > 0)
-    assert study["goal_met"] == all(study["goal"].values())
+    assert study["goal_met"] == all(study["goal"].values()) and study["goal_tested"]
     assert study_mod.verdict(study) == ("met" if study["goal_met"] else "not met")
     assert study_mod.verdict({"goal": {}, "goal_met": False}).startswith("not tested")
     # the memorization check: MTBI minus MTBI-small, seed 0, prompt by prompt
