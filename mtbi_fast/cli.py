@@ -313,6 +313,11 @@ def _behaviors(args) -> int:
             what = f"unknown task {unknown[0]!r}" if unknown else "no task named"
             raise ValueError(f"--only-tasks: {what} (the tasks of {args.tasks}: "
                              f"{', '.join(sorted(library.tasks))})")
+        in_split = {t for t, _ in library.pool(library.split(), args.split)}
+        absent = [t for t in only if t not in in_split]
+        if absent:
+            raise ValueError(f"--only-tasks: task {absent[0]!r} has no prompts in the {args.split} split "
+                             f"(its tasks: {', '.join(sorted(in_split))})")
     rank, world, local_rank = rank_world()  # (0, 1, 0) without a launcher
     llm, tokenizer = load_teacher(model_cfg.llm, seed=model_cfg.init_seed, dtype=model_cfg.dtype)
     import torch

@@ -99,6 +99,10 @@ def test_behaviors_only_tasks(tmp_path, capsys):
                                  f"configs/tasks.yaml: {names})")
     assert cli(behaviors_args(clips, tmp_path / "b", "configs/tiny.yaml", "--only-tasks", " , ")) == 2
     assert one_error(capsys).startswith("mtbi-fast: error: --only-tasks: no task named (the tasks of")
+    assert cli(behaviors_args(clips, tmp_path / "b", "configs/tiny.yaml", "--only-tasks", "repeat",
+                              "--split", "heldout_task")) == 2  # repeat is a training task
+    assert one_error(capsys) == ("mtbi-fast: error: --only-tasks: task 'repeat' has no prompts in the "
+                                 "heldout_task split (its tasks: give_title, judge_sentiment)")
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
     out = tmp_path / "r"
