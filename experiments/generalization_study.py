@@ -31,8 +31,8 @@ excluding 0, in every seed. ``report.md`` says whether it held (or that it was n
 ``--arms`` leaves out both continue-only and no-interleave).
 
 Output in ``--output``: report.md, study.json, eval_kl.png (held-out KL against steps, every run),
-differences.png (with a baseline arm); the runs (``run-<arm>-s<seed>``), the behaviors and ``eval/``. Every stage resumes
-from what the folder holds.
+differences.png (with a baseline arm); the runs (``run-<arm>-s<seed>``), the behaviors and
+``eval/``. Every stage resumes from what the folder holds.
 """
 
 from __future__ import annotations

@@ -100,14 +100,30 @@ class BehaviorConfig:
     tasks: tuple | None = None      # only these tasks (e.g. ("continue",) for a BLSP-style baseline)
 
 
+def task_pool(library: TaskLibrary, split: TaskSplit, kind: str,
+              tasks: tuple | None = None) -> list[tuple[str, int]]:
+    """The (task, wording) pairs of part ``kind`` of ``split`` (``TaskLibrary.pool``), only those
+    of ``tasks`` when given. A task the library lacks, or one with no prompt in that part, is
+    refused by name, never dropped in silence."""
+    pool = library.pool(split, kind)
+    if tasks is None:
+        return pool
+    unknown = [t for t in tasks if t not in library.tasks]
+    if unknown or not tasks:
+        what = f"unknown task {unknown[0]!r}" if unknown else "no task named"
+        raise ValueError(f"{what} (the library's tasks: {', '.join(sorted(library.tasks))})")
+    present = {t for t, _ in pool}
+    absent = [t for t in tasks if t not in present]
+    if absent:
+        raise ValueError(f"no {kind} prompts of tasks {absent} in the split "
+                         f"(its tasks: {', '.join(sorted(present))})")
+    return [(t, w) for t, w in pool if t in tasks]
+
+
 def plan(utterances: list[Utterance], split: TaskSplit, library: TaskLibrary,
          cfg: BehaviorConfig) -> list[dict]:
     """The (utterance, task, wording) jobs, in a fixed order."""
-    pool = library.pool(split, cfg.split)
-    if cfg.tasks is not None:
-        pool = [(t, w) for t, w in pool if t in cfg.tasks]
-        if not pool:
-            raise ValueError(f"no {cfg.split} prompts of tasks {list(cfg.tasks)} in the split")
+    pool = task_pool(library, split, cfg.split, cfg.tasks)
     jobs = []
     for u in sorted(utterances, key=lambda u: u.id):
         rng = random.Random(derived_seed(cfg.seed, u.id))

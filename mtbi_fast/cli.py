@@ -296,7 +296,7 @@ def _models(args) -> int:
 
 
 def _behaviors(args) -> int:
-    from .behaviors import BehaviorConfig, generate_behaviors, rank_world
+    from .behaviors import BehaviorConfig, generate_behaviors, rank_world, task_pool
     from .hub import load_teacher
     from .lhotse_io import read_utterances
     from .model import ModelConfig
@@ -308,16 +308,10 @@ def _behaviors(args) -> int:
     only = None
     if args.only_tasks is not None:
         only = tuple(t.strip() for t in args.only_tasks.split(",") if t.strip())
-        unknown = [t for t in only if t not in library.tasks]
-        if unknown or not only:
-            what = f"unknown task {unknown[0]!r}" if unknown else "no task named"
-            raise ValueError(f"--only-tasks: {what} (the tasks of {args.tasks}: "
-                             f"{', '.join(sorted(library.tasks))})")
-        in_split = {t for t, _ in library.pool(library.split(), args.split)}
-        absent = [t for t in only if t not in in_split]
-        if absent:
-            raise ValueError(f"--only-tasks: task {absent[0]!r} has no prompts in the {args.split} split "
-                             f"(its tasks: {', '.join(sorted(in_split))})")
+        try:  # the planner's own check, here before the teacher loads
+            task_pool(library, library.split(), args.split, only)
+        except ValueError as exc:
+            raise ValueError(f"--only-tasks ({args.tasks}): {exc}") from None
     rank, world, local_rank = rank_world()  # (0, 1, 0) without a launcher
     llm, tokenizer = load_teacher(model_cfg.llm, seed=model_cfg.init_seed, dtype=model_cfg.dtype)
     import torch

@@ -121,6 +121,11 @@ def test_bad_plan_options_are_named(setup):
         plan(utts, lib.split(), lib, BehaviorConfig(split="dev"))
     with pytest.raises(ValueError, match=r"no train prompts of tasks \['give_title'\] in the split"):
         plan(utts, lib.split(), lib, BehaviorConfig(tasks=("give_title",)))
+    # one absent or unknown task among present ones is named too, not dropped in silence
+    with pytest.raises(ValueError, match=r"no train prompts of tasks \['give_title'\] in the split \(its tasks: "):
+        plan(utts, lib.split(), lib, BehaviorConfig(tasks=("repeat", "give_title")))
+    with pytest.raises(ValueError, match=r"^unknown task 'recite' \(the library's tasks: "):
+        plan(utts, lib.split(), lib, BehaviorConfig(tasks=("repeat", "recite")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,14 +95,16 @@ def test_behaviors_only_tasks(tmp_path, capsys):
     library = ROOT / "configs" / "tasks.yaml"
     names = ", ".join(sorted(TaskLibrary.load(library).tasks))
     assert cli(behaviors_args(clips, tmp_path / "b", "configs/tiny.yaml", "--only-tasks", "repeat,recite")) == 2
-    assert one_error(capsys) == (f"mtbi-fast: error: --only-tasks: unknown task 'recite' (the tasks of "
-                                 f"configs/tasks.yaml: {names})")
+    assert one_error(capsys) == (f"mtbi-fast: error: --only-tasks (configs/tasks.yaml): unknown task "
+                                 f"'recite' (the library's tasks: {names})")
     assert cli(behaviors_args(clips, tmp_path / "b", "configs/tiny.yaml", "--only-tasks", " , ")) == 2
-    assert one_error(capsys).startswith("mtbi-fast: error: --only-tasks: no task named (the tasks of")
+    assert one_error(capsys) == (f"mtbi-fast: error: --only-tasks (configs/tasks.yaml): no task named "
+                                 f"(the library's tasks: {names})")
     assert cli(behaviors_args(clips, tmp_path / "b", "configs/tiny.yaml", "--only-tasks", "repeat",
                               "--split", "heldout_task")) == 2  # repeat is a training task
-    assert one_error(capsys) == ("mtbi-fast: error: --only-tasks: task 'repeat' has no prompts in the "
-                                 "heldout_task split (its tasks: give_title, judge_sentiment)")
+    assert one_error(capsys) == ("mtbi-fast: error: --only-tasks (configs/tasks.yaml): no heldout_task "
+                                 "prompts of tasks ['repeat'] in the split (its tasks: give_title, "
+                                 "judge_sentiment)")
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
     out = tmp_path / "r"
