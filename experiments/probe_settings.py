@@ -13,6 +13,7 @@ the held-out imitation KL with each utterance's own clip and with another uttera
     python experiments/probe_settings.py runs/demo $H --steps 100 --init-scale 10
     python experiments/probe_settings.py runs/demo $H --model runs/demo/run/final   # score, no training
     python experiments/probe_settings.py runs/demo $H --steps 300 --repeat-wer       # + repeat WER
+    python experiments/probe_settings.py runs/demo $H --model runs/demo/run/final --repeat-wer --no-repeat-ngram 3
 
 DEMO is a ``mtbi-fast demo`` output folder (its resolved ``run/config.yaml``, manifests and
 behaviors); HELDOUT one or more (comma-separated) behaviors folders with cached teacher states
@@ -24,7 +25,8 @@ instead of training one
 (the 300-step probes of docs/results.md: ``benchmarks/results/demo_probes.jsonl``).
 ``--repeat-wer`` also has the model answer every repeat wording (seen and held-out) for every
 utterance of ``--manifest`` from its speech and adds the mean WER against the transcript per
-wording kind, as the demo's evaluation computes it, and the corpus-level WER, to the first row.
+wording kind, as the demo's evaluation computes it, and the corpus-level WER, to the first row;
+``--no-repeat-ngram`` / ``--repetition-penalty`` decode those answers out of loops.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from mtbi_fast.config import load_config
 from mtbi_fast.data import read_manifest
 from mtbi_fast.dataset import load_hidden_cache
 from mtbi_fast.evaluate import imitation_kl, model_answers, other_speech, repeat_wer
-from mtbi_fast.model import SpeechLLM
+from mtbi_fast.model import SpeechLLM, decoding_kwargs
 from mtbi_fast.tasks import TaskLibrary
 from mtbi_fast.trainer import Trainer
 
@@ -62,7 +64,17 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="score this trained model instead of training one")
     ap.add_argument("--repeat-wer", action="store_true",
                     help="also the repeat WER on every repeat wording of every --manifest utterance")
+    ap.add_argument("--no-repeat-ngram", type=int, metavar="N",
+                    help="decode the repeat answers with no N-gram twice (default: plain greedy)")
+    ap.add_argument("--repetition-penalty", type=float, metavar="X",
+                    help="decode the repeat answers with this repetition penalty")
     args = ap.parse_intermixed_args()
+    try:
+        decoding = decoding_kwargs(args.no_repeat_ngram, args.repetition_penalty)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if decoding and not args.repeat_wer:
+        ap.error("--no-repeat-ngram and --repetition-penalty shape the --repeat-wer answers: add --repeat-wer")
     config = args.demo / "run" / "config.yaml"
     if not config.is_file():
         raise SystemExit(f"{config} not found: run `mtbi-fast demo --output {args.demo}` first")
@@ -96,7 +108,7 @@ def main() -> None:
         model = trainer.model.eval()
     results = args.demo / "probes" / "results.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
-    wer = repeat_scores(model, utts) if args.repeat_wer else {}
+    wer = repeat_scores(model, utts, decoding) if args.repeat_wer else {}
     for folder, (records, hidden) in heldout.items():
         jobs = [{"id": r["id"], "utt_id": r["utt_id"], "audio": audio[r["utt_id"]]} for r in records]
         own = sum(imitation_kl(model, jobs, records, hidden)) / len(jobs)
@@ -110,20 +122,22 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def repeat_scores(model, utts) -> dict:
+def repeat_scores(model, utts, decoding: dict | None = None) -> dict:
     """``model``'s repeat WER from the speech on every repeat wording of every utterance: the mean
     over prompts (the demo's figure) and over all words (edits / transcript words), for the split's
-    seen wordings (``wer_seen``) and held-out ones (``wer_new``)."""
+    seen wordings (``wer_seen``) and held-out ones (``wer_new``); the answers greedy, or decoded
+    with ``decoding`` (``model.decoding_kwargs``, recorded as ``decoding``)."""
     library = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
     split = library.split()
     kinds = {"seen": ("train", split.train.get("repeat", [])),
              "new": ("heldout_wording", split.heldout_wordings.get("repeat", []))}
-    out = {}
+    out = {"decoding": dict(decoding)} if decoding else {}
     for kind, (part, wordings) in kinds.items():
         jobs = [{**job(u, "repeat", w, part), "audio": u.audio} for u in utts for w in wordings]
         if not jobs:
             continue
-        answers = model_answers(model, jobs, library, max_new_tokens=32, batch_size=16, desc=f"repeat ({kind})")
+        answers = model_answers(model, jobs, library, max_new_tokens=32, batch_size=16,
+                                desc=f"repeat ({kind})", decoding=decoding)
         per = [repeat_wer(j["text"], a) for j, a in zip(jobs, answers)]
         out[f"wer_{kind}"] = round(sum(per) / len(per), 4)
         out[f"wer_{kind}_corpus"] = round(repeat_wer([j["text"] for j in jobs], answers), 4)

@@ -102,6 +102,27 @@ def _add_infer(sub):
     inf.add_argument("--prompt", required=True, help="the question; {speech} marks where the audio goes")
     inf.add_argument("--max-new-tokens", type=int, default=128)
     inf.add_argument("--no-stream", action="store_true", help="print each answer when complete")
+    _add_decoding(inf)
+
+
+def _add_decoding(p):
+    p.add_argument("--no-repeat-ngram", type=int, metavar="N",
+                   help="never repeat an N-token sequence within an answer (keeps an undertrained "
+                        "model out of loops; default: plain greedy)")
+    p.add_argument("--repetition-penalty", type=float, metavar="X",
+                   help="penalize tokens the answer already holds (X > 1; default: none)")
+
+
+def _decoding(args) -> dict:
+    from .model import decoding_kwargs
+
+    kw = {}
+    for flag, name in (("--no-repeat-ngram", "no_repeat_ngram"), ("--repetition-penalty", "repetition_penalty")):
+        try:
+            kw.update(decoding_kwargs(**{name: getattr(args, name)}))
+        except ValueError as exc:
+            raise SystemExit(f"{flag}: {exc}") from None
+    return kw
 
 
 def _add_eval(sub):
@@ -116,6 +137,7 @@ def _add_eval(sub):
     ev.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     ev.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
     ev.add_argument("--no-similarity", action="store_true", help="skip the sentence embeddings")
+    _add_decoding(ev)
 
 
 def _add_demo(sub):
@@ -333,6 +355,7 @@ def _infer(args) -> int:
     from .model import SpeechLLM
     from .prompts import prompt_halves
 
+    decoding = _decoding(args)
     model = SpeechLLM.from_pretrained(_model_folder(args.model)).eval()
     prompt_halves(model.tokenizer, args.prompt)  # a bad prompt is one error, not one per file
     streamer = None
@@ -345,7 +368,7 @@ def _infer(args) -> int:
         print(f"== {path}", flush=True)
         try:
             answer = model.generate(path, args.prompt, streamer=streamer,
-                                    max_new_tokens=args.max_new_tokens)
+                                    max_new_tokens=args.max_new_tokens, **decoding)
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             failed += 1
@@ -356,11 +379,12 @@ def _infer(args) -> int:
 
 
 def _eval(args) -> int:
-    from .evaluate import Embedder, evaluate, markdown
+    from .evaluate import Embedder, decoding_note, evaluate, markdown
     from .lhotse_io import read_utterances  # a JSONL manifest or a Lhotse CutSet
     from .model import SpeechLLM
     from .tasks import TaskLibrary, TaskSplit
 
+    decoding = _decoding(args)
     run = Path(args.model)
     library = TaskLibrary.load(args.tasks)
     split_path = Path(args.split) if args.split else None
@@ -379,7 +403,9 @@ def _eval(args) -> int:
         embedder = Embedder(fetch("minilm", quiet=True))
     result = evaluate(models, read_utterances(args.manifest), library, split, args.output,
                       per_split=args.per_split, max_new_tokens=args.max_new_tokens, embedder=embedder,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, decoding=decoding)
+    if decoding:
+        print(decoding_note(decoding))
     print(markdown(result["summary"], result["deltas"], result["baseline"], per_task=False), end="")
     print(f"{result['jobs']} prompts in {result['seconds']} s -> {args.output} (eval.json, eval.md, eval.png)")
     return 0

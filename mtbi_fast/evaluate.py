@@ -107,10 +107,12 @@ def plan_eval(utts: list[Utterance], library: TaskLibrary, split: TaskSplit, per
 def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: TaskSplit,
              out_dir: str | Path, *, per_split: int = 2, max_new_tokens: int = 48, seed: int = 0,
              embedder: Embedder | None = None, progress: bool = True, batch_size: int = 8,
-             baseline: str | None = "untrained") -> dict:
+             baseline: str | None = "untrained", decoding: dict | None = None) -> dict:
     """Score each SLLM in ``models`` ({"name": SpeechLLM}) against the teacher (the first model's
     LLM with adapters off), and each against ``models[baseline]`` when there is one (paired
-    bootstrap). Returns the results dict written to ``eval.json``."""
+    bootstrap). ``decoding`` (``model.decoding_kwargs``) shapes the SLLMs' free-running answers;
+    the teacher's stay greedy, as its training behaviors are. Returns the results dict written to
+    ``eval.json``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     first = next(iter(models.values()))
@@ -122,7 +124,7 @@ def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: T
     others = other_speech(jobs)
     for name, model in models.items():
         answers[name] = model_answers(model, jobs, library, max_new_tokens, batch_size,
-                                      desc=f"eval {name}", progress=progress)
+                                      desc=f"eval {name}", progress=progress, decoding=decoding)
         kls[name] = imitation_kl(model, jobs, teacher, teacher_hidden)
         if others is not None:  # does the model listen? the same prompts with another clip's speech
             kls_other[name] = imitation_kl(model, others, teacher, teacher_hidden)
@@ -131,7 +133,7 @@ def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: T
     deltas = paired_deltas(rows, baseline, seed=seed) if baseline in models else {}
     result = {"jobs": len(jobs), "seconds": round(time.time() - t0, 1), "summary": summary,
               "deltas": deltas, "baseline": baseline if deltas else None, "rows": rows,
-              "split": split.to_dict()}
+              "split": split.to_dict(), "decoding": dict(decoding or {})}
     _write_results(Path(out_dir), result)
     return result
 
@@ -151,9 +153,11 @@ def teacher_answers(model, jobs: list[dict], library: TaskLibrary, max_new_token
 
 
 def model_answers(model, jobs: list[dict], library: TaskLibrary, max_new_tokens: int,
-                  batch_size: int, *, desc: str = "eval", progress: bool = True) -> list[str]:
+                  batch_size: int, *, desc: str = "eval", progress: bool = True,
+                  decoding: dict | None = None) -> list[str]:
     """The SLLM's answers to ``jobs``, from their speech (``{speech}`` in place of the
-    transcript), ``batch_size`` prompts decoded together."""
+    transcript), ``batch_size`` prompts decoded together; greedy unless ``decoding``
+    (``model.decoding_kwargs``) says otherwise."""
     model.eval()
     outs = []
     bar = tqdm(total=len(jobs), desc=desc, unit="prompt", disable=not progress)
@@ -161,7 +165,8 @@ def model_answers(model, jobs: list[dict], library: TaskLibrary, max_new_tokens:
         group = jobs[b:b + batch_size]
         prompts = [library.prompt(j["task"], j["wording"], SPEECH) for j in group]
         outs += [a.strip() for a in model.generate_batch([j["audio"] for j in group], prompts,
-                                                         max_new_tokens=max_new_tokens)]
+                                                         max_new_tokens=max_new_tokens,
+                                                         **(decoding or {}))]
         bar.update(len(group))
     bar.close()
     return outs
@@ -245,9 +250,17 @@ def _write_results(out: Path, result: dict):
     """``eval.json`` (everything), ``eval.md`` (the tables) and ``eval.png`` (the chart)."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
-    atomic_write_text(out / "eval.md", markdown(result["summary"], result["deltas"],
-                                                result["baseline"]))
+    text = markdown(result["summary"], result["deltas"], result["baseline"])
+    if result.get("decoding"):
+        text = decoding_note(result["decoding"]) + "\n\n" + text
+    atomic_write_text(out / "eval.md", text)
     plot(result["summary"], out / "eval.png")
+
+
+def decoding_note(decoding: dict) -> str:
+    """One line saying how the SLLMs' answers were decoded (``evaluate``'s ``decoding``)."""
+    settings = ", ".join(f"{k}={v:g}" for k, v in sorted(decoding.items()))
+    return f"The SLLMs' answers: greedy with {settings}; the teacher's: greedy."
 
 
 def _summarize(rows: list[dict]) -> dict:

@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -374,7 +375,10 @@ class SpeechLLM(nn.Module):
         kw.update(generation_kwargs)
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             kw.setdefault("pad_token_id", tokenizer.eos_token_id)
-        with padded_attention(self.llm):
+        with padded_attention(self.llm), warnings.catch_warnings():
+            # the prompt is embeddings, so these settings see the answer only (as decoding_kwargs says)
+            warnings.filterwarnings("ignore", message=r"Passing `(no_repeat_ngram_size|repetition_penalty)` "
+                                    r"with `inputs_embeds`")
             out = self.llm.generate(inputs_embeds=x, attention_mask=mask, streamer=streamer, **kw)
         return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
@@ -423,6 +427,27 @@ class SpeechLLM(nn.Module):
                              f"missing {missing[:5]}, unexpected {extra[:5]}")
         model.load_state_dict(state, strict=False)
         return model
+
+
+def decoding_kwargs(no_repeat_ngram: int | None = None,
+                    repetition_penalty: float | None = None) -> dict:
+    """``generate`` keyword arguments that keep a free-running answer out of loops: no n-gram of
+    ``no_repeat_ngram`` tokens twice in one answer, and ``repetition_penalty`` (> 1) dividing
+    the positive logit (multiplying the negative one) of every token the answer already holds
+    (the prompt is embeddings, so neither sees it).
+    An undertrained adapter's greedy answers often repeat one phrase until ``max_new_tokens``
+    (docs/results.md, "Repeat WER"). None leaves plain greedy decoding."""
+    kw = {}
+    if no_repeat_ngram is not None:
+        if isinstance(no_repeat_ngram, bool) or not isinstance(no_repeat_ngram, int) or no_repeat_ngram < 1:
+            raise ValueError(f"no_repeat_ngram must be an integer >= 1, got {no_repeat_ngram!r}")
+        kw["no_repeat_ngram_size"] = no_repeat_ngram
+    if repetition_penalty is not None:
+        if (isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float))
+                or not math.isfinite(repetition_penalty) or repetition_penalty <= 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
+        kw["repetition_penalty"] = float(repetition_penalty)
+    return kw
 
 
 def _embed_dim(llm) -> int:

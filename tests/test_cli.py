@@ -1,7 +1,9 @@
 """mtbi_fast/cli.py: info, infer (streamed answers, bad audio), models list."""
 
+import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mtbi_fast.cli import main as cli
@@ -40,6 +42,18 @@ def test_infer_streams_answers_and_reports_bad_audio(tmp_path, capsys):
     assert err.strip().splitlines() == [
         "mtbi-fast: error: the prompt has {speech} 2 times; it marks the one place the utterance "
         "goes: 'Compare {speech} with {speech}'"]
+
+
+@pytest.mark.parametrize("command", ["infer", "eval"])
+@pytest.mark.parametrize("flag, value, message", [
+    ("--no-repeat-ngram", "0", "--no-repeat-ngram: no_repeat_ngram must be an integer >= 1, got 0"),
+    ("--repetition-penalty", "-1", "--repetition-penalty: repetition_penalty must be a finite number > 0, got -1.0"),
+])
+def test_decoding_flags_refuse_bad_values_before_loading(command, flag, value, message, tmp_path):
+    args = {"infer": ["--audio", "x.wav", "--prompt", "Hi"],
+            "eval": ["--manifest", "x.jsonl", "-o", str(tmp_path / "eval")]}[command]
+    with pytest.raises(SystemExit, match=f"^{re.escape(message)}$"):
+        cli([command, "--model", str(tmp_path / "no-run"), *args, flag, value])
 
 
 def test_models_list(capsys, monkeypatch, tmp_path):

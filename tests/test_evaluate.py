@@ -9,7 +9,7 @@ import yaml
 from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors, read_behaviors
 from mtbi_fast.data import read_manifest
 from mtbi_fast.evaluate import Embedder, evaluate, repeat_wer, rouge_l
-from mtbi_fast.model import ModelConfig, SpeechLLM
+from mtbi_fast.model import ModelConfig, SpeechLLM, decoding_kwargs
 from mtbi_fast.tasks import TaskLibrary
 
 ROOT = Path(__file__).parents[1]
@@ -208,8 +208,22 @@ def test_an_empty_teacher_answer_has_no_kl_not_nan(tmp_path, monkeypatch):
 
     first = plan_eval(utts[:1], lib, lib.split(), 1, 0)[0]["id"]
     monkeypatch.setattr(ev, "answer", emptied)
+    seen_kwargs = []
+    real_generate = SpeechLLM.generate_batch
+
+    def spy(self, *a, **k):
+        seen_kwargs.append(k)
+        return real_generate(self, *a, **k)
+
+    monkeypatch.setattr(SpeechLLM, "generate_batch", spy)
     result = evaluate({"mtbi": model, "untrained": SpeechLLM.from_config(cfg)}, utts[:1], lib,
-                      lib.split(), tmp_path, per_split=1, max_new_tokens=2, progress=False)
+                      lib.split(), tmp_path, per_split=1, max_new_tokens=2, progress=False,
+                      decoding=decoding_kwargs(no_repeat_ngram=3))
+    # the SLLMs' answers are decoded as asked, and the report says so
+    assert seen_kwargs and all(k == {"max_new_tokens": 2, "no_repeat_ngram_size": 3} for k in seen_kwargs)
+    assert result["decoding"] == {"no_repeat_ngram_size": 3}
+    assert (tmp_path / "eval.md").read_text().startswith(
+        "The SLLMs' answers: greedy with no_repeat_ngram_size=3; the teacher's: greedy.\n")
     rows = [r for r in result["rows"] if r["model"] != "teacher"]
     assert all(("kl" in r) == (r["id"] != first) for r in rows)
     for split in result["summary"]["mtbi"].values():

@@ -1,6 +1,7 @@
 """mtbi_fast/model.py on configs/tiny.yaml: encoder at true length, forward/backward, packed vs
 unpacked, save/load, generate."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import yaml
 from mtbi_fast.audio import log_mel
 from mtbi_fast.data import Word
 from mtbi_fast.interleave import example_pair
-from mtbi_fast.model import ModelConfig, SpeechLLM
+from mtbi_fast.model import ModelConfig, SpeechLLM, decoding_kwargs
 from mtbi_fast.packing import pack
 from mtbi_fast.prompts import prompt_halves
 
@@ -205,6 +206,69 @@ def test_generate_batch_matches_one_at_a_time(model, tmp_path):
         model.generate_batch([str(p) for p in paths], prompts[:2])
     with pytest.raises(ValueError, match="a streamer follows one answer: generate one prompt at a time"):
         model.generate_batch([str(p) for p in paths], prompts, streamer=object())
+
+
+class _IdsTokenizer:
+    """The model's tokenizer, but ``decode`` spells the token ids (up to the first end token), so
+    a test sees exactly what ``generate`` chose."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+    def decode(self, ids, skip_special_tokens=True):
+        ids = [int(i) for i in ids]
+        if self._tok.eos_token_id in ids:
+            ids = ids[:ids.index(self._tok.eos_token_id)]
+        return " ".join(map(str, ids))
+
+
+def repeated_ngrams(ids: list[str], n: int) -> int:
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+def test_no_repeat_ngram_keeps_greedy_answers_out_of_loops(model, tmp_path):
+    """``decoding_kwargs(no_repeat_ngram=2)``: no token pair twice in any answer of a batch. Plain
+    greedy decoding of the random tiny model repeats pairs, so the check is not vacuous; the
+    first token, chosen before anything can repeat, is the same."""
+    import soundfile as sf
+
+    paths = []
+    for i, seconds in enumerate((0.8, 1.5)):
+        paths.append(tmp_path / f"clip{i}.wav")
+        sf.write(paths[-1], clip(seconds, i).numpy(), 16000)
+    prompts = ["Repeat {speech} word for word.", "What is said in {speech}?"]
+    tok = _IdsTokenizer(model.tokenizer)
+    greedy = [a.split() for a in model.generate_batch([str(p) for p in paths], prompts, tok, max_new_tokens=24)]
+    free = [a.split() for a in model.generate_batch([str(p) for p in paths], prompts, tok, max_new_tokens=24,
+                                                   **decoding_kwargs(no_repeat_ngram=2))]
+    assert sum(repeated_ngrams(a, 2) for a in greedy) > 0
+    assert all(repeated_ngrams(a, 2) == 0 for a in free) and all(len(a) >= 3 for a in free)
+    assert [a[0] for a in free] == [a[0] for a in greedy]
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"no_repeat_ngram": 0}, "no_repeat_ngram must be an integer >= 1, got 0"),
+    ({"no_repeat_ngram": 2.5}, "no_repeat_ngram must be an integer >= 1, got 2.5"),
+    ({"no_repeat_ngram": True}, "no_repeat_ngram must be an integer >= 1, got True"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be a finite number > 0, got 0"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty must be a finite number > 0, got nan"),
+    ({"repetition_penalty": "1.2"}, "repetition_penalty must be a finite number > 0, got '1.2'"),
+])
+def test_decoding_kwargs_refuses_bad_settings_by_name(kw, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        decoding_kwargs(**kw)
+
+
+def test_decoding_kwargs_maps_to_generate_names():
+    assert decoding_kwargs() == {}
+    assert decoding_kwargs(3, 1.2) == {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
 
 
 @pytest.mark.parametrize("cfg, message", [
