@@ -25,7 +25,8 @@ instead of training one
 (the 300-step probes of docs/results.md: ``benchmarks/results/demo_probes.jsonl``).
 ``--repeat-wer`` also has the model answer every repeat wording (seen and held-out) for every
 utterance of ``--manifest`` from its speech and adds the mean WER against the transcript per
-wording kind, as the demo's evaluation computes it, and the corpus-level WER, to the first row;
+wording kind, as the demo's evaluation computes it, and the corpus-level WER with its
+substitutions, deletions and insertions per transcript word (``wer_*_parts``), to the first row;
 ``--no-repeat-ngram`` / ``--repetition-penalty`` decode those answers out of loops.
 """
 
@@ -42,7 +43,7 @@ from mtbi_fast.behaviors import job, read_behaviors
 from mtbi_fast.config import load_config
 from mtbi_fast.data import read_manifest
 from mtbi_fast.dataset import load_hidden_cache
-from mtbi_fast.evaluate import imitation_kl, model_answers, other_speech, repeat_wer
+from mtbi_fast.evaluate import imitation_kl, model_answers, other_speech, repeat_wer, repeat_wer_parts
 from mtbi_fast.model import SpeechLLM, decoding_kwargs
 from mtbi_fast.tasks import TaskLibrary
 from mtbi_fast.trainer import Trainer
@@ -141,6 +142,8 @@ def repeat_scores(model, utts, decoding: dict | None = None) -> dict:
         per = [repeat_wer(j["text"], a) for j, a in zip(jobs, answers)]
         out[f"wer_{kind}"] = round(sum(per) / len(per), 4)
         out[f"wer_{kind}_corpus"] = round(repeat_wer([j["text"] for j in jobs], answers), 4)
+        parts = repeat_wer_parts([j["text"] for j in jobs], answers)
+        out[f"wer_{kind}_parts"] = {k: round(v, 4) for k, v in parts.items()}
         out[f"wer_{kind}_n"] = len(jobs)
     return out
 

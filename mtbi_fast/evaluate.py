@@ -410,6 +410,27 @@ def repeat_wer(transcript: str | list[str], answer: str | list[str]) -> float:
     return jiwer.wer([wer_words(t) for t in transcript], [wer_words(a) or "-" for a in answer])
 
 
+def repeat_wer_parts(transcripts: list[str], answers: list[str]) -> dict:
+    """The corpus-level ``repeat_wer`` split into its edits, each over all transcript words:
+    ``sub`` (substitutions), ``del`` (transcript words the answers leave out), ``ins`` (answer words
+    beyond the transcript's), and the ``hits``; ``sub + del + ins`` is ``repeat_wer`` of the same
+    lists. An empty answer leaves out every word."""
+    import jiwer
+
+    if len(transcripts) != len(answers):
+        raise ValueError(f"{len(transcripts)} transcripts but {len(answers)} answers")
+    words = sub = dele = ins = hits = 0
+    for transcript, reply in zip(transcripts, answers):
+        ref, hyp = wer_words(transcript), wer_words(reply)
+        words += len(ref.split())
+        if not hyp:
+            dele += len(ref.split())
+            continue
+        o = jiwer.process_words(ref, hyp)
+        sub, dele, ins, hits = sub + o.substitutions, dele + o.deletions, ins + o.insertions, hits + o.hits
+    return {"sub": sub / words, "del": dele / words, "ins": ins / words, "hits": hits / words}
+
+
 def wer_words(s: str) -> str:
     """``s`` lower-cased, without punctuation but apostrophes, single-spaced (for WER)."""
     return " ".join("".join(c for c in s.lower() if c.isalnum() or c in " '").split())

@@ -8,7 +8,7 @@ import yaml
 
 from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors, read_behaviors
 from mtbi_fast.data import read_manifest
-from mtbi_fast.evaluate import Embedder, evaluate, repeat_wer, rouge_l
+from mtbi_fast.evaluate import Embedder, evaluate, repeat_wer, repeat_wer_parts, rouge_l
 from mtbi_fast.model import ModelConfig, SpeechLLM, decoding_kwargs
 from mtbi_fast.tasks import TaskLibrary
 
@@ -231,6 +231,16 @@ def test_an_empty_teacher_answer_has_no_kl_not_nan(tmp_path, monkeypatch):
     assert not torch.isnan(torch.tensor([d["mean"] for s in result["deltas"]["mtbi"].values()
                                          for d in s.values()])).any()
     assert "nan" not in (tmp_path / "eval.md").read_text().lower()
+
+
+def test_repeat_wer_parts_add_up_to_the_corpus_wer():
+    # hand-counted: "a b c" -> "a x c y": 2 hits, b->x, +y; "d e" -> "": both left out; 5 words
+    parts = repeat_wer_parts(["A b c.", "d e"], ["a x c y", ""])
+    assert parts == pytest.approx({"sub": 1 / 5, "del": 2 / 5, "ins": 1 / 5, "hits": 2 / 5})
+    assert parts["sub"] + parts["del"] + parts["ins"] == pytest.approx(
+        repeat_wer(["A b c.", "d e"], ["a x c y", ""]))
+    with pytest.raises(ValueError, match="^2 transcripts but 1 answers$"):
+        repeat_wer_parts(["a", "b"], ["a"])
 
 
 def test_repeat_wer_counts_edits_over_transcript_words():
