@@ -51,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors  # noqa: E402
 from mtbi_fast.data import read_manifest, write_manifest  # noqa: E402
 from mtbi_fast.demo import CONFIGS, demo_run_config, fetch_models  # noqa: E402
-from mtbi_fast.evaluate import SPLIT_NAMES, Embedder, evaluate, markdown, paired_deltas  # noqa: E402
+from mtbi_fast.evaluate import (SPLIT_NAMES, Embedder, evaluate, markdown, paired_deltas,  # noqa: E402
+                                repeat_breakdown, repeat_markdown)
 from mtbi_fast.hub import load_teacher  # noqa: E402
 from mtbi_fast.model import ModelConfig, SpeechLLM  # noqa: E402
 from mtbi_fast.tasks import TaskLibrary  # noqa: E402
@@ -128,7 +129,7 @@ def run_study(args) -> dict:
     plot_curves(runs, out / "eval_kl.png", args, n_train=len(train))
     if study["differences"]:  # nothing to draw without a baseline
         plot_differences(study, out / "differences.png")
-    (out / "report.md").write_text(report(study, result, args))
+    (out / "report.md").write_text(report(study, result, args, {u.id: u.text for u in test}))
     print((out / "report.md").read_text())
     return study
 
@@ -272,7 +273,8 @@ def delta_cells(cells: dict) -> str:
     return " | ".join(fmt) + f" | {n} |"
 
 
-def report(study: dict, result: dict, args) -> str:
+def report(study: dict, result: dict, args, transcripts: dict[str, str]) -> str:
+    """report.md; ``transcripts`` (test utterance id -> transcript) for the repeat WER's parts."""
     lines = [f"# MTBI against its baselines ({'tiny random models, demo corpus' if args.tiny else 'Whisper tiny.en + SmolLM2-135M-Instruct'})",
              "", f"`python experiments/generalization_study.py {' '.join(sys.argv[1:])}`", "",
              f"{args.steps} steps, seeds {args.seeds}; seconds: " +
@@ -302,6 +304,7 @@ def report(study: dict, result: dict, args) -> str:
         lines += [""]
     lines += ["## Every model against the teacher", "",
               markdown(result["summary"], result["deltas"], result["baseline"], per_task=False),
+              repeat_markdown(repeat_breakdown(result["rows"], transcripts)),
               "![held-out KL](eval_kl.png)", ""]
     if study["differences"]:
         lines += ["![differences](differences.png)", ""]

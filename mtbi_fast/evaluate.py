@@ -130,10 +130,11 @@ def evaluate(models: dict, utts: list[Utterance], library: TaskLibrary, split: T
             kls_other[name] = imitation_kl(model, others, teacher, teacher_hidden)
     rows = score_rows(jobs, answers, kls, kls_other, embedder)
     summary = _summarize(rows)
+    repeat = repeat_breakdown(rows, {j["utt_id"]: j["text"] for j in jobs})
     deltas = paired_deltas(rows, baseline, seed=seed) if baseline in models else {}
     result = {"jobs": len(jobs), "seconds": round(time.time() - t0, 1), "summary": summary,
               "deltas": deltas, "baseline": baseline if deltas else None, "rows": rows,
-              "split": split.to_dict(), "decoding": dict(decoding or {})}
+              "split": split.to_dict(), "decoding": dict(decoding or {}), "repeat": repeat}
     _write_results(Path(out_dir), result)
     return result
 
@@ -251,7 +252,9 @@ def _write_results(out: Path, result: dict):
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
     text = markdown(result["summary"], result["deltas"], result["baseline"])
-    if result.get("decoding"):
+    if result["repeat"]:
+        text += "\n" + repeat_markdown(result["repeat"])
+    if result["decoding"]:
         text = decoding_note(result["decoding"]) + "\n\n" + text
     atomic_write_text(out / "eval.md", text)
     plot(result["summary"], out / "eval.png")
@@ -429,6 +432,36 @@ def repeat_wer_parts(transcripts: list[str], answers: list[str]) -> dict:
         o = jiwer.process_words(ref, hyp)
         sub, dele, ins, hits = sub + o.substitutions, dele + o.deletions, ins + o.insertions, hits + o.hits
     return {"sub": sub / words, "del": dele / words, "ins": ins / words, "hits": hits / words}
+
+
+def repeat_breakdown(rows: list[dict], transcripts: dict[str, str]) -> dict:
+    """{model: {split: ...}}: the corpus-level repeat WER of ``rows``' repeat answers (``wer``) with
+    its parts (``repeat_wer_parts``) and the number of prompts (``n``). ``transcripts``: utterance
+    id -> transcript (a row's id is ``behaviors.job``'s, "utterance/task/wording")."""
+    groups: dict = defaultdict(lambda: ([], []))
+    for r in rows:
+        if r["task"] == "repeat":
+            refs, hyps = groups[r["model"], r["split"]]
+            refs.append(transcripts[r["id"].rsplit("/", 2)[0]])
+            hyps.append(r["answer"])
+    out: dict = defaultdict(dict)
+    for (model, split), (refs, hyps) in groups.items():
+        out[model][split] = {"wer": repeat_wer(refs, hyps), **repeat_wer_parts(refs, hyps), "n": len(refs)}
+    return dict(out)
+
+
+def repeat_markdown(breakdown: dict) -> str:
+    """``repeat_breakdown`` as a table: what the repeat answers get wrong, per transcript word."""
+    lines = ["Repeat WER over all words, and its parts per transcript word:", "",
+             "| model | split | WER | substitutions | deletions | insertions | words right | n |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for model, by_split in breakdown.items():
+        for split in SPLITS:
+            if split in by_split:
+                b = by_split[split]
+                lines.append(f"| {model} | {SPLIT_NAMES[split]} | " + " | ".join(
+                    _f(b[k]) for k in ("wer", "sub", "del", "ins", "hits")) + f" | {b['n']} |")
+    return "\n".join(lines) + "\n"
 
 
 def wer_words(s: str) -> str:

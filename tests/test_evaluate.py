@@ -60,8 +60,18 @@ def test_evaluate_tiny(tmp_path):
         else:
             assert r["kl"] >= 0.0 and r["kl_other"] >= 0.0
     assert any("wer" in r for r in rows)  # the repeat task is always among the seen prompts
+    # the repeat WER over all words: the same edits as the per-prompt figures, pooled
+    text = {u.id: u.text for u in test_utts}
+    for name in ("mtbi", "untrained"):
+        rep = [r for r in rows if r["model"] == name and r["task"] == "repeat" and r["split"] == "train"]
+        got = result["repeat"][name]["train"]
+        assert got["n"] == len(rep) == 2
+        assert got["wer"] == pytest.approx(repeat_wer([text[r["id"].split("/")[0]] for r in rep],
+                                                      [r["answer"] for r in rep]))
+        assert got["sub"] + got["del"] + got["ins"] == pytest.approx(got["wer"])
     md = (tmp_path / "eval" / "eval.md").read_text()
     assert "seen task, new wording" in md and "new task" in md and "KL, other speech" in md
+    assert "| mtbi | seen task, seen wording | " + f"{result['repeat']['mtbi']['train']['wer']:.3f}" in md
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert saved["jobs"] == 2 * (3 * 2 + 1)  # + a repeat prompt
     # the differences from the untrained model are paired by prompt

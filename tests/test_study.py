@@ -29,6 +29,10 @@ def test_tiny_study_end_to_end(tmp_path):
     assert study_mod.main(argv) == 0
     study = json.loads((out / "study.json").read_text())
     assert (out / "report.md").is_file() and (out / "eval_kl.png").is_file() and (out / "differences.png").is_file()
+    # the report's repeat WER over all words is the evaluation's own (same rows, same transcripts)
+    repeat = json.loads((out / "eval" / "eval.json").read_text())["repeat"]
+    assert f"| mtbi-s0 | seen task, seen wording | {repeat['mtbi-s0']['train']['wer']:.3f} |" in (
+        out / "report.md").read_text()
     runs = [f"{arm}-s{seed}" for seed in (0, 1) for arm in study_mod.ARMS if arm != "mtbi-small" or seed == 0]
     assert sorted(study["eval_kl"]) == sorted(runs)
     assert all([step for step, _ in curve] == [0, 1, 2, 3, 4] for curve in study["eval_kl"].values())
