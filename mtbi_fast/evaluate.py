@@ -446,7 +446,8 @@ def repeat_breakdown(rows: list[dict], transcripts: dict[str, str]) -> dict:
             hyps.append(r["answer"])
     out: dict = defaultdict(dict)
     for (model, split), (refs, hyps) in groups.items():
-        out[model][split] = {"wer": repeat_wer(refs, hyps), **repeat_wer_parts(refs, hyps), "n": len(refs)}
+        parts = repeat_wer_parts(refs, hyps)
+        out[model][split] = {"wer": parts["sub"] + parts["del"] + parts["ins"], **parts, "n": len(refs)}
     return dict(out)
 
 
