@@ -81,6 +81,7 @@ def write_tables(rows: list[dict]) -> str:
             columns += [("matmul_roofline_tflops", "matmul roofline (TFLOP/s)", ".0f"),
                         ("floor_seconds", "3-GEMM floor (s)", ".4f"),
                         ("roofline_fraction", "of roofline", ".2f"),
+                        ("floor_ratio", "time / floor (target <= 1.05)", ".3f"),
                         ("grad_err_vs_eager", "grad error vs eager", ".1e"), ("note", "note", "")]
         table = results_table.write(
             f"loss_{device}", "Imitation loss, forward + backward (`python -m pytest benchmarks/bench_loss.py`)",
@@ -135,6 +136,7 @@ def test_loss_forward_backward(benchmark, loss_results, case, backend):
     error = None
     if device == "cuda":
         row["roofline_fraction"] = row["floor_seconds"] / seconds
+        row["floor_ratio"] = seconds / row["floor_seconds"]
         if backend == "eager":
             _EAGER_GRAD[name] = grad
         elif name in _EAGER_GRAD and not backend.startswith("liger"):  # Liger has no CE here

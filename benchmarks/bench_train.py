@@ -10,6 +10,12 @@ tiny.en + SmolLM2-135M-Instruct, fetched if missing). Each step: forward, backwa
 step over 8 demo utterances with 10-100 token responses.
 Results: benchmarks/results/train_cpu.json and .md.
 
+``test_step_overhead`` (CPU and GPU): the trainer's own step (``Trainer._micro_step`` +
+``_optimizer_step``) on the demo models and on the tiny ones, this tree against the package as it
+was before the host-overhead work (``train_cases.BEFORE_REF``, extracted with ``git archive``), in
+the same run: tokens/s, host scalar reads (``aten::_local_scalar_dense``) and operator calls per
+step. Results: benchmarks/results/train_overhead_<device>.json and .md.
+
 CUDA cases (marked ``cuda``, named ``test_cuda_*``; skipped without CUDA; ``-k cuda`` selects them):
 
 - ``test_cuda_zero3_step``: the full step (encoder, adapter, frozen LLM, loss, AdamW) through the
@@ -21,6 +27,15 @@ CUDA cases (marked ``cuda``, named ``test_cuda_*``; skipped without CUDA; ``-k c
 - ``test_cuda_data_wait``: ``Trainer.train`` for 30 steps on the demo corpus with 4 DataLoader
   workers; the mean ``data_wait_share`` of its logged windows. Results:
   benchmarks/results/train_data_wait_cuda.json and .md.
+
+- ``test_cuda_step_case``: issue 24's cases (``STEP_CASES``), each the trainer's own step on
+  random models of real shapes built on the GPU: case A, Whisper base + Qwen2.5-1.5B on 16
+  utterances (target <= 0.15 s/step, GPU busy >= 80% of 2 profiled steps), replicated (plain
+  PyTorch, no DeepSpeed) against ZeRO-3, and with Liger's fused ops against none; case B, Whisper
+  large-v3 + Qwen2.5-7B with a cached teacher at 16,384 tokens a step (target >= 40% MFU of the
+  card's dense bf16 peak), replicated against ZeRO-3, at 65,536 tokens with activation
+  checkpointing, and eager at 4,096 tokens. s/step, tokens/s, model TFLOP/s, MFU, peak memory.
+  Results: benchmarks/results/train_step_cuda.json and .md.
 
 Each CUDA case runs in a fresh process (``train_cases.py zero3|data-wait``): a clean one-process
 DeepSpeed world and a clean allocator per case; an out-of-memory case is a row, not a crash.
@@ -38,7 +53,8 @@ from pathlib import Path
 import pytest
 import results_table
 import torch
-from train_cases import DATA_WAIT, GPU_CASES, GPU_VARIANTS, VARIANTS, Step, data_wait_supported
+from train_cases import (BEFORE_REF, DATA_WAIT, GPU_CASES, GPU_VARIANTS, OVERHEAD_MODELS, VARIANTS, Step,
+                         data_wait_supported)
 
 CUDA = torch.cuda.is_available()
 PROBE = Path(__file__).with_name("train_cases.py")
@@ -79,6 +95,68 @@ def test_train_step(benchmark, train_rows, config, variant):
 
 
 # ---------------------------------------------------------------------------------------------
+# the step's host overhead: this tree against BEFORE_REF
+
+
+@pytest.fixture(scope="module")
+def before_tree(tmp_path_factory):
+    """The mtbi_fast package at BEFORE_REF: staged in .gpu/before by ``gpu_setup.sh --stage`` (a
+    GPU machine has no git history), else extracted from git (None without either)."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".gpu" / "before" / "mtbi_fast" / "trainer.py").is_file():
+        return root / ".gpu" / "before"
+    out = tmp_path_factory.mktemp("before")
+    try:
+        archive = subprocess.run(["git", "-C", str(root), "archive", BEFORE_REF, "mtbi_fast"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out
+
+
+@pytest.fixture(scope="module")
+def overhead_rows():
+    rows: list[dict] = []
+    yield rows
+    if rows:
+        columns = [("case", "models", ""), ("variant", "code", ""), ("seconds", "s/step", ".3f"),
+                   ("tokens_per_s", "tokens/s", ".0f"), ("tokens_per_s_vs_before", "tokens/s vs before", ".2f"),
+                   ("scalar_reads_per_step", "host scalar reads/step", ".0f"),
+                   ("ops_per_step", "operator calls/step", ".0f"),
+                   ("ops_per_step_vs_before", "calls vs before", ".2f")]
+        device = rows[0]["device"]
+        print("\n" + results_table.write(
+            f"train_overhead_{device}", "The trainer's own step (`Trainer._micro_step` + `_optimizer_step`, "
+            "online teacher, batches built ahead), this tree against main before the host-overhead "
+            f"work (`{BEFORE_REF}`), same run (`python -m pytest benchmarks/bench_train.py -k overhead`). "
+            "Host scalar reads are `aten::_local_scalar_dense` calls (on a GPU each read of a device "
+            "tensor is a synchronization; on a CPU reads of the batch's host metadata count too); "
+            "operator calls are the profiler's `aten::` events", rows, columns, baseline="before",
+            ratios=("tokens_per_s", "ops_per_step")))
+
+
+@pytest.mark.parametrize("models", OVERHEAD_MODELS)
+@pytest.mark.parametrize("variant", ["before", "after"])
+def test_step_overhead(overhead_rows, before_tree, models, variant):
+    if models == "demo":
+        from mtbi_fast.fetch import fetch
+
+        fetch("whisper-tiny.en", quiet=True)
+        fetch("smollm2-135m-instruct", quiet=True)
+    env = {}
+    if variant == "before":
+        if before_tree is None:
+            pytest.skip(f"git archive {BEFORE_REF} failed (no git history here)")
+        env["MTBI_PACKAGE_ROOT"] = str(before_tree)
+    row = _probe(["overhead", models, "--steps", "3"], timeout=None, env=env)
+    expected = before_tree if variant == "before" else Path(__file__).resolve().parents[1]
+    assert Path(row["package"]).parent == Path(expected), row["package"]  # the tree it meant to run
+    row.update(variant=variant, device="cuda" if CUDA else "cpu")
+    overhead_rows.append(row)
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA
 
 
@@ -115,6 +193,57 @@ def test_cuda_zero3_step(zero3_rows, case, variant):
         pytest.fail(f"{case} {variant}: out of memory ({row.get('error')})")
 
 
+# name: (models, variant, train_cases.py zero3 arguments, time limit of its process in s). Sized
+# from estimates (no GPU has run them yet): a 7 B model built on the GPU takes seconds; its
+# 16k-token step about 1-2 s at 40% MFU; the process spends ~15 s on imports and DeepSpeed.
+STEP_CASES = {
+    "A-replicated": ("whisper-base+qwen2.5-1.5b", "mtbi-fast",
+                     ["--utterances", "16", "--sharding", "none", "--profile"], 60),
+    "A-zero3": ("whisper-base+qwen2.5-1.5b", "mtbi-fast", ["--utterances", "16", "--sharding", "zero3"], 60),
+    "A-replicated-no-fused-ops": ("whisper-base+qwen2.5-1.5b", "mtbi-fast",
+                                  ["--utterances", "16", "--sharding", "none", "model.fused_ops=none"], 60),
+    "B-replicated-16k": ("whisper-large-v3+qwen2.5-7b", "mtbi-fast",
+                         ["--tokens", "16384", "--sharding", "none", "--profile"], 100),
+    "B-zero3-16k": ("whisper-large-v3+qwen2.5-7b", "mtbi-fast", ["--tokens", "16384", "--sharding", "zero3"], 100),
+    "B-replicated-64k-checkpointing": ("whisper-large-v3+qwen2.5-7b", "mtbi-fast",
+                                       ["--tokens", "65536", "--sharding", "none",
+                                        "model.gradient_checkpointing=true"], 120),
+    "B-eager-4k": ("whisper-large-v3+qwen2.5-7b", "eager", ["--tokens", "4096", "--sharding", "none"], 120),
+}
+
+
+@pytest.fixture(scope="module")
+def step_rows():
+    return []
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_cuda_step_case(step_rows, name):
+    _require("soundfile", *(["deepspeed"] if "zero3" in name else []))
+    models, variant, args, limit = STEP_CASES[name]
+    row = _probe(["zero3", models, variant, *args], timeout=limit)
+    row.update(device="cuda", name=name, case=models.split("+")[1], variant=name)
+    if row.get("oom"):
+        row["note"] = "out of memory"
+    step_rows.append(row)
+    columns = [("name", "case", ""), ("tokens", "tokens/step", ".0f"), ("sharding", "sharding", ""),
+               ("fused_ops", "fused ops", ""), ("seconds", "s/step", ".3f"), ("tokens_per_s", "tokens/s", ".0f"),
+               ("tflops", "model TFLOP/s", ".0f"), ("mfu", "MFU", ".1%"),
+               ("gpu_busy_share", "GPU busy", ".0%"), ("peak_mib", "peak GPU memory (MiB)", ".0f"),
+               ("note", "note", "")]
+    print("\n" + results_table.write(
+        "train_step_cuda", "The trainer's step on one GPU (`python -m pytest benchmarks/bench_train.py -k "
+        "step_case`), random models of real shapes built on the GPU. A: Whisper base + Qwen2.5-1.5B, 16 "
+        "utterances (target <= 0.15 s/step, GPU busy >= 80%). B: Whisper large-v3 + Qwen2.5-7B, cached "
+        "teacher, 16,384 tokens (target >= 40% MFU of the dense bf16 peak). Replicated: plain PyTorch, "
+        "the frozen LLM whole on the GPU; zero3: DeepSpeed ZeRO-3. Model FLOPs: mtbi_fast.flops",
+        [dict(r) for r in step_rows], columns, baseline="B-eager-4k", ratios=("tokens_per_s",)))
+    if row.get("oom") and variant != "eager":
+        pytest.fail(f"{name}: out of memory ({row.get('error')})")
+
+
 @pytest.mark.cuda
 @cuda_only
 def test_cuda_data_wait():
@@ -146,9 +275,10 @@ def _require(*modules):
                     "from .gpu/wheels)")
 
 
-def _probe(args: list[str], timeout: float | None) -> dict:
+def _probe(args: list[str], timeout: float | None, env: dict | None = None) -> dict:
     """``train_cases.py ARGS`` in a fresh process; its ``RESULT {json}`` line."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TOKENIZERS_PARALLELISM="false",
+               **(env or {}))
     try:
         proc = subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True,
                               env=env, timeout=timeout)

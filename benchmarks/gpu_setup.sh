@@ -3,7 +3,8 @@
 # machine's own torch / triton / transformers are left alone.
 #
 #   bash benchmarks/gpu_setup.sh --stage /work/shared/gpu-wheels   # here, before the GPU run:
-#                                       # copies the wheels into .gpu/wheels (git-ignored; carry it)
+#                                       # copies the wheels into .gpu/wheels and the package at
+#                                       # train_cases.BEFORE_REF into .gpu/before (git-ignored; carry .gpu)
 #   bash benchmarks/gpu_setup.sh [SITE]                            # on the GPU machine
 #   export PYTHONPATH=SITE:$PWD                                    # SITE defaults to /tmp/site
 #
@@ -29,7 +30,12 @@ if [[ ${1:-} == --stage ]]; then
     # pydantic 2.14 needs typing-extensions >= 4.16, newer than a GPU image may have (pure Python)
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$wheels" \
         "typing-extensions>=4.16" || echo "WARNING: could not download typing-extensions"
-    echo "staged $(find "$wheels" -name '*.whl' | wc -l) wheels in $wheels (carry .gpu to the GPU run)"
+    # the package before the host-overhead work, for the overhead stage's "before" (no git there)
+    ref=$(sed -n 's/^BEFORE_REF = "\(.*\)".*/\1/p' benchmarks/train_cases.py)
+    rm -rf .gpu/before && mkdir -p .gpu/before
+    git archive "$ref" mtbi_fast | tar -x -C .gpu/before || echo "WARNING: git archive $ref failed"
+    echo "staged $(find "$wheels" -name '*.whl' | wc -l) wheels in $wheels and mtbi_fast@$ref in .gpu/before" \
+         "(carry .gpu to the GPU run)"
     exit 0
 fi
 

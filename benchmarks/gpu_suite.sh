@@ -15,6 +15,13 @@
 #                 tables are rewritten after every case, so a time-out keeps what finished     120 s [79 / 66]
 #   tests         python -m pytest tests -m cuda (the tests marked @pytest.mark.cuda), real
 #                 Triton kernels (TRITON_INTERPRET=0)                                            60 s [38 / 33]
+#   train_steps   benchmarks/bench_train.py -k "cuda and step_case": issue 24's cases A and B
+#                 (7 processes: Qwen2.5-1.5B and -7B shapes built on the GPU, replicated against
+#                 ZeRO-3, fused ops, activation checkpointing, eager; MFU, GPU-busy share;
+#                 the limit is an estimate: no GPU has run them yet)                            270 s [-]
+#   overhead      benchmarks/bench_train.py -k "overhead and tiny": the trainer's step before
+#                 (BEFORE_REF) and after, host scalar reads and operator calls per step          40 s [-]
+#   optional, when the budget has room (measured twice already; not run is not a failure):
 #   train_zero3   benchmarks/bench_train.py -k "cuda and zero3": 4 cases in fresh processes,
 #                 27-46 s each, most of it DeepSpeed's start and building the random models    210 s [163 / 184]
 #   bench_packing benchmarks/bench_packing.py (it runs on the GPU when there is one)             60 s [42 / 38]
@@ -54,7 +61,18 @@ failed=0
 # HF_HUB_OFFLINE: nothing is downloaded there; a stray hub call must fail at once, not hang
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
-# stage NAME LIMIT_S COMMAND...: run COMMAND under a time limit; output to OUTDIR/NAME.log
+# stage NAME LIMIT_S COMMAND...: run COMMAND under a time limit; output to OUTDIR/NAME.log.
+# optional NAME LIMIT_S COMMAND...: the same, only when the whole limit still fits the budget.
+optional() {
+    local left=$((t_start + budget - $(date +%s)))
+    if (($2 > left)); then
+        printf '%s\t-\t0\tnot run (optional): %s s left, needs %s\n' "$1" "$left" "$2" >> "$out/stages.tsv"
+        echo "== $1: not run (optional; $left s left)"
+        return
+    fi
+    stage "$@"
+}
+
 stage() {
     local name=$1 limit=$2 left rc status t0 ms secs
     shift 2
@@ -182,13 +200,17 @@ stage bench_loss 120 "$py" -m pytest benchmarks/bench_loss.py -k cuda -v --durat
 # (torchaudio, pocketsphinx) must not stop the CUDA tests of the other files
 stage tests 60 env TRITON_INTERPRET=0 "$py" -m pytest tests -m cuda "${pytest_args[@]}" \
     --continue-on-collection-errors --junitxml="$out/tests.xml"
-stage train_zero3 210 "$py" -m pytest benchmarks/bench_train.py -k "cuda and zero3" "${pytest_args[@]}" \
+stage train_steps 270 "$py" -m pytest benchmarks/bench_train.py -k "cuda and step_case" "${pytest_args[@]}" \
+    --junitxml="$out/train_steps.xml" --benchmark-json="$out/train_steps.json"
+stage overhead 40 "$py" -m pytest benchmarks/bench_train.py -k "overhead and tiny" "${pytest_args[@]}" \
+    --junitxml="$out/overhead.xml" --benchmark-json="$out/overhead.json"
+optional train_zero3 210 "$py" -m pytest benchmarks/bench_train.py -k "cuda and zero3" "${pytest_args[@]}" \
     --junitxml="$out/train_zero3.xml" --benchmark-json="$out/train_zero3.json"
 # bench_packing runs on the GPU whenever there is one (its cases are not named by device)
 if [[ $has_cuda == 1 ]]; then packing_k=(); else packing_k=(-k cuda); fi
-stage bench_packing 60 "$py" -m pytest benchmarks/bench_packing.py "${packing_k[@]}" "${pytest_args[@]}" \
+optional bench_packing 60 "$py" -m pytest benchmarks/bench_packing.py "${packing_k[@]}" "${pytest_args[@]}" \
     --junitxml="$out/bench_packing.xml" --benchmark-json="$out/bench_packing.json"
-stage train_data_wait 75 "$py" -m pytest benchmarks/bench_train.py -k "cuda and data_wait" \
+optional train_data_wait 75 "$py" -m pytest benchmarks/bench_train.py -k "cuda and data_wait" \
     "${pytest_args[@]}" --junitxml="$out/train_data_wait.xml" --benchmark-json="$out/train_data_wait.json"
 stage summary 10 bash -c summarize
 

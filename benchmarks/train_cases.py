@@ -12,12 +12,18 @@ with each optimization switched off alone.
   response ids); the bf16 of mtbi-fast is DeepSpeed's bf16 mode, eager runs float32.
 - ``data_wait``: the real trainer for a few steps on the demo corpus with DataLoader workers,
   reporting the share of wall time spent waiting for batches (``data_wait_share``).
+- ``overhead``: the trainer's own micro-step (``Trainer._micro_step`` + ``_optimizer_step``) on
+  batches built ahead, with tokens/s, scalar reads back to the host (``aten::_local_scalar_dense``:
+  on a GPU each read of a device tensor is a synchronization) and operator calls per step counted
+  by ``torch.profiler``. Run against this tree and against ``BEFORE_REF`` (the package as it was
+  before the host-overhead work, extracted with ``git archive``) in the same benchmark run.
 
 Run as a script, one case in a fresh process, printing one ``RESULT {json}`` line:
 
     python benchmarks/train_cases.py tiny eager               # CPU memory probe (peak RSS added)
     python benchmarks/train_cases.py zero3 whisper-tiny+smollm2-135m mtbi-fast
     python benchmarks/train_cases.py data-wait --steps 30 --workers 4
+    python benchmarks/train_cases.py overhead demo --steps 3   # PYTHONPATH=<old tree> for "before"
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, os.environ.get("MTBI_PACKAGE_ROOT", str(ROOT)))  # another tree: the overhead probe's "before"
 
 from mtbi_fast.audio import encoder_frames, load_audio, log_mel  # noqa: E402
 from mtbi_fast.data import Word, read_manifest  # noqa: E402
@@ -133,6 +139,7 @@ SHAPES = yaml.safe_load((ROOT / "configs" / "model_shapes.yaml").read_text())
 TRAIN_CONFIG = ROOT / "configs" / "tiny_train.yaml"
 DEMO_TRAIN = ROOT / "data" / "demo" / "train.jsonl"
 DS_ZERO3 = ROOT / "configs" / "ds_zero3.json"
+DS_ZERO2 = ROOT / "configs" / "ds_zero2.json"
 # name: (encoder, LLM, utterances per step, time limit in s of its process). Sized for the
 # 8-minute GPU suite (benchmarks/gpu_suite.sh gives all four processes 150 s): each spends about
 # 10-25 s on imports, random init (1.5 B parameters on the CPU) and ZeRO-3 partitioning, then
@@ -182,10 +189,11 @@ def synthetic_behaviors(manifest: Path, out_dir: Path, tokenizer, vocab: int, se
 
 
 def trainer_config(workdir: Path, encoder: str, llm: str, variant: str = "mtbi-fast",
-                   extra: list[str] = ()) -> dict:
+                   extra: list[str] = (), sharding: str = "zero3") -> dict:
     """The run config of a benchmark: configs/tiny_train.yaml with the given models, the demo
-    manifest, synthetic behaviors, DeepSpeed ZeRO-3 (bf16 when the variant has it), no eval and
-    no checkpoints; ``extra``: more ``section.key=value`` overrides."""
+    manifest, synthetic behaviors, DeepSpeed ZeRO-3 or ZeRO-2 (bf16 when the variant has it) or
+    none (``sharding``: "zero3", "zero2", "none": plain PyTorch on the GPU, the frozen LLM
+    replicated), no eval and no checkpoints; ``extra``: more ``section.key=value`` overrides."""
     from mtbi_fast.hub import tiny_tokenizer
     from mtbi_fast.config import load_config
 
@@ -193,11 +201,14 @@ def trainer_config(workdir: Path, encoder: str, llm: str, variant: str = "mtbi-f
     llm_src = model_source("llms", llm)
     vocab = llm_src["tiny"].get("vocab_size", 512)
     behaviors = synthetic_behaviors(DEMO_TRAIN, workdir / "behaviors", tiny_tokenizer(), vocab)
-    ds = json.loads(DS_ZERO3.read_text())
-    if "bf16" not in on:
-        ds["bf16"] = {"enabled": False}
-    ds_path = workdir / "ds_zero3.json"
-    ds_path.write_text(json.dumps(ds))
+    ds_arg = "deepspeed=null"
+    if sharding != "none":
+        ds = json.loads((DS_ZERO3 if sharding == "zero3" else DS_ZERO2).read_text())
+        if "bf16" not in on:
+            ds["bf16"] = {"enabled": False}
+        ds_path = workdir / f"ds_{sharding}.json"
+        ds_path.write_text(json.dumps(ds))
+        ds_arg = f"deepspeed={ds_path}"
     overrides = [
         f"model.encoder={json.dumps(model_source('encoders', encoder))}",
         f"model.llm={json.dumps(llm_src)}",
@@ -205,22 +216,30 @@ def trainer_config(workdir: Path, encoder: str, llm: str, variant: str = "mtbi-f
         f"model.loss.backend={'auto' if 'fused_loss' in on else 'eager'}",
         f"data.train_manifest={DEMO_TRAIN}", f"data.behaviors={behaviors}",
         "data.eval_manifest=null", "data.eval_behaviors=null", "data.teacher_cache=false",
-        f"deepspeed={ds_path}", f"output_dir={workdir / 'run'}",
+        ds_arg, f"output_dir={workdir / 'run'}",
         "train.eval_every=0", "train.save_every=0", *extra]
     return load_config(TRAIN_CONFIG, overrides)
 
 
 class Zero3Step:
-    """The trainer's DeepSpeed engine and a fixed list of synthetic batches; one optimizer step
-    (engine forward, backward, step: what ``Trainer.train`` does per micro-batch) per call."""
+    """The trainer (its DeepSpeed engine, or plain PyTorch on the GPU with ``sharding="none"``)
+    and a fixed list of synthetic batches; one call is one step through the trainer's own
+    ``_micro_step`` and ``_optimizer_step`` (what ``Trainer.train`` runs per step, metrics
+    included). A batch has ``utterances`` clips, or as many as fill ``tokens`` real tokens. The
+    models are built directly on the GPU (random weights of real shapes: a 7 B LLM in seconds,
+    not minutes of CPU initialization)."""
 
-    def __init__(self, encoder: str, llm: str, variant: str, utterances: int, workdir: Path,
-                 n_batches: int = ZERO3_BATCHES, seed: int = 0):
-        from mtbi_fast.trainer import Trainer
+    def __init__(self, encoder: str, llm: str, variant: str, utterances: int | None, workdir: Path,
+                 n_batches: int = ZERO3_BATCHES, seed: int = 0, sharding: str = "zero3",
+                 tokens: int | None = None, extra: list[str] = ()):
+        from mtbi_fast.trainer import Trainer, _Window
 
         on = VARIANTS[variant]
-        self.trainer = Trainer(trainer_config(workdir, encoder, llm, variant))
-        self.engine, model = self.trainer.engine, self.trainer.model
+        cfg = trainer_config(workdir, encoder, llm, variant, extra, sharding)
+        cfg["packing"]["max_tokens"] = 2048
+        self.trainer = _build_on_gpu(Trainer, cfg)
+        self.window = _Window()
+        model = self.trainer.model
         if "true_length" not in on:
             _pad_encoder_to_30s(model)
         self.device = next(p.device for p in model.adapter.parameters())
@@ -231,10 +250,12 @@ class Zero3Step:
         g = torch.Generator().manual_seed(seed)
         rows = _manifest_rows(DEMO_TRAIN)
         self.batches = []
+        k_all = 0
         for b in range(n_batches):
-            students, teachers, mels = [], [], []
-            for k in range(utterances):
-                u = rows[(b * utterances + k) % len(rows)]
+            students, teachers, mels, total = [], [], [], 0
+            while (len(students) < utterances) if tokens is None else (total < tokens):
+                u = rows[k_all % len(rows)]
+                k_all += 1
                 seconds = rng.uniform(*SECONDS)
                 scale = seconds / u["duration"]  # the demo transcript, stretched to the clip
                 words = [Word(w["word"], w["start"] * scale, w["end"] * scale) for w in u["words"]]
@@ -244,27 +265,41 @@ class Zero3Step:
                 prefix = [rng.randrange(vocab) for _ in range(rng.randint(15, 25))]
                 suffix = [rng.randrange(vocab) for _ in range(rng.randint(5, 10))]
                 response = [rng.randrange(vocab) for _ in range(rng.randint(*RESPONSE))]
-                s, t = example_pair(f"{u['id']}-{b}-{k}", words, n_frames, model.frame_rate,
+                s, t = example_pair(f"{u['id']}-{b}-{k_all}", words, n_frames, model.frame_rate,
                                     TEXT_RATIO, prefix, suffix, response, enc, duration=seconds,
-                                    generator=torch.Generator().manual_seed(b * 100_003 + k))
+                                    generator=torch.Generator().manual_seed(b * 100_003 + k_all))
                 students.append(s)
                 teachers.append(t)
                 mels.append(mel)
+                total += len(s)
             batch = step_batch(model, students, teachers, mels, on)
+            if "teacher_hidden" in batch:
+                batch["teacher_hidden"] = batch["teacher_hidden"].cpu()  # as a cache arrives
+            batch["skipped_audio"] = []
+            if self.device.type == "cuda":  # what the trainer's DataLoader (pin_memory) hands over
+                batch = torch.utils.data._utils.pin_memory.pin_memory(batch)
             self.batches.append(batch)
         self.i = 0
 
     def __call__(self) -> int:
         batch = self.batches[self.i % len(self.batches)]
         self.i += 1
-        kw = {k: v for k, v in batch.items() if k in ("teacher", "teacher_hidden")}
-        out = self.engine(batch["student"], mels=[m.to(self.device) for m in batch["mels"]], **kw)
-        self.engine.backward(out["loss"])
-        self.engine.step()
+        self.trainer._micro_step(iter([batch]), self.device, self.window)
+        self.trainer._optimizer_step()
         return batch["student"].n_tokens
 
-    def measure(self, warmup: int = ZERO3_WARMUP, steps: int = ZERO3_STEPS) -> dict:
-        """Median s/step, mean real tokens per step and (CUDA) the peak memory of timed steps."""
+    def flops(self) -> float:
+        """Mean model FLOPs of the batches' steps (``mtbi_fast.flops``)."""
+        from mtbi_fast.flops import step_flops
+
+        return statistics.mean(step_flops(self.trainer.model, b["student"], b.get("teacher"),
+                                          [m.shape[-1] for m in b["mels"]])["total"] for b in self.batches)
+
+    def measure(self, warmup: int = ZERO3_WARMUP, steps: int = ZERO3_STEPS, profile: bool = False) -> dict:
+        """Median s/step, mean real tokens per step, model TFLOP/s and MFU, (CUDA) the peak memory
+        of timed steps, and with ``profile`` the GPU-busy share of 2 more steps' wall time."""
+        from mtbi_fast.flops import mfu, peak_tflops
+
         cuda = self.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         for _ in range(warmup):
@@ -284,26 +319,80 @@ class Zero3Step:
             out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         seconds = statistics.median(times)
         n_tokens = statistics.mean(tokens)
+        peak, source = peak_tflops(self.device, None)
+        flops = self.flops()
+        tflops, util = mfu(flops, seconds, peak)
         students = [b["student"] for b in self.batches]
         out.update(seconds=seconds, tokens=n_tokens, tokens_per_s=n_tokens / seconds,
+                   model_tflop=flops / 1e12, tflops=tflops, mfu=util, peak_tflops=peak, peak_source=source,
                    loss_rows=statistics.mean(s.target_ids.numel() for s in students),
                    slots=statistics.mean(s.source.numel() for s in students),
+                   sharding=self.trainer.ds_config.get("zero_optimization", {}).get("stage")
+                   if self.trainer.ds_config else "none",
+                   fused_ops=getattr(self.trainer.model, "fused_ops", None),
                    step_times=[round(t, 4) for t in times])
+        if profile and cuda:
+            out.update(gpu_busy(self, 2))
         return out
 
 
-def run_zero3(case: str, variant: str, utterances: int | None = None) -> dict:
-    """One GPU case (GPU_CASES) and variant, in this process. An out-of-memory error is a result
-    (``oom``: true), not a crash."""
+def gpu_busy(step, n: int) -> dict:
+    """The share of ``n`` steps' wall time in which the GPU runs a kernel (the union of the
+    kernels' intervals in a ``torch.profiler`` trace), and kernel launches per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # union of intervals, microseconds
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    launches = sum(1 for e in prof.events() if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    return dict(gpu_busy_share=busy / 1e6 / wall, kernels_per_step=len(spans) / n, launches_per_step=launches / n)
+
+
+def _build_on_gpu(trainer_cls, cfg: dict):
+    """The trainer with its models built directly on this rank's GPU (random init there), the
+    data still on the host."""
+    if not torch.cuda.is_available():
+        return trainer_cls(cfg)
+    real = trainer_cls._build_model
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+    def on_gpu(self):
+        with device:
+            return real(self)
+
+    trainer_cls._build_model = on_gpu
+    try:
+        return trainer_cls(cfg)
+    finally:
+        trainer_cls._build_model = real
+
+
+def run_zero3(case: str, variant: str, utterances: int | None = None, sharding: str = "zero3",
+              tokens: int | None = None, extra: list[str] = (), profile: bool = False) -> dict:
+    """One GPU case (GPU_CASES, or ENCODER+LLM names) and variant, in this process. An
+    out-of-memory error is a result (``oom``: true), not a crash."""
     encoder, llm, n_utts, _ = GPU_CASES[case] if case in GPU_CASES else (*case.split("+"), 4, 0)
     n_utts = utterances or n_utts
-    row = dict(case=case, variant=variant, utterances=n_utts)
+    row = dict(case=case, variant=variant, utterances=n_utts if tokens is None else None,
+               token_budget=tokens, sharding_asked=sharding, extra=list(extra))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mtbi-zero3-") as tmp:
         try:
-            step = Zero3Step(encoder, llm, variant, n_utts, Path(tmp))
+            step = Zero3Step(encoder, llm, variant, n_utts, Path(tmp), sharding=sharding,
+                             tokens=tokens, extra=extra)
             row["setup_s"] = time.perf_counter() - t0
-            row.update(step.measure())
+            row.update(step.measure(profile=profile))
         except torch.cuda.OutOfMemoryError as exc:
             row.update(oom=True, error=str(exc).splitlines()[0][:300])
             if torch.cuda.is_available():
@@ -371,6 +460,84 @@ def run_data_wait(encoder=DATA_WAIT["encoder"], llm=DATA_WAIT["llm"], examples=D
                 tokens_per_s=statistics.mean(r["tokens_per_s"] for r in rows[1:] or rows))
 
 
+# ---------------------------------------------------------------------------------------------
+# CPU and GPU: the host overhead of the trainer's step
+
+# main before the host-overhead work (issue 24): float() of loss, KL and CE on every micro-step,
+# the adapter once per clip, the encoder's dense padding mask, the loss's host reads
+BEFORE_REF = "46c431a"
+OVERHEAD_MODELS = ("tiny", "demo")
+
+
+def overhead_config(workdir: Path, models: str) -> dict:
+    """The probe's run config: configs/tiny_train.yaml with ``models`` ("tiny": the random tiny
+    models; "demo": configs/demo.yaml's Whisper tiny.en + SmolLM2-135M-Instruct), the demo
+    corpus with synthetic behaviors (random prompt and response ids, the transcript through the
+    LLM's own tokenizer), the online teacher, no evaluation, no checkpoints, no DeepSpeed, batches
+    built in this process. Only keys that every version of the trainer knows are set."""
+    from mtbi_fast.config import load_config
+    from mtbi_fast.hub import load_llm
+
+    model = yaml.safe_load((CONFIGS[models]).read_text())["model"]
+    if models == "tiny":
+        model = {**model, **yaml.safe_load(TRAIN_CONFIG.read_text())["model"]}
+    llm, tokenizer = load_llm(model["llm"], seed=model.get("init_seed", 0))
+    vocab = llm.get_input_embeddings().weight.shape[0]
+    del llm
+    behaviors = synthetic_behaviors(DEMO_TRAIN, workdir / "behaviors", tokenizer, vocab)
+    overrides = [f"model={json.dumps(model)}", f"data.train_manifest={DEMO_TRAIN}",
+                 f"data.behaviors={behaviors}", "data.eval_manifest=null", "data.eval_behaviors=null",
+                 "data.teacher_cache=false", "data.num_workers=0", "deepspeed=null",
+                 f"output_dir={workdir / 'run'}", "train.eval_every=0", "train.save_every=0",
+                 "train.steps=1000", "train.log_every=1000", f"packing.examples_per_step={EXAMPLES_PER_STEP}",
+                 "packing.max_tokens=2048"]
+    return load_config(TRAIN_CONFIG, overrides)
+
+
+def run_overhead(models: str = "demo", steps: int = 3, warmup: int = 1) -> dict:
+    """``steps`` timed micro-steps (median s/step), then ``steps`` more under ``torch.profiler``
+    (operator calls and host scalar reads per step), of the trainer's own step on batches built
+    ahead (so the figures are the step's, not the batch building's)."""
+    import mtbi_fast
+    import mtbi_fast.trainer as trainer_module
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory(prefix="mtbi-overhead-") as tmp:
+        trainer = trainer_module.Trainer(overhead_config(Path(tmp), models))
+        try:
+            device = trainer._device()
+            loader = iter(trainer.train_loader(device))
+            batches = [next(loader) for _ in range(warmup + 2 * steps)]
+            del loader
+            feed = iter(batches)
+            window = trainer_module._Window()
+
+            def step():
+                trainer._micro_step(feed, device, window)
+                trainer._optimizer_step()
+
+            for _ in range(warmup):
+                step()
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    step()
+            events = prof.events()
+            ops = sum(1 for e in events if e.name.startswith("aten::"))
+            reads = sum(1 for e in events if e.name == "aten::_local_scalar_dense")
+        finally:
+            trainer.close()
+    tokens = statistics.mean(b["student"].n_tokens for b in batches[warmup:])
+    seconds = statistics.median(times)
+    return dict(case=models, package=str(Path(mtbi_fast.__file__).parent), seconds=seconds,
+                tokens=tokens, tokens_per_s=tokens / seconds, ops_per_step=ops / steps,
+                scalar_reads_per_step=reads / steps, step_times=[round(t, 4) for t in times])
+
+
 def _manifest_rows(path: Path) -> list[dict]:
     """A manifest's rows as plain JSON (no audio is opened: no soundfile needed)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -388,8 +555,20 @@ def main(argv=None) -> int:
                        "(configs/model_shapes.yaml, or tiny)")
         p.add_argument("variant", choices=sorted(VARIANTS))
         p.add_argument("--utterances", type=int, help="per step (default: the case's)")
+        p.add_argument("--tokens", type=int, help="per step instead of --utterances (a token budget)")
+        p.add_argument("--sharding", choices=("zero3", "zero2", "none"), default="zero3",
+                       help="DeepSpeed ZeRO-3, ZeRO-2, or none (plain PyTorch on the GPU)")
+        p.add_argument("--profile", action="store_true", help="GPU-busy share of 2 profiled steps")
+        p.add_argument("overrides", nargs="*", help="section.key=value (e.g. model.gradient_checkpointing=true)")
+        a = p.parse_intermixed_args(argv[1:])
+        return _result(run_zero3(a.case, a.variant, a.utterances, a.sharding, a.tokens, a.overrides,
+                                 a.profile))
+    if argv and argv[0] == "overhead":
+        p = argparse.ArgumentParser(prog="train_cases.py overhead")
+        p.add_argument("models", choices=OVERHEAD_MODELS)
+        p.add_argument("--steps", type=int, default=3)
         a = p.parse_args(argv[1:])
-        return _result(run_zero3(a.case, a.variant, a.utterances))
+        return _result(run_overhead(a.models, a.steps))
     if argv and argv[0] == "data-wait":
         p = argparse.ArgumentParser(prog="train_cases.py data-wait")
         for key, value in DATA_WAIT.items():

@@ -16,6 +16,11 @@ keywords (``packing.model_inputs(..., attention="varlen")``) and build no mask:
 Without ``cu_seq_lens_q`` both treat each row as one causal sequence (right padding only: they build
 no padding mask; ``padded_attention`` switches to SDPA for left-padded generation) or decode one
 query against the cached keys.
+
+Both follow the module's ``is_causal`` (True when it has none): the Whisper encoder's
+self-attention is not causal, and ``SpeechEncoder`` runs it through them over its clips packed
+back to back (no padding, no mask). ``model_inputs`` also passes the sequence bounds as host ints
+(``mtbi_bounds``), so that the per-sequence SDPA path reads nothing back from the GPU.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ def torch_varlen_attention(module, query, key, value, attention_mask=None, dropo
     rows, heads, length, dim = query.shape
     q, k, v = (x.transpose(1, 2).reshape(rows * length, x.shape[1], dim)
                for x in (query, key, value))  # [R, h, L, d] -> [R * L, h, d]
-    out = kernel(q, k, v, cu, kwargs["max_length_q"], scaling)
+    out = kernel(q, k, v, cu, kwargs["max_length_q"], scaling, causal=_causal(module))
     return out.reshape(rows, length, heads, dim), None
 
 
@@ -93,17 +98,20 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask=None, dropou
     """
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:  # not packed: each row is one causal sequence (right padding only), or decoding
-        return _plain_sdpa(module, query, key, value, dropout, scaling)
+        return _plain_sdpa(module, query, key, value, dropout, scaling, attention_mask)
     rows, heads, length, dim = query.shape
 
     def flat(x):  # [R, h, L, d] -> [h, R * L, d]; sequences never straddle rows
         return x.transpose(0, 1).reshape(x.shape[1], rows * length, dim)
 
     q, k, v = (_sdpa_dtype(flat(x)) for x in (query, key, value))
-    bounds = cu.tolist()
+    bounds = kwargs.get("mtbi_bounds")
+    if bounds is None:  # (a host sync on a GPU; model_inputs passes the bounds as host ints)
+        bounds = cu.tolist()
+    causal = _causal(module)
     out = torch.cat([
         torch.nn.functional.scaled_dot_product_attention(
-            q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True, scale=scaling,
+            q[:, a:b], k[:, a:b], v[:, a:b], is_causal=causal, scale=scaling,
             dropout_p=dropout if module.training else 0.0, enable_gqa=k.shape[0] != heads)
         for a, b in zip(bounds[:-1], bounds[1:])], dim=1).to(query.dtype)
     return out.reshape(heads, rows, length, dim).permute(1, 2, 0, 3).contiguous(), None
@@ -123,9 +131,9 @@ class VarlenKernel:
                  dtypes: tuple = (torch.float16, torch.bfloat16)):
         params = inspect.signature(varlen_attn).parameters
         if "window_size" in params:
-            self.causal = {"window_size": (-1, 0)}
+            self.causal, self.full = {"window_size": (-1, 0)}, {"window_size": (-1, -1)}
         elif "is_causal" in params:
-            self.causal = {"is_causal": True}
+            self.causal, self.full = {"is_causal": True}, {"is_causal": False}
         else:
             raise TypeError(f"varlen_attn{inspect.signature(varlen_attn)} has neither window_size "
                             "nor is_causal")
@@ -137,9 +145,11 @@ class VarlenKernel:
     def accepts(self, query: torch.Tensor) -> bool:
         return query.device.type == self.device_type and query.dtype in self.dtypes
 
-    def __call__(self, q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None):
-        """q [T, heads, d], k/v [T, kv_heads, d], ``cu_seqlens`` int32 [S + 1] -> [T, heads, d]."""
-        kw = dict(self.causal)
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen: int, scale: float | None = None,
+                 causal: bool = True):
+        """q [T, heads, d], k/v [T, kv_heads, d], ``cu_seqlens`` int32 [S + 1] -> [T, heads, d];
+        ``causal`` False: each sequence attends to all of itself (an encoder)."""
+        kw = dict(self.causal if causal else self.full)
         groups = q.shape[1] // k.shape[1]
         if groups > 1 and self.takes_gqa:
             kw["enable_gqa"] = True
@@ -169,8 +179,17 @@ def _sdpa_dtype(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else x
 
 
-def _plain_sdpa(module, query, key, value, dropout, scaling):
+def _plain_sdpa(module, query, key, value, dropout, scaling, attention_mask=None):
     q_len, k_len = query.shape[2], key.shape[2]
+    if not _causal(module):  # an encoder's self-attention over whole rows (a padding mask taken)
+        q = _sdpa_dtype(query)
+        mask = attention_mask.to(q.dtype) if attention_mask is not None and attention_mask.is_floating_point() \
+            else attention_mask
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, _sdpa_dtype(key), _sdpa_dtype(value), attn_mask=mask, scale=scaling,
+            dropout_p=dropout if module.training else 0.0,
+            enable_gqa=key.shape[1] != query.shape[1]).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), None
     if q_len != k_len and q_len != 1:
         raise ValueError(f"{q_len} queries against {k_len} cached keys is not supported by "
                          f"{VARLEN_SDPA} or {TORCH_VARLEN}; use attn_implementation='sdpa' for "
@@ -180,6 +199,11 @@ def _plain_sdpa(module, query, key, value, dropout, scaling):
         scale=scaling, dropout_p=dropout if module.training else 0.0,
         enable_gqa=key.shape[1] != query.shape[1]).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _causal(module) -> bool:
+    """Whether the attention module is causal (a decoder's are; Whisper's encoder's are not)."""
+    return bool(getattr(module, "is_causal", True))
 
 
 def _torch_varlen_kernel() -> VarlenKernel | None:

@@ -37,7 +37,7 @@ SCHEMA = {
     "train": {"steps": int, "lr": (int, float), "weight_decay": (int, float),
               "warmup_steps": int, "grad_accum": int, "clip_grad": (int, float, type(None)), "seed": int,
               "log_every": int, "eval_every": int, "eval_examples": int, "save_every": int,
-              "keep_last": int},
+              "keep_last": int, "peak_tflops": (int, float, type(None))},
     "deepspeed": (str, type(None)),
     "output_dir": str,
 }
@@ -55,7 +55,7 @@ DEFAULTS = {
     "packing": {"max_tokens": 1024, "examples_per_step": 8, "token_budget": None, "overlong": "truncate"},
     "train": {"steps": 1000, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 50, "grad_accum": 1,
               "clip_grad": 1.0, "seed": 0, "log_every": 10, "eval_every": 0, "eval_examples": 16,
-              "save_every": 0, "keep_last": 2},
+              "save_every": 0, "keep_last": 2, "peak_tflops": None},
     "deepspeed": None,
 }
 REQUIRED = ("model", "data", "output_dir")
@@ -81,6 +81,7 @@ RANGES = (
     ("train.eval_examples", "int", 1, True, False),
     ("train.save_every", "int", 0, True, False),        # 0: no checkpoints (final/ only)
     ("train.keep_last", "int", 1, True, False),
+    ("train.peak_tflops", "number", 0, False, True),   # null: the card's dense bf16 peak (flops.py)
     ("model.adapter.stride", "int", 1, True, False),
     ("model.adapter.hidden", "int", 1, True, True),
     ("model.train_encoder_layers", "int", 0, True, False),

@@ -15,7 +15,7 @@ from .reference import eager_pack_embeddings
 
 
 def pack_embeddings(source: torch.Tensor, embed_weight: torch.Tensor, frames: torch.Tensor,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", check_ids: bool = True) -> torch.Tensor:
     """Packed ``inputs_embeds`` [N, H]: row ``embed_weight[source[i]]`` for a text position,
     ``frames[-source[i] - 1]`` for a speech position (``PackedBatch.source``).
 
@@ -23,11 +23,15 @@ def pack_embeddings(source: torch.Tensor, embed_weight: torch.Tensor, frames: to
     Backends: "triton" (one kernel launch each way; CUDA, or the CPU interpreter: elsewhere the
     kernel's launcher raises ``require_triton_device``'s error), "torch" (index copies, the
     default on CPU), "eager" (``mtbi_fast.reference``); "auto" picks triton on CUDA. Ids outside
-    the table or frames outside the buffer are a ValueError.
+    the table or frames outside the buffer are a ValueError (``check_ids``; it reads ``source``
+    back, a host sync on a GPU: ``SpeechLLM`` checks the batch's host copy with
+    ``check_pack_source`` instead and passes False).
     """
     if backend not in ("auto", "triton", "torch", "eager"):
         raise ValueError(f"backend must be one of auto, triton, torch, eager; got {backend!r}")
     _check_pack_inputs(source, embed_weight, frames)
+    if check_ids:
+        check_pack_source(source, embed_weight.shape[0], frames.shape[0])
     if backend == "auto":
         backend = "triton" if embed_weight.is_cuda else "torch"
     if backend == "eager":
@@ -85,11 +89,16 @@ def _check_pack_inputs(source, embed_weight, frames):
     if frames.dtype != embed_weight.dtype and frames.numel() > 0:
         raise ValueError(f"frames dtype {frames.dtype} differs from embed_weight dtype "
                          f"{embed_weight.dtype}")
+
+
+def check_pack_source(source: torch.Tensor, vocab: int, n_frames: int):
+    """A ValueError unless every text id of ``source`` is a row of a ``vocab``-row table and every
+    speech reference a frame of an ``n_frames``-frame buffer."""
     if source.numel():
         hi, lo = int(source.max()), int(source.min())
-        if hi >= embed_weight.shape[0]:
+        if hi >= vocab:
             raise ValueError(f"source has token id {hi}, outside the embedding table "
-                             f"({embed_weight.shape[0]} rows)")
-        if lo < 0 and -lo - 1 >= frames.shape[0]:
+                             f"({vocab} rows)")
+        if lo < 0 and -lo - 1 >= n_frames:
             raise ValueError(f"source refers to speech frame {-lo - 1}, but the frame buffer has "
-                             f"{frames.shape[0]} frames")
+                             f"{n_frames} frames")

@@ -97,7 +97,7 @@ def imitation_loss(
     if target_ids is None and ce_weight != 0.0:
         raise ValueError(f"ce_weight={ce_weight} needs target_ids (the teacher's response tokens)")
     lead = _check_inputs(student_hidden, teacher_hidden, lm_head_weight, target_ids, lm_head_bias,
-                         teacher_lm_head_weight, ignore_index)
+                         teacher_lm_head_weight, ignore_index, read_back=check_finite)
     hidden = student_hidden.shape[-1]
     h_s = student_hidden.reshape(-1, hidden)
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
@@ -136,8 +136,9 @@ def imitation_loss(
     parts = {"kl": row_kl.detach(), "ce": row_ce.detach()}
     if reduction == "none":
         return loss, {k: v.reshape(lead) for k, v in parts.items()}
-    n_counted = h_s.shape[0] if target is None else int((target != ignore_index).sum())
-    div = max(n_counted, 1) if reduction == "mean" else 1
+    if reduction == "sum":
+        return loss, {k: v.sum() for k, v in parts.items()}
+    div = _n_counted(h_s, target, ignore_index)
     return loss, {k: v.sum() / div for k, v in parts.items()}
 
 
@@ -184,10 +185,11 @@ class _FusedImitation(torch.autograd.Function):
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[2]
         need_b = bias is not None and ctx.needs_input_grad[4]
-        n_counted = h_s.shape[0] if target is None else int((target != options["ignore_index"]).sum())
-        scale = 1.0 / max(n_counted, 1) if reduction == "mean" else 1.0
         acc_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-        row_scale = torch.full((h_s.shape[0],), scale, device=h_s.device, dtype=acc_dtype)
+        # the mean's divisor stays on the device: no host sync (the trainer's step has none)
+        scale = (1.0 / _n_counted(h_s, target, options["ignore_index"]).to(acc_dtype)
+                 if reduction == "mean" else torch.ones((), device=h_s.device, dtype=acc_dtype))
+        row_scale = scale.expand(h_s.shape[0]).contiguous()
         # Per-row weights are unknown until backward for reduction="none", so the weight and bias
         # gradients are formed there (recomputing); the hidden gradient is per row either way.
         defer = reduction == "none" and (need_w or need_b)
@@ -296,7 +298,7 @@ def _chunked_linear_kl(h_s, h_t, weight, teacher_weight, bias, teacher_bias, tar
         n_rows = sl.stop - sl.start
         if target is not None:
             valid = target[sl] != ignore_index
-            if not bool(valid.any()):
+            if h_s.device.type == "cpu" and not bool(valid.any()):  # (a host sync elsewhere)
                 continue
             row_w = row_scale[sl].to(dtype) * valid
         else:
@@ -358,7 +360,7 @@ def _clean_rows(h_s, h_t, target, ignore_index, check_finite):
         valid = (target != ignore_index)[:, None]
         h_s = torch.where(valid, h_s, 0)
         h_t = torch.where(valid, h_t, 0)
-    if check_finite and not bool(torch.isfinite(h_s).all() & torch.isfinite(h_t).all()):
+    if check_finite and not bool(torch.isfinite(h_s).all() & torch.isfinite(h_t).all()):  # a sync
         for name, h in (("student_hidden", h_s), ("teacher_hidden", h_t)):
             bad = (~torch.isfinite(h)).any(dim=1).nonzero().flatten()
             if bad.numel():
@@ -412,8 +414,14 @@ def _reduce(rows, target, ignore_index, reduction):
         return rows
     if reduction == "sum":
         return rows.sum()
-    n_counted = rows.shape[0] if target is None else int((target != ignore_index).sum())
-    return rows.sum() / max(n_counted, 1)
+    return rows.sum() / _n_counted(rows, target, ignore_index).to(rows.dtype)
+
+
+def _n_counted(rows, target, ignore_index) -> torch.Tensor:
+    """The rows a mean divides by, at least 1, as a tensor on the rows' device (no host sync)."""
+    if target is None:
+        return torch.tensor(max(rows.shape[0], 1), device=rows.device)
+    return (target != ignore_index).sum().clamp(min=1)
 
 
 def _detach(t):
@@ -468,8 +476,9 @@ def _check_options(temperature, reduction, backend, chunk_size=None, memory_budg
             raise ValueError(f"{name} must be an int >= 1 (or None for the default), got {value!r}")
 
 
-def _check_inputs(h_s, h_t, weight, target, bias, teacher_weight, ignore_index):
-    """Validate shapes, dtypes and devices; return the leading (row) shape."""
+def _check_inputs(h_s, h_t, weight, target, bias, teacher_weight, ignore_index, read_back=True):
+    """Validate shapes, dtypes and devices; return the leading (row) shape. The range check of
+    ``target_ids`` reads them: on the CPU always, on a GPU only with ``read_back`` (a host sync)."""
     tensors = dict(student_hidden=h_s, teacher_hidden=h_t, lm_head_weight=weight,
                    target_ids=target, lm_head_bias=bias, teacher_lm_head_weight=teacher_weight)
     for name, t in tensors.items():
@@ -530,7 +539,7 @@ def _check_inputs(h_s, h_t, weight, target, bias, teacher_weight, ignore_index):
                              f"leading shape {lead} (mismatch at dim "
                              f"{_first_mismatch(target.shape, lead)})")
         bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-        if bool(bad.any()):
+        if (read_back or target.device.type == "cpu") and bool(bad.any()):
             pos = tuple(int(i) for i in bad.nonzero()[0])
             raise ValueError(f"target_ids{list(pos)} = {int(target[pos])} is outside the "
                              f"vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})")

@@ -6,12 +6,18 @@
     text = model.generate("clip.flac", "Summarize what the speaker says.", tokenizer)
 
 - ``SpeechEncoder`` runs transformers' ``WhisperEncoder`` modules on log-mels of any length up to
-  30 s, not padded to 3000 frames: a batch is padded to its longest clip, the first convolution's
-  output is zeroed past each clip's end (so the second sees what it would see at the true length),
-  the positional table is sliced, and padded frames are masked out of attention. Each clip's
-  output does not depend on what it was batched with.
+  30 s, not padded to 3000 frames: the convolutions run on the batch padded to its longest clip
+  (the first one's output zeroed past each clip's end, so the second sees what it would see at
+  the true length), then every clip's frames are packed back to back into one stream and the
+  layers run on it with varlen attention (``mtbi_fast.attention``, not causal): no padded frame
+  is computed and no mask is built, so SDPA and the varlen kernels keep their fast paths. Each
+  clip's output does not depend on what it was batched with.
 - ``Adapter`` stacks ``stride`` consecutive encoder frames (50 Hz -> 12.5 Hz at stride 4) and maps
-  them through a 2-layer MLP to the LLM's hidden size (or a strided convolution, ``kind: conv``).
+  them through a 2-layer MLP to the LLM's hidden size (or a strided convolution, ``kind: conv``);
+  it runs once over all clips of a batch (``Adapter.packed``).
+- ``model.gradient_checkpointing`` recomputes the frozen LLM's layers in backward (non-reentrant)
+  instead of keeping their activations; ``model.fused_ops`` patches Liger-Kernel's RMSNorm, RoPE
+  and SwiGLU into a Llama / Qwen2 LLM, or compiles its decoder layers (``apply_fused_ops``).
 - The LLM is any transformers causal LM (Llama, Qwen2, ...), frozen by default; the teacher is the
   same LLM fed the text transcript (an online no-grad pass, or cached hidden states), and the
   imitation loss is ``mtbi_fast.ImitationLoss`` through the LLM's own head.
@@ -36,9 +42,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attention import padded_attention
+from .attention import TORCH_VARLEN, VARLEN_SDPA, TORCH_VARLEN_KERNEL, padded_attention
 from .audio import ENCODER_STRIDE, FRAMES_PER_SECOND, encoder_frames, load_audio, log_mel, mel_frames
-from .embeddings import pack_embeddings
+from .embeddings import check_pack_source, pack_embeddings
 from .hub import load_encoder, load_llm, resolve_dtype
 from .loss import ImitationLoss
 from .packing import PackedBatch, gather_loss_rows, model_inputs
@@ -68,6 +74,8 @@ class ModelConfig:
     max_audio_seconds: float = 30.0
     init_seed: int = 0                                 # random init of tiny models and the adapter
     dtype: str = "float32"                             # frozen weights (auto: bf16 where native)
+    gradient_checkpointing: bool = False               # recompute the frozen LLM's layers in backward
+    fused_ops: str = "auto"                            # auto|liger|compile|none (apply_fused_ops)
 
     @classmethod
     def from_dict(cls, cfg: dict, where: str = "model") -> "ModelConfig":
@@ -88,6 +96,11 @@ class ModelConfig:
             raise ValueError(f"{where}.adapter.kind must be 'stack' or 'conv', got {out.adapter['kind']!r}")
         if out.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"{where}.dtype must be auto, float32, bfloat16 or float16, got {out.dtype!r}")
+        if not isinstance(out.gradient_checkpointing, bool):
+            raise ValueError(f"{where}.gradient_checkpointing must be true or false, got "
+                             f"{out.gradient_checkpointing!r}")
+        if out.fused_ops not in FUSED_OPS:
+            raise ValueError(f"{where}.fused_ops must be one of {', '.join(FUSED_OPS)}, got {out.fused_ops!r}")
         return out
 
     def to_dict(self) -> dict:
@@ -104,6 +117,9 @@ class SpeechEncoder(nn.Module):
     def __init__(self, encoder):
         super().__init__()
         self.encoder = encoder
+        # the layers run on packed clips through mtbi_fast.attention (which follows Whisper's
+        # is_causal=False); torch's varlen kernel where it runs, SDPA per clip elsewhere
+        encoder.config._attn_implementation = TORCH_VARLEN if TORCH_VARLEN_KERNEL is not None else VARLEN_SDPA
 
     @property
     def num_mel_bins(self) -> int:
@@ -120,6 +136,12 @@ class SpeechEncoder(nn.Module):
 
     def forward(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
         """Log-mels [n_mels, T_i] -> encoder states [ceil(T_i / 2), d_model], one per clip."""
+        states, lengths = self.packed(mels)
+        return list(states.split(lengths))
+
+    def packed(self, mels: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """Log-mels [n_mels, T_i] -> (the clips' encoder states back to back [sum n_i, d_model],
+        [n_i]) with n_i = ceil(T_i / 2)."""
         enc = self.encoder
         lengths = [m.shape[-1] for m in mels]
         out_lengths = [encoder_frames(t) for t in lengths]
@@ -130,29 +152,31 @@ class SpeechEncoder(nn.Module):
             if n > self.max_frames:
                 raise ValueError(f"clip {i}: {lengths[i]} mel frames ({lengths[i] / FRAMES_PER_SECOND:.1f}"
                                  f" s) is longer than the encoder's {self.max_frames * ENCODER_STRIDE} frames")
-        dtype = enc.conv1.weight.dtype
+        if not mels:
+            return torch.zeros(0, self.d_model, device=enc.conv1.weight.device), []
+        device, dtype = enc.conv1.weight.device, enc.conv1.weight.dtype
         x = torch.nn.utils.rnn.pad_sequence([m.T for m in mels], batch_first=True).transpose(1, 2)
         x = nn.functional.gelu(enc.conv1(x.to(dtype)))
-        t_max = x.shape[-1]
-        keep = torch.arange(t_max, device=x.device)[None, :] < torch.tensor(lengths, device=x.device)[:, None]
+        # host-built index tensors, copied without a sync
+        keep = _to(torch.arange(x.shape[-1])[None, :] < torch.tensor(lengths)[:, None], device)
         x = x * keep[:, None, :].to(x.dtype)  # conv2 must see zeros past each clip's end
         x = nn.functional.gelu(enc.conv2(x)).transpose(1, 2)
         n = x.shape[1]
-        x = x + enc.embed_positions(torch.arange(n, device=x.device))  # a module call: ZeRO-3 safe
+        x = x + enc.embed_positions(torch.arange(n, device=device))  # a module call: ZeRO-3 safe
         x = nn.functional.dropout(x, p=enc.dropout, training=self.training)
-        mask = None
-        if len(mels) > 1 and min(out_lengths) < n:
-            valid = torch.arange(n, device=x.device)[None, :] < torch.tensor(out_lengths, device=x.device)[:, None]
-            mask = torch.zeros(len(mels), 1, n, n, device=x.device, dtype=x.dtype)
-            mask.masked_fill_(~valid[:, None, None, :], torch.finfo(x.dtype).min)
-        masks = {x.dtype: mask}
+        # pack: the clips' own frames back to back, one sequence each
+        rows = torch.cat([i * n + torch.arange(k) for i, k in enumerate(out_lengths)])
+        x = x.reshape(-1, x.shape[-1]).index_select(0, _to(rows, device))[None]
+        bounds = [0]
+        for k in out_lengths:
+            bounds.append(bounds[-1] + k)
+        cu = _to(torch.tensor(bounds, dtype=torch.int32), device)
+        packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(out_lengths),
+                      max_length_k=max(out_lengths), mtbi_bounds=tuple(bounds))
         for layer in enc.layers:  # trained top layers may be float32 below frozen bf16 ones
-            dt = layer.fc1.weight.dtype
-            if mask is not None and dt not in masks:
-                masks[dt] = torch.zeros_like(mask, dtype=dt).masked_fill_(mask < 0, torch.finfo(dt).min)
-            x = layer(x.to(dt), masks.get(dt))
+            x = layer(x.to(layer.fc1.weight.dtype), None, **packed)
         x = enc.layer_norm(x.to(enc.layer_norm.weight.dtype))
-        return [x[i, :out_lengths[i]] for i in range(len(mels))]
+        return x[0], out_lengths
 
 
 class Adapter(nn.Module):
@@ -173,11 +197,22 @@ class Adapter(nn.Module):
         return math.ceil(n_encoder_frames / self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One clip's encoder frames [T, d_enc] -> [ceil(T / stride), d_llm]."""
+        return self.packed(x, [x.shape[0]])
+
+    def packed(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Clips' encoder frames back to back [sum T_i, d_enc] (``SpeechEncoder.packed``) -> their
+        LLM frames back to back [sum ceil(T_i / stride), d_llm], in one pass: each clip is padded
+        with zero frames to a multiple of ``stride`` (one gather), so no window straddles clips."""
         x = x.to(self.proj[-1].weight.dtype)
-        t, d = x.shape
-        pad = (-t) % self.stride
-        if pad:
-            x = torch.cat([x, x.new_zeros(pad, d)])
+        d = x.shape[1]
+        if any(t % self.stride for t in lengths):
+            index, start, zero = [], 0, sum(lengths)  # row `zero`: an appended zero frame
+            for t in lengths:
+                index.append(torch.arange(start, start + t))
+                index.append(torch.full(((-t) % self.stride,), zero))
+                start += t
+            x = torch.cat([x, x.new_zeros(1, d)]).index_select(0, _to(torch.cat(index), x.device))
         if self.kind == "stack":
             return self.proj(x.reshape(-1, self.stride * d))
         return self.proj(self.conv(x.T[None])[0].T)
@@ -216,6 +251,14 @@ class SpeechLLM(nn.Module):
         if config.lora:
             model.llm = _apply_lora(model.llm, config.lora)
             model._set_trainable()
+        model.fused_ops = apply_fused_ops(model.llm, config.fused_ops)
+        if config.gradient_checkpointing:
+            # non-reentrant: the frozen LLM's inputs (the speech frames) carry the gradient
+            enable = getattr(model.llm, "activation_checkpointing_enable", None)  # transformers >= 5.x
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model.cast(resolve_dtype(config.dtype))
 
     def cast(self, dtype: torch.dtype) -> "SpeechLLM":
@@ -253,9 +296,15 @@ class SpeechLLM(nn.Module):
 
     def speech_frames(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
         """Log-mels -> adapter outputs [F_i, H] in the LLM's embedding space, one per clip."""
+        buffer, counts = self.speech_buffer(mels)
+        return list(buffer.split(counts))
+
+    def speech_buffer(self, mels: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """Log-mels -> (the clips' adapter outputs back to back [sum F_i, H], [F_i]): the encoder
+        over the packed clips, then the adapter once over all of them."""
         device = self.adapter.proj[-1].weight.device
-        states = self.encoder([m.to(device) for m in mels])
-        return [self.adapter(s) for s in states]
+        states, lengths = self.encoder.packed([_to(m, device) for m in mels])
+        return self.adapter.packed(states, lengths), [self.adapter.n_frames(n) for n in lengths]
 
     # -- training ----------------------------------------------------------------------------
 
@@ -270,26 +319,33 @@ class SpeechLLM(nn.Module):
         ``teacher_hidden`` [M, H]: cached teacher states at the loss positions.
         Returns ``{"loss", "kl", "ce", "rows"}``.
         """
-        if frames is None:
-            if mels is None:
-                raise ValueError("pass frames (adapter outputs) or mels")
-            frames = self.speech_frames(mels)
+        if (frames is None) == (mels is None):
+            raise ValueError("pass frames (adapter outputs) or mels")
         if (teacher is None) == (teacher_hidden is None):
             raise ValueError("pass exactly one of teacher (a packed text batch) or teacher_hidden")
-        counts = [int(n) for n in torch.diff(student.frame_offsets)]
-        for i, (f, n) in enumerate(zip(frames, counts)):
-            if f.shape[0] != n:
-                raise ValueError(f"example {student.example_ids[i]!r}: the model gives {f.shape[0]} "
-                                 f"speech frames but the batch expects {n}")
         device = self.adapter.proj[-1].weight.device
-        student = student.to(device)
-        buffer = torch.cat(frames) if frames else torch.zeros(0, self.hidden_size, device=device)
-        h_s = self.loss_states(student, buffer)
+        if frames is None:
+            buffer, sizes = self.speech_buffer(mels)
+        else:
+            sizes = [f.shape[0] for f in frames]
+            buffer = torch.cat(frames) if frames else torch.zeros(0, self.hidden_size, device=device)
+        # every check reads the batch's host copy: nothing is read back from the GPU
+        counts = torch.diff(student.frame_offsets).tolist() if student.frame_offsets.device.type == "cpu" \
+            else sizes
+        for i, (f, n) in enumerate(zip(sizes, counts)):
+            if f != n:
+                raise ValueError(f"example {student.example_ids[i]!r}: the model gives {f} "
+                                 f"speech frames but the batch expects {n}")
+        vocab = _vocab_rows(self.llm)
+        check_pack_source(student.source, vocab, buffer.shape[0])
         if teacher is not None:
             if teacher.target_ids.numel() != student.target_ids.numel() or not torch.equal(
                     teacher.target_ids.cpu(), student.target_ids.cpu()):
                 raise ValueError("teacher and student batches do not have the same response tokens "
                                  "in the same order")
+        student = student.to(device, non_blocking=True)
+        h_s = self.loss_states(student, buffer)
+        if teacher is not None:
             h_t = self.teacher_states(teacher)
         else:
             h_t = teacher_hidden.to(device=device, dtype=h_s.dtype)
@@ -305,9 +361,11 @@ class SpeechLLM(nn.Module):
         """The teacher's final hidden states at the loss positions [M, H] (for a cache). The
         teacher is the original LLM: LoRA adapters, when configured, are off for this pass."""
         device = self.adapter.proj[-1].weight.device
+        check_pack_source(teacher.source, _vocab_rows(self.llm), 0)
         off = self.llm.disable_adapter() if self.config.lora else contextlib.nullcontext()
         with off:
-            return self.loss_states(teacher.to(device), torch.zeros(0, self.hidden_size, device=device))
+            return self.loss_states(teacher.to(device, non_blocking=True),
+                                    torch.zeros(0, self.hidden_size, device=device))
 
     def loss_states(self, batch: PackedBatch, frames: torch.Tensor) -> torch.Tensor:
         """The LLM's final hidden states at the loss positions of ``batch`` [M, H] (in input
@@ -315,15 +373,16 @@ class SpeechLLM(nn.Module):
         concatenated in input order)."""
         embed_module = self.llm.get_input_embeddings()
         embed = embed_module.weight
-        if hasattr(embed, "ds_id") and embed.data.numel() == 0:
-            # a ZeRO-3 partitioned table: look the text rows up through the module (gathered by
-            # DeepSpeed's hooks), then place the speech frames
+        if hasattr(embed, "ds_id") and embed.data.numel() == 0 and embed.requires_grad:
+            # a trained ZeRO-3 partitioned table: look the text rows up through the module
+            # (gathered by DeepSpeed's hooks, its gradient reduced by them), then place the frames
             speech = batch.source < 0
             x = embed_module(batch.source.clamp(min=0))
             x = torch.where(speech[:, None], frames.to(x.dtype)[(-batch.source - 1).clamp(min=0)]
                             if frames.shape[0] else x, x)
-        else:
-            x = pack_embeddings(batch.source, embed, frames.to(embed.dtype))
+        else:  # the packing kernel (Triton on a GPU); a frozen partitioned table is gathered for it
+            with _gathered(embed):
+                x = pack_embeddings(batch.source, embed, frames.to(embed.dtype), check_ids=False)
         body = self.llm.get_decoder() if hasattr(self.llm, "get_decoder") else self.llm.model
         kw = model_inputs(batch, x, attn_implementation=self.llm.config._attn_implementation)
         hidden = body(**kw).last_hidden_state
@@ -429,6 +488,53 @@ class SpeechLLM(nn.Module):
         return model
 
 
+FUSED_OPS = ("auto", "liger", "compile", "none")
+LIGER_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+def apply_fused_ops(llm, mode: str = "auto") -> str:
+    """Fused kernels for the frozen LLM's elementwise work; returns what was applied.
+
+    - "liger": Liger-Kernel's RMSNorm, RoPE and SwiGLU patched into a Llama / Qwen2 / Mistral
+      instance (its Triton kernels: a CUDA GPU, or the CPU interpreter); its own loss patches are
+      never applied (the imitation loss is mtbi-fast's). Liger patches the model family's module
+      functions (RoPE) for the whole process, as its own API does.
+    - "compile": ``torch.compile`` (dynamic shapes) of each decoder layer's MLP and norms, whose
+      shapes vary only in the token count; attention stays on the varlen path.
+    - "none": as transformers builds it.
+    - "auto": "liger" on a CUDA machine with liger-kernel installed and a supported family, else
+      "none" (which one wins on a GPU is measured by ``benchmarks/train_cases.py fused-ops``).
+    """
+    if mode not in FUSED_OPS:
+        raise ValueError(f"fused_ops must be one of {', '.join(FUSED_OPS)}, got {mode!r}")
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    family = base.config.model_type
+    if mode == "auto":
+        import importlib.util
+
+        mode = ("liger" if torch.cuda.is_available() and family in LIGER_MODEL_TYPES
+                and importlib.util.find_spec("liger_kernel") is not None else "none")
+    if mode == "liger":
+        if family not in LIGER_MODEL_TYPES:
+            raise ValueError(f"model.fused_ops: liger supports {', '.join(LIGER_MODEL_TYPES)} LLMs, "
+                             f"not {family!r}; use compile or none")
+        try:
+            from liger_kernel.transformers import monkey_patch
+        except ImportError:
+            raise ImportError("model.fused_ops: liger needs liger-kernel: pip install liger-kernel") from None
+        patch = getattr(monkey_patch, f"apply_liger_kernel_to_{family}")
+        patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+              fused_linear_cross_entropy=False, model=base)
+    elif mode == "compile":
+        body = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+        for layer in body.layers:
+            for name in ("mlp", "input_layernorm", "post_attention_layernorm"):
+                module = getattr(layer, name, None)
+                if module is not None:
+                    module.compile(dynamic=True)
+    return mode
+
+
 def decoding_kwargs(no_repeat_ngram: int | None = None,
                     repetition_penalty: float | None = None) -> dict:
     """``generate`` keyword arguments that keep a free-running answer out of loops: no n-gram of
@@ -448,6 +554,35 @@ def decoding_kwargs(no_repeat_ngram: int | None = None,
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
         kw["repetition_penalty"] = float(repetition_penalty)
     return kw
+
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``. A host tensor headed for a GPU goes through pinned memory without
+    blocking: no host sync, and the copy is ordered before the kernels that read it."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _vocab_rows(llm) -> int:
+    w = llm.get_input_embeddings().weight
+    return tuple(getattr(w, "ds_shape", w.shape))[0]
+
+
+@contextlib.contextmanager
+def _gathered(weight):
+    """A frozen ZeRO-3 partitioned weight gathered whole for the block (nothing of it is kept for
+    backward: the packing kernel's backward needs only the batch's source map)."""
+    if not (hasattr(weight, "ds_id") and weight.data.numel() == 0):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        yield
 
 
 def _embed_dim(llm) -> int:

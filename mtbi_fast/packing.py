@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .attention import VARLEN_IMPLEMENTATIONS
+from .attention import REGISTERED, VARLEN_IMPLEMENTATIONS
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ class PackedBatch:
     n_tokens: int                 # real (non-padding) tokens
     max_tokens: int
     stats: dict = field(default_factory=dict)
+    bounds: tuple = ()            # cu_seqlens as host ints (empty: read them from cu_seqlens)
 
     @property
     def rows(self) -> int:
@@ -128,10 +129,16 @@ class PackedBatch:
         """Real tokens over the R * L slots the model runs on."""
         return self.n_tokens / max(self.source.numel(), 1)
 
-    def to(self, device) -> "PackedBatch":
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                 for k, v in self.__dict__.items()}
-        return PackedBatch(**moved)
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        """The batch on ``device`` (``non_blocking``: asynchronous copies from pinned memory)."""
+        return PackedBatch(**{k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor)
+                                  else v) for k, v in self.__dict__.items()})
+
+    def pin_memory(self) -> "PackedBatch":
+        """The batch with its tensors in pinned (page-locked) host memory; the DataLoader calls
+        this with ``pin_memory=True``, so that copies to the GPU can be asynchronous."""
+        return PackedBatch(**{k: (v.pin_memory() if isinstance(v, torch.Tensor) else v)
+                              for k, v in self.__dict__.items()})
 
 
 def pack(examples: Sequence[Example], max_tokens: int, *, pad_id: int = 0,
@@ -201,7 +208,8 @@ def pack(examples: Sequence[Example], max_tokens: int, *, pad_id: int = 0,
         example_ids=[ex.id for ex in examples], example_rows=example_rows,
         example_starts=example_starts, n_tokens=n_tokens, max_tokens=max_tokens,
         stats=dict(rows=n_rows, row_len=width, examples=len(examples),
-                   fill=n_tokens / (n_rows * max_tokens)))
+                   fill=n_tokens / (n_rows * max_tokens)),
+        bounds=tuple(cu.tolist()))
 
 
 def truncate_together(examples: Sequence[Example], max_tokens: int,
@@ -339,6 +347,8 @@ def model_inputs(batch: PackedBatch, inputs_embeds: torch.Tensor, attention: str
         cu = batch.cu_seqlens.to(embeds.device)
         kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen,
                   max_length_k=batch.max_seqlen)
+        if attn_implementation in REGISTERED:  # the bounds as host ints: nothing read back per layer
+            kw["mtbi_bounds"] = batch.bounds or None
     return kw
 
 

@@ -61,3 +61,31 @@ def eager_pack_embeddings(source: torch.Tensor, embed_weight: torch.Tensor,
         return text_rows
     frame_rows = frames[(-source - 1).clamp(min=0)]
     return torch.where(speech[:, None], frame_rows, text_rows)
+
+
+def padded_encoder_states(encoder, mels: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:
+    """Whisper encoder states of clips of any length, the padded way: one batch padded to its
+    longest clip, conv2 fed zeros past each clip's end, and a dense [B, 1, n, n] additive mask
+    keeping padded frames out of attention (what ``SpeechEncoder`` did before it packed its clips;
+    the benchmarks' "before" and a reference for the packed path). ``encoder``: a transformers
+    ``WhisperEncoder``; ``lengths``: encoder output frames of each clip."""
+    enc = encoder
+    dtype = enc.conv1.weight.dtype
+    x = torch.nn.utils.rnn.pad_sequence([m.T for m in mels], batch_first=True).transpose(1, 2)
+    x = F.gelu(enc.conv1(x.to(dtype)))
+    keep = torch.arange(x.shape[-1], device=x.device)[None, :] < torch.tensor(
+        [m.shape[-1] for m in mels], device=x.device)[:, None]
+    x = F.gelu(enc.conv2(x * keep[:, None, :].to(x.dtype))).transpose(1, 2)
+    n = x.shape[1]
+    x = x + enc.embed_positions(torch.arange(n, device=x.device))
+    mask = None
+    if len(mels) > 1 and min(lengths) < n:
+        valid = torch.arange(n, device=x.device)[None, :] < torch.tensor(lengths, device=x.device)[:, None]
+        mask = torch.zeros(len(mels), 1, n, n, device=x.device, dtype=x.dtype)
+        mask.masked_fill_(~valid[:, None, None, :], torch.finfo(x.dtype).min)
+    for layer in enc.layers:
+        dt = layer.fc1.weight.dtype
+        m = None if mask is None else torch.zeros_like(mask, dtype=dt).masked_fill_(mask < 0, torch.finfo(dt).min)
+        x = layer(x.to(dt), m)
+    x = enc.layer_norm(x.to(enc.layer_norm.weight.dtype))
+    return [x[i, :lengths[i]] for i in range(len(mels))]

@@ -44,7 +44,8 @@ RESUME_MAY_CHANGE = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
     "data.num_workers", "data.prefetch_factor", "data.skip_bad_audio", "data.skip_bad_shards",
     "model.loss.backend",
-    "model.loss.chunk_size", "model.loss.memory_budget", "output_dir"})
+    "model.loss.chunk_size", "model.loss.memory_budget", "model.loss.check_finite",
+    "model.gradient_checkpointing", "model.fused_ops", "train.peak_tflops", "output_dir"})
 DATA_KEYS = ("data.train_manifest", "data.behaviors", "data.train_shards", "data.eval_manifest",
              "data.eval_behaviors")
 # Keys added after runs began whose recorded value is not the default: a run recorded without

@@ -63,7 +63,18 @@ def _run(args) -> int:
         print(f"done: {trainer.step} steps in {time.time() - t0:.0f} s, final loss "
               f"{last.get('loss', float('nan')):.4f}, {trainer.n_trainable / 1e6:.2f} M trainable "
               f"parameters, {trainer.data_wait_s:.1f} s waiting for data{skipped} -> {trainer.out}")
+        print(throughput_line(trainer.summary()))
     return 0
+
+
+def throughput_line(summary: dict) -> str:
+    """The run summary's throughput line: tokens/s, model TFLOP/s and MFU per process."""
+    if not summary["steps"]:
+        return "throughput: no step run in this process"
+    util = (f"{summary['mfu']:.1%} MFU of {summary['peak_tflops']:.0f} TFLOP/s ({summary['peak_source']})"
+            if summary["mfu"] is not None else f"MFU not known ({summary['peak_source']})")
+    return (f"throughput: {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
+            f"{summary['tflops']:.2f} model TFLOP/s per process, {util}")
 
 
 if __name__ == "__main__":

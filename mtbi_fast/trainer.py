@@ -13,9 +13,19 @@ batches (audio decode, log-mel, SpecAugment, interleaving, packing) are built ah
 the start (built under ``zero.Init``) and only the adapter (and LoRA / top encoder layers when
 enabled) is optimized.
 
-``metrics.jsonl`` has one row per logged step (step, loss, kl, ce, tokens_per_s, lr, ratio,
-data_wait_s, data_wait_share, skipped_audio; streaming also skipped_cuts) and evaluation rows from
-step 0 on (step, eval_kl);
+``metrics.jsonl`` has one row per logged step (step, loss, kl, ce, tokens_per_s, tflops, mfu, lr,
+ratio, data_wait_s, data_wait_share, skipped_audio; streaming also skipped_cuts) and evaluation rows
+from step 0 on (step, eval_kl). ``tflops`` is the model FLOPs of the window's steps
+(``mtbi_fast.flops.step_flops``: LLM forward and activation-only backward, attention at the real
+sequence lengths, encoder, adapter, loss, an online teacher) per second and per process, ``mfu``
+that over the card's dense bf16 peak (``flops.PEAK_TFLOPS``, or ``train.peak_tflops``; null where
+neither knows the device).
+
+A step reads nothing back from the GPU: the loss, KL, CE and a count of non-finite losses are summed
+on the device and read at the logging interval, before an evaluation and before a checkpoint (a
+window with a NaN or inf loss stops the run there, naming its steps, so no checkpoint ever holds
+what it did). On a GPU the loss therefore runs with ``check_finite=False`` unless the config sets
+``model.loss.check_finite``.
 TensorBoard events are written too when tensorboard is installed. The run folder's other files,
 checkpoints and resume: ``mtbi_fast.runfolder``. ``.lock`` holds the folder for one training at a
 time.
@@ -47,6 +57,7 @@ from mtbi_fast.behaviors import check_teacher
 from mtbi_fast.config import interleave_schedule
 from mtbi_fast.dataset import BatchBuilder, MicroBatches, MTBIData
 from mtbi_fast.errors import USER_ERRORS
+from mtbi_fast.flops import mfu, peak_tflops, step_flops
 from mtbi_fast.interleave import RatioSchedule
 from mtbi_fast.lock import FolderLock, FolderLockedError
 from mtbi_fast.model import ModelConfig, SpeechLLM
@@ -75,7 +86,11 @@ class Trainer:
         if cfg["data"]["teacher_cache"]:  # the cached states must be this run's LLM's
             d = cfg["data"]  # a shard folder holds the plan.json of the behaviors it was made from
             check_teacher(d["train_shards"] if d["reader"] == "streaming" else d["behaviors"], cfg["model"])
-        ds_json = read_deepspeed_config(cfg["deepspeed"]) if cfg["deepspeed"] else None
+        self.sharding = "plain PyTorch" if not cfg["deepspeed"] else f"DeepSpeed config {cfg['deepspeed']}"
+        if cfg["deepspeed"] == "auto":
+            ds_json = self._auto_sharding()
+        else:
+            ds_json = read_deepspeed_config(cfg["deepspeed"]) if cfg["deepspeed"] else None
         if ds_json is not None:
             self._init_distributed(ds_json)
         self._on_rank0(self._take_lock)
@@ -94,6 +109,8 @@ class Trainer:
         self.skipped_cuts = 0  # streaming: cuts of bad shards left out (this process, this run)
         self.stream_positions = {}  # streaming: each reader's position after its last batch used
         self.tb = None
+        self.peak, self.peak_source = peak_tflops(self._device(), cfg["train"]["peak_tflops"])
+        self.totals = _Totals()  # this run's steps, seconds, tokens and model FLOPs (this process)
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -144,14 +161,26 @@ class Trainer:
                 if self.step % t["log_every"] == 0 or self.step == t["steps"]:
                     last = self._log(window, ratio)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", kl=f"{last['kl']:.4f}",
-                                    tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{last['lr']:.2e}",
-                                    data_wait=f"{last['data_wait_share']:.0%}")
+                                    tok_s=f"{last['tokens_per_s']:.0f}", tflops=f"{last['tflops']:.1f}",
+                                    **({"mfu": f"{last['mfu']:.1%}"} if last["mfu"] is not None else {}),
+                                    lr=f"{last['lr']:.2e}", data_wait=f"{last['data_wait_share']:.0%}")
                     window = _Window()
+                elif self._evaluates_or_saves():
+                    self._check_finite(window)  # nothing a bad window did is evaluated or saved
                 self._evaluate_and_save()
         finally:
             del batches  # stops the loader's workers now, also when the loop raises
             bar.close()  # (an error message then starts on a line of its own)
         return last
+
+    def summary(self) -> dict:
+        """This run's throughput over its logged windows (this process): steps, seconds,
+        tokens_per_s, tflops, mfu (None without a known peak) and where the peak came from."""
+        t = self.totals
+        tflops, util = mfu(t.flops, t.seconds, self.peak) if t.seconds else (0.0, None)
+        return dict(steps=t.steps, seconds=t.seconds, tokens_per_s=t.tokens / t.seconds if t.seconds else 0.0,
+                    tflops=tflops, mfu=util, peak_tflops=self.peak, peak_source=self.peak_source,
+                    sharding=self.sharding)
 
     def _finish(self):
         self.export(self.out / "final")
@@ -169,10 +198,10 @@ class Trainer:
             self.engine.step()
         else:
             (out["loss"] / grad_accum).backward()
-        window.loss += float(out["loss"].detach()) / grad_accum
-        window.kl += float(out["kl"].detach()) / grad_accum
-        window.ce += float(out["ce"].detach()) / grad_accum
+        window.add(out, grad_accum)  # on the device: no host sync
         window.tokens += batch["student"].n_tokens
+        window.flops += step_flops(self.model, batch["student"], batch.get("teacher"),
+                                   [m.shape[-1] for m in batch["mels"]])["total"]
 
     def _next_batch(self, batches, device: torch.device, window: _Window) -> tuple[dict, dict]:
         """The next micro-batch and the model's inputs from it on ``device``; the time waited for
@@ -212,6 +241,25 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _evaluates_or_saves(self) -> bool:
+        t = self.cfg["train"]
+        return bool((t["eval_every"] and (self.step % t["eval_every"] == 0 or self.step == t["steps"]))
+                    or (t["save_every"] and self.step % t["save_every"] == 0))
+
+    def _check_finite(self, window: _Window):
+        """Stop with a one-line error when a loss of the window was NaN or inf (one host read)."""
+        bad = window.nonfinite_count()
+        if self.world > 1:
+            box = torch.tensor([bad], dtype=torch.float64)
+            torch.distributed.all_reduce(box)
+            bad = int(box.item())
+        if bad:
+            first = self.step - window.n + 1
+            raise ValueError(
+                f"steps {first}-{self.step}: the loss was NaN or inf in {bad} micro-batch(es) "
+                f"(non-finite hidden states, teacher states or weights); nothing after step "
+                f"{first - 1} was saved; set model.loss.check_finite=true to find the first bad row")
 
     def _evaluate_and_save(self):
         t = self.cfg["train"]
@@ -274,16 +322,21 @@ class Trainer:
 
     def _log(self, window: _Window, ratio: float) -> dict:
         """The metrics row of the steps since the last one (means over ranks), written by rank 0."""
+        self._check_finite(window)
+        sums = window.device_sums()  # the one read back from the device per window
         seconds = max(time.perf_counter() - window.started, 1e-9)
-        vals = torch.tensor([window.loss, window.kl, window.ce, float(window.tokens),
+        self.totals.add(window, seconds)
+        vals = torch.tensor([*sums, float(window.tokens),
                              window.data_wait, window.data_wait / seconds, float(window.skipped),
-                             float(window.skipped_cuts)])
+                             float(window.skipped_cuts), float(window.flops)], dtype=torch.float64)
         if self.world > 1:
             torch.distributed.all_reduce(vals)
-            vals[[0, 1, 2, 4, 5]] /= self.world  # means over ranks; tokens and skips are summed
+            vals[[0, 1, 2, 4, 5, 8]] /= self.world  # means over ranks; tokens and skips are summed
         n = max(window.n, 1)
+        tflops, util = mfu(vals[8].item(), seconds, self.peak)
         row = {"step": self.step, "loss": vals[0].item() / n, "kl": vals[1].item() / n,
                "ce": vals[2].item() / n, "tokens_per_s": vals[3].item() / seconds,
+               "tflops": tflops, "mfu": util,
                "lr": self.scheduler.get_last_lr()[0], "ratio": ratio,
                "data_wait_s": vals[4].item(), "data_wait_share": vals[5].item(),
                "skipped_audio": int(vals[6].item()), "time": time.time()}
@@ -381,7 +434,10 @@ class Trainer:
         """The configured model; under ZeRO-3 partitioned from the start."""
         model_cfg = ModelConfig.from_dict(self.cfg["model"])
         if not (self.ds_config and self.ds_config.get("zero_optimization", {}).get("stage") == 3):
-            return SpeechLLM.from_config(model_cfg)
+            model = SpeechLLM.from_config(model_cfg)
+            if not self.ds_config and torch.cuda.is_available():  # plain PyTorch on this rank's GPU
+                model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+            return self._sync_free(model)
         import deepspeed
 
         # a pretrained LLM is partitioned as it loads (transformers' from_pretrained reads the
@@ -392,6 +448,13 @@ class Trainer:
         context = _hf_zero3(self.ds_config) if pretrained else None
         model = SpeechLLM.from_config(model_cfg, llm_context=context)
         deepspeed.zero.Init(module=model, config_dict_or_path=self.ds_config)
+        return self._sync_free(model)
+
+    def _sync_free(self, model: SpeechLLM) -> SpeechLLM:
+        """On a GPU the loss reads nothing back (``check_finite`` off: the loop checks the loss
+        on the device) unless the config asks for the check."""
+        if torch.cuda.is_available() and "check_finite" not in (self.cfg["model"].get("loss") or {}):
+            model.loss_fn.check_finite = False
         return model
 
     def _build_data(self) -> tuple[MTBIData | ShardData, MTBIData | None]:
@@ -436,6 +499,34 @@ class Trainer:
             self.engine = self.model
             self.optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, sched_fn)
+
+    def _auto_sharding(self) -> dict | None:
+        """``deepspeed: auto``: no DeepSpeed for one process (the frozen LLM whole on its device);
+        for a world of several, ZeRO-2 with the frozen LLM replicated when it fits on every rank's
+        device with room to spare, else ZeRO-3 (``mtbi_fast.sharding``: decided from the least free
+        memory of any rank, so all ranks agree). The choice and its reason are printed (rank 0)
+        and kept in ``self.sharding``."""
+        from mtbi_fast.sharding import auto_deepspeed_config, free_memory
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            ds_json, why = None, ("one process: plain PyTorch, the frozen LLM whole on this device "
+                                  "(no DeepSpeed: nothing to shard)")
+        else:
+            import deepspeed
+
+            on_gpu = torch.cuda.is_available()
+            if not on_gpu:
+                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else None
+            free = torch.tensor([free_memory(device)], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
+            ds_json, why = auto_deepspeed_config(self.cfg["model"], world, device, free_bytes=int(free.item()))
+        self.sharding = f"deepspeed=auto: {why}"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(self.sharding, flush=True)
+        return ds_json
 
     def _init_distributed(self, cfg: dict):
         """torch.distributed through DeepSpeed (a world of one without a launcher), and the
@@ -520,16 +611,47 @@ def lr_lambda(warmup: int, total: int):
 
 @dataclasses.dataclass
 class _Window:
-    """Sums over the steps since the last logged metrics row."""
-    loss: float = 0.0
-    kl: float = 0.0
-    ce: float = 0.0
+    """Sums over the steps since the last logged metrics row. The loss, KL, CE and the count of
+    non-finite losses stay on the device (``parts``: one [4] tensor) until the row is written."""
+    parts: torch.Tensor | None = None
     tokens: int = 0
+    flops: int = 0
     n: int = 0
     data_wait: float = 0.0
     skipped: int = 0
     skipped_cuts: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, out: dict, grad_accum: int):
+        """A micro-batch's loss, KL and CE (means over its accumulation) and whether its loss was
+        finite, added on the device. A non-finite loss adds to the count, not to the sums."""
+        loss = out["loss"].detach().float()
+        finite = torch.isfinite(loss)
+        vals = torch.stack([loss, out["kl"].detach().float(), out["ce"].detach().float()]) / grad_accum
+        vals = torch.cat([torch.where(finite, vals, 0.0), (~finite).float()[None]])
+        self.parts = vals if self.parts is None else self.parts + vals
+
+    def device_sums(self) -> list[float]:
+        """[loss, kl, ce] summed over the window (the host read)."""
+        return [0.0, 0.0, 0.0] if self.parts is None else self.parts[:3].double().tolist()
+
+    def nonfinite_count(self) -> int:
+        return 0 if self.parts is None else int(self.parts[3].item())
+
+
+@dataclasses.dataclass
+class _Totals:
+    """This run's logged windows, for the summary: steps, seconds, tokens, model FLOPs."""
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    flops: int = 0
+
+    def add(self, window: _Window, seconds: float):
+        self.steps += window.n
+        self.seconds += seconds
+        self.tokens += window.tokens
+        self.flops += window.flops
 
 
 def _init_single_process(deepspeed, backend: str, attempts: int = 5):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from helpers import CONFIG, ROOT, make_training_corpus
 
-TIMING_KEYS = {"tokens_per_s", "data_wait_s", "data_wait_share", "time"}  # wall clock, not results
+TIMING_KEYS = {"tokens_per_s", "tflops", "mfu", "data_wait_s", "data_wait_share", "time"}  # wall clock, not results
 SEED = 20261126
 
 

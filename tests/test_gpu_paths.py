@@ -6,9 +6,11 @@ module through autograd on CUDA (``backend="auto"``, the deferred ``reduction="n
 a trainable head), and the packing kernel, each against float64 or eager references.
 """
 
+import math
+
 import pytest
 import torch
-from helpers import make_inputs
+from helpers import CONFIG, make_inputs, overrides
 
 from mtbi_fast import imitation_loss
 from mtbi_fast.embeddings import pack_embeddings
@@ -94,3 +96,35 @@ def test_pack_kernel_on_gpu(dtype):
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(emb.grad.double(), emb64.grad, **tol)
     torch.testing.assert_close(frames.grad.double(), frames64.grad, **tol)
+
+
+def test_a_training_step_reads_nothing_back_from_the_gpu(data, tmp_path):
+    """The trainer's step (forward, backward, clipping, AdamW, the metrics it keeps) under
+    ``torch.cuda.set_sync_debug_mode("error")``: any device-to-host synchronization raises. The
+    window's sums are read once, after the steps."""
+    from mtbi_fast.config import load_config
+    from mtbi_fast.trainer import Trainer, _Window
+
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "run", "data.num_workers=0", "train.eval_every=0",
+                                        "train.save_every=0", "model.dtype=bfloat16"))
+    trainer = Trainer(cfg)
+    try:
+        device = trainer._device()
+        assert device.type == "cuda" and trainer.model.loss_fn.check_finite is False
+        loader = iter(trainer.train_loader(device))
+        feed = iter([next(loader) for _ in range(3)])
+        window = _Window()
+        trainer._micro_step(feed, device, window)  # warm-up: lazy initializations, autotuning
+        trainer._optimizer_step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                trainer._micro_step(feed, device, window)
+                trainer._optimizer_step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        loss, kl, _ = window.device_sums()
+        assert math.isfinite(loss) and kl > 0 and window.nonfinite_count() == 0
+    finally:
+        trainer.close()

@@ -69,6 +69,95 @@ def test_encoder_output_does_not_depend_on_padding(model):
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_packed_encoder_equals_transformers_at_30_seconds(model):
+    """A 30 s clip has no padding at all: the packed varlen path must give what transformers'
+    own WhisperEncoder (SDPA, 3000 frames) gives."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    mel = log_mel(clip(30.0, 2))[:, :3000]
+    ref_enc = WhisperEncoder(model.encoder.encoder.config.__class__(
+        **{**model.encoder.encoder.config.to_dict(), "_attn_implementation": "sdpa"})).eval()
+    ref_enc.load_state_dict(model.encoder.encoder.state_dict())
+    ref_enc.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        ref = ref_enc(mel[None]).last_hidden_state[0]
+        ours = model.encoder([mel])[0]
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_packed_encoder_and_adapter_equal_the_padded_masked_reference():
+    """Clips of mixed lengths: the packed encoder equals the padded, dense-mask reference
+    (mtbi_fast.reference), and the adapter run once over all clips equals it run per clip; for
+    both adapter kinds and lengths that are not multiples of the stride."""
+    from mtbi_fast.audio import encoder_frames
+    from mtbi_fast.reference import padded_encoder_states
+
+    for kind in ("stack", "conv"):
+        m = SpeechLLM.from_config(tiny_config(adapter={"kind": kind, "stride": 3}))
+        mels = [log_mel(clip(s, i)) for i, s in enumerate((1.31, 3.07, 0.52, 2.2))]
+        with torch.no_grad():
+            ref = padded_encoder_states(m.encoder.encoder, mels, [encoder_frames(x.shape[1]) for x in mels])
+            states = m.encoder(mels)
+            frames = m.speech_frames(mels)
+        assert [s.shape[0] % 3 for s in states] != [0] * 4  # some clips need padding to the stride
+        for got, want in zip(states, ref):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        for got, state in zip(frames, ref):
+            torch.testing.assert_close(got, m.adapter(state), atol=2e-5, rtol=2e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = SpeechLLM.from_config(tiny_config(gradient_checkpointing=ckpt)).train()
+        student, teacher, mels = batch_for(m, ratio=0.3)
+        out = m(student, mels=mels, teacher=teacher)
+        out["loss"].backward()
+        grads.append((out["loss"].detach(), [p.grad.clone() for p in m.adapter.parameters()]))
+    assert m.llm.is_gradient_checkpointing
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for a, b in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Liger's kernels do not run "
+                    "in Triton's CPU interpreter, and its RoPE patch is process-wide)")
+def test_liger_fused_ops_match_the_plain_llm():
+    """model.fused_ops=liger (Liger-Kernel's RMSNorm, RoPE, SwiGLU) gives the plain LLM's hidden
+    states, in float32 on the GPU."""
+    pytest.importorskip("liger_kernel")
+    from mtbi_fast.model import apply_fused_ops
+
+    m = SpeechLLM.from_config(tiny_config(fused_ops="none")).cuda()
+    student, teacher, mels = batch_for(m, ratio=0.3, n=2)
+    with torch.no_grad():
+        plain = m.teacher_states(teacher)
+        assert apply_fused_ops(m.llm, "liger") == "liger"
+        assert type(m.llm.model.layers[0].mlp).__name__.startswith("Liger")
+        fused = m.teacher_states(teacher)
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_ops_auto_is_none_without_cuda(monkeypatch):
+    from mtbi_fast.model import apply_fused_ops
+
+    m = SpeechLLM.from_config(tiny_config(fused_ops="auto"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert apply_fused_ops(m.llm, "auto") == "none" and m.fused_ops in ("none", "liger")
+    m.llm.config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="model.fused_ops: liger supports llama, qwen2, mistral LLMs, not 'gpt2'"):
+        apply_fused_ops(m.llm, "liger")
+
+
+def test_fused_ops_refuses_unknown_modes_by_name():
+    with pytest.raises(ValueError, match="model.fused_ops must be one of auto, liger, compile, none"):
+        tiny_config(fused_ops="fast")
+    with pytest.raises(ValueError, match="model.gradient_checkpointing must be true or false"):
+        tiny_config(gradient_checkpointing="yes")
+
+
 def test_encoder_rejects_over_30_seconds(model):
     with pytest.raises(ValueError, match=r"clip 0: 3002 mel frames \(30.0 s\) is longer than the encoder's 3000"):
         model.encoder([torch.zeros(80, 3002)])

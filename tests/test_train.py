@@ -38,7 +38,8 @@ def test_single_process_run(data, tmp_path):
                                                  "interleave.start=0.0", "train.save_every=10")]) == 0
     rows = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 31))
-    for key in ("step", "loss", "kl", "ce", "tokens_per_s", "lr", "ratio", "data_wait_s", "data_wait_share"):
+    for key in ("step", "loss", "kl", "ce", "tokens_per_s", "tflops", "mfu", "lr", "ratio", "data_wait_s",
+                "data_wait_share"):
         assert key in rows[0]
     assert_data_wait(rows)
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
@@ -50,6 +51,70 @@ def test_single_process_run(data, tmp_path):
     model = SpeechLLM.from_pretrained(out / "final")
     assert set(model.trainable_state_dict()) == {k for k in model.trainable_state_dict() if k.startswith("adapter.")}
     assert (out / "config.yaml").is_file()
+
+
+def test_metrics_carry_model_flops_and_mfu(data, tmp_path, capsys):
+    """tflops in every row equals the counted model FLOPs of the window's batches over its time;
+    mfu is null on a CPU (no known peak) and tflops / train.peak_tflops with one; the run's summary
+    line names both."""
+    from mtbi_fast.flops import step_flops
+
+    out = tmp_path / "run"
+    assert cli(["train", str(CONFIG), *overrides(data, out, "train.steps=4", "train.eval_every=0",
+                                                 "train.save_every=0", "train.log_every=2")]) == 0
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [2, 4] and all(r["tflops"] > 0 and r["mfu"] is None for r in rows)
+    assert "MFU not known (unknown: " in capsys.readouterr().out
+
+    out2 = tmp_path / "run2"
+    cfg = load_config(CONFIG, overrides(data, out2, "train.steps=2", "train.eval_every=0",
+                                        "train.save_every=0", "train.log_every=1", "train.peak_tflops=0.5"))
+    trainer = Trainer(cfg)
+    seen = []
+    real = Trainer._next_batch
+
+    def spy(self, batches, device, window):
+        batch, inputs = real(self, batches, device, window)
+        seen.append(step_flops(self.model, batch["student"], batch.get("teacher"),
+                               [m.shape[-1] for m in batch["mels"]])["total"])
+        return batch, inputs
+
+    Trainer._next_batch = spy
+    try:
+        trainer.train(resume=False)
+    finally:
+        Trainer._next_batch = real
+    rows = [r for r in metrics(out2) if "loss" in r]
+    assert len(rows) == 2 and len(seen) == 2
+    for r, flops in zip(rows, seen):
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.5)
+        assert r["tflops"] * 1e12 > flops / 60  # (the window's seconds are under a minute)
+    summary = trainer.summary()
+    assert summary["steps"] == 2 and summary["peak_source"] == "config"
+    assert summary["tflops"] == pytest.approx(sum(seen) / summary["seconds"] / 1e12)
+
+
+def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(data, tmp_path, monkeypatch):
+    """The loop keeps its sums on the device; a NaN loss (here: the adapter's weights turned to
+    NaN after step 2, the loss's own check off) is caught before the checkpoint of step 4, with a
+    one-line error naming the steps."""
+    out = tmp_path / "run"
+    cfg = load_config(CONFIG, overrides(data, out, "train.steps=8", "train.eval_every=0", "train.save_every=4",
+                                        "train.log_every=5", "model.loss.check_finite=false"))
+    trainer = Trainer(cfg)
+    real = Trainer._optimizer_step
+
+    def poison(self):
+        real(self)
+        if self.step == 1:  # (self.step is incremented after the optimizer step)
+            with torch.no_grad():
+                self.model.adapter.proj[0].weight.fill_(float("nan"))
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", poison)
+    with pytest.raises(ValueError, match=r"^steps 1-4: the loss was NaN or inf in 2 micro-batch\(es\) .*"
+                                         r"nothing after step 0 was saved"):
+        trainer.train(resume=False)
+    assert not list((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else True
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -243,6 +308,42 @@ def test_zero3_two_ranks_match_single_process(data, tmp_path):
                 assert z[key] == pytest.approx(s[key], rel=1e-4, abs=1e-5), (z, s)
     assert (tmp_path / "zero" / "checkpoints" / "step-000006" / "COMPLETE").exists()
     assert SpeechLLM.from_pretrained(tmp_path / "zero" / "final") is not None
+
+
+def _auto_worker(rank, world, port, data, out, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    cfg = load_config(CONFIG, overrides(data, out, "deepspeed=auto", "train.steps=2", "train.save_every=0",
+                                        "train.eval_every=0"))
+    trainer = Trainer(cfg)
+    llm_params = list(trainer.model.llm.parameters())
+    info = {"stage": trainer.ds_config["zero_optimization"]["stage"], "sharding": trainer.sharding,
+            "data_numel": sum(p.data.numel() for p in llm_params),
+            "partitioned": any(hasattr(p, "ds_id") for p in llm_params)}
+    trainer.train(resume=False)
+    torch.save(info, Path(result) / f"auto{rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
+def test_deepspeed_auto_replicates_a_frozen_llm_that_fits(data, tmp_path, capsys):
+    """deepspeed=auto: one process trains without DeepSpeed; two ranks agree on ZeRO-2 for the tiny
+    LLM (it fits with room to spare), whose weights then stay whole on each rank."""
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "one", "deepspeed=auto", "train.steps=1",
+                                        "train.save_every=0", "train.eval_every=0"))
+    trainer = Trainer(cfg)
+    assert trainer.ds_config is None and "one process: plain PyTorch" in trainer.sharding
+    trainer.close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_auto_worker, args=(2, port, str(data), str(tmp_path / "auto"), str(tmp_path)), nprocs=2)
+    for r in (0, 1):
+        info = torch.load(tmp_path / f"auto{r}.pt")
+        assert info["stage"] == 2 and not info["partitioned"] and info["data_numel"] > 0, info
+        assert info["sharding"].startswith("deepspeed=auto: ZeRO-2: the frozen weights ("), info
+    assert [r["step"] for r in metrics(tmp_path / "auto") if "loss" in r] == [1, 2]
 
 
 def test_baseline_switches(data, tmp_path):
