@@ -167,7 +167,8 @@ def model_source(kind: str, name: str) -> dict:
     return {"tiny": {}} if name == "tiny" else SHAPES[kind][name]
 
 
-def synthetic_behaviors(manifest: Path, out_dir: Path, tokenizer, vocab: int, seed: int = 0) -> Path:
+def synthetic_behaviors(manifest: Path, out_dir: Path, tokenizer, vocab: int, seed: int = 0,
+                        response: tuple[int, int] = RESPONSE) -> Path:
     """A behaviors folder for ``manifest`` without running an LLM: per utterance one record with
     random prompt and response ids (RESPONSE tokens) and the transcript's real token ids (what
     the trainer checks against the words). Only shapes matter to the benchmarks."""
@@ -182,7 +183,7 @@ def synthetic_behaviors(manifest: Path, out_dir: Path, tokenizer, vocab: int, se
             "prefix_ids": [rng.randrange(vocab) for _ in range(rng.randint(15, 25))],
             "transcript_ids": enc(transcript(words)),
             "suffix_ids": [rng.randrange(vocab) for _ in range(rng.randint(5, 10))],
-            "response_ids": [rng.randrange(vocab) for _ in range(rng.randint(*RESPONSE))]}))
+            "response_ids": [rng.randrange(vocab) for _ in range(rng.randint(*response))]}))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "shard-00000.jsonl").write_text("".join(line + "\n" for line in lines))
     return out_dir
@@ -236,49 +237,19 @@ class Zero3Step:
 
         on = VARIANTS[variant]
         cfg = trainer_config(workdir, encoder, llm, variant, extra, sharding)
-        cfg["packing"]["max_tokens"] = 2048
         self.trainer = _build_on_gpu(Trainer, cfg)
         self.window = _Window()
         model = self.trainer.model
         if "true_length" not in on:
             _pad_encoder_to_30s(model)
         self.device = next(p.device for p in model.adapter.parameters())
-        tok = model.tokenizer
-        enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        vocab = model.llm.config.vocab_size
-        rng = random.Random(seed)
-        g = torch.Generator().manual_seed(seed)
-        rows = _manifest_rows(DEMO_TRAIN)
-        self.batches = []
-        k_all = 0
-        for b in range(n_batches):
-            students, teachers, mels, total = [], [], [], 0
-            while (len(students) < utterances) if tokens is None else (total < tokens):
-                u = rows[k_all % len(rows)]
-                k_all += 1
-                seconds = rng.uniform(*SECONDS)
-                scale = seconds / u["duration"]  # the demo transcript, stretched to the clip
-                words = [Word(w["word"], w["start"] * scale, w["end"] * scale) for w in u["words"]]
-                mel = log_mel(0.1 * torch.randn(int(seconds * 16000), generator=g),
-                              model.encoder.num_mel_bins)
-                n_frames = model.adapter.n_frames(encoder_frames(mel.shape[1]))
-                prefix = [rng.randrange(vocab) for _ in range(rng.randint(15, 25))]
-                suffix = [rng.randrange(vocab) for _ in range(rng.randint(5, 10))]
-                response = [rng.randrange(vocab) for _ in range(rng.randint(*RESPONSE))]
-                s, t = example_pair(f"{u['id']}-{b}-{k_all}", words, n_frames, model.frame_rate,
-                                    TEXT_RATIO, prefix, suffix, response, enc, duration=seconds,
-                                    generator=torch.Generator().manual_seed(b * 100_003 + k_all))
-                students.append(s)
-                teachers.append(t)
-                mels.append(mel)
-                total += len(s)
-            batch = step_batch(model, students, teachers, mels, on)
+        self.batches = synthetic_batches(model, on, n_batches, utterances, tokens, seed)
+        for batch in self.batches:
             if "teacher_hidden" in batch:
                 batch["teacher_hidden"] = batch["teacher_hidden"].cpu()  # as a cache arrives
             batch["skipped_audio"] = []
-            if self.device.type == "cuda":  # what the trainer's DataLoader (pin_memory) hands over
-                batch = torch.utils.data._utils.pin_memory.pin_memory(batch)
-            self.batches.append(batch)
+        if self.device.type == "cuda":  # what the trainer's DataLoader (pin_memory) hands over
+            self.batches = [torch.utils.data._utils.pin_memory.pin_memory(b) for b in self.batches]
         self.i = 0
 
     def __call__(self) -> int:
@@ -334,6 +305,63 @@ class Zero3Step:
         if profile and cuda:
             out.update(gpu_busy(self, 2))
         return out
+
+
+def synthetic_batches(model, on: set, n_batches: int, utterances: int | None, tokens: int | None = None,
+                      seed: int = 0) -> list[dict]:
+    """``n_batches`` step batches of synthetic utterances (noise audio of SECONDS, the demo
+    transcripts stretched to it, random prompt and RESPONSE ids): ``utterances`` a batch, or as
+    many as reach ``tokens`` real tokens. Deterministic in ``seed``."""
+    tok = model.tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    vocab = model.llm.config.vocab_size
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    rows = _manifest_rows(DEMO_TRAIN)
+    batches, j = [], 0
+    for b in range(n_batches):
+        students, teachers, mels, total, k = [], [], [], 0, 0
+        while (k < utterances) if tokens is None else (total < tokens):
+            u = rows[j % len(rows)]
+            seconds = rng.uniform(*SECONDS)
+            scale = seconds / u["duration"]  # the demo transcript, stretched to the clip
+            words = [Word(w["word"], w["start"] * scale, w["end"] * scale) for w in u["words"]]
+            mel = log_mel(0.1 * torch.randn(int(seconds * 16000), generator=g), model.encoder.num_mel_bins)
+            n_frames = model.adapter.n_frames(encoder_frames(mel.shape[1]))
+            prefix = [rng.randrange(vocab) for _ in range(rng.randint(15, 25))]
+            suffix = [rng.randrange(vocab) for _ in range(rng.randint(5, 10))]
+            response = [rng.randrange(vocab) for _ in range(rng.randint(*RESPONSE))]
+            s, t = example_pair(f"{u['id']}-{b}-{k}", words, n_frames, model.frame_rate, TEXT_RATIO,
+                                prefix, suffix, response, enc, duration=seconds,
+                                generator=torch.Generator().manual_seed(b * 100_003 + k))
+            students.append(s)
+            teachers.append(t)
+            mels.append(mel)
+            total += len(s)
+            j += 1
+            k += 1
+        batches.append(step_batch(model, students, teachers, mels, on))
+    return batches
+
+
+def count_flops(case: str, utterances: int | None = None, tokens: int | None = None) -> dict:
+    """The model FLOPs per step of a GPU case's synthetic batches (the mtbi-fast variant: cached
+    teacher), counted on the CPU with the models built on the meta device (no weights, no
+    compute): MFU for a measured s/step without a GPU."""
+    from mtbi_fast.flops import step_flops
+
+    encoder, llm, n_utts, _ = GPU_CASES[case] if case in GPU_CASES else (*case.split("+"), 4, 0)
+    cfg = ModelConfig.from_dict({"encoder": model_source("encoders", encoder), "llm": model_source("llms", llm),
+                                 "dtype": "bfloat16", "fused_ops": "none"})
+    with torch.device("meta"):
+        model = SpeechLLM.from_config(cfg)
+    on = VARIANTS["mtbi-fast"] - {"cached_teacher"}  # pack the teacher, do not run it
+    batches = synthetic_batches(model, on, ZERO3_BATCHES, None if tokens else (utterances or n_utts), tokens)
+    parts = [step_flops(model, b["student"], None, [m.shape[-1] for m in b["mels"]]) for b in batches]
+    mean = {k: statistics.mean(p[k] for p in parts) for k in parts[0]}
+    return dict(case=case, utterances=None if tokens else (utterances or n_utts), token_budget=tokens,
+                tokens=statistics.mean(b["student"].n_tokens for b in batches),
+                model_tflop=mean["total"] / 1e12, parts_tflop={k: v / 1e12 for k, v in mean.items()})
 
 
 def gpu_busy(step, n: int) -> dict:
@@ -484,7 +512,8 @@ def overhead_config(workdir: Path, models: str) -> dict:
     llm, tokenizer = load_llm(model["llm"], seed=model.get("init_seed", 0))
     vocab = llm.get_input_embeddings().weight.shape[0]
     del llm
-    behaviors = synthetic_behaviors(DEMO_TRAIN, workdir / "behaviors", tokenizer, vocab)
+    # responses of the demo's behaviors' length (Step's 10-100 tokens), not the GPU cases' 50-300
+    behaviors = synthetic_behaviors(DEMO_TRAIN, workdir / "behaviors", tokenizer, vocab, response=(10, 100))
     overrides = [f"model={json.dumps(model)}", f"data.train_manifest={DEMO_TRAIN}",
                  f"data.behaviors={behaviors}", "data.eval_manifest=null", "data.eval_behaviors=null",
                  "data.teacher_cache=false", "data.num_workers=0", "deepspeed=null",
@@ -507,7 +536,7 @@ def run_overhead(models: str = "demo", steps: int = 3, warmup: int = 1) -> dict:
         try:
             device = trainer._device()
             loader = iter(trainer.train_loader(device))
-            batches = [next(loader) for _ in range(warmup + 2 * steps)]
+            batches = [next(loader) for _ in range(warmup + 2 * steps + 1)]
             del loader
             feed = iter(batches)
             window = trainer_module._Window()
@@ -529,13 +558,39 @@ def run_overhead(models: str = "demo", steps: int = 3, warmup: int = 1) -> dict:
             events = prof.events()
             ops = sum(1 for e in events if e.name.startswith("aten::"))
             reads = sum(1 for e in events if e.name == "aten::_local_scalar_dense")
+            sites = _scalar_read_sites(step)
         finally:
             trainer.close()
     tokens = statistics.mean(b["student"].n_tokens for b in batches[warmup:])
     seconds = statistics.median(times)
     return dict(case=models, package=str(Path(mtbi_fast.__file__).parent), seconds=seconds,
                 tokens=tokens, tokens_per_s=tokens / seconds, ops_per_step=ops / steps,
-                scalar_reads_per_step=reads / steps, step_times=[round(t, 4) for t in times])
+                scalar_reads_per_step=reads / steps, scalar_read_sites=sites,
+                step_times=[round(t, 4) for t in times])
+
+
+def _scalar_read_sites(step) -> dict[str, int]:
+    """Where one call of ``step`` reads a scalar back (``aten::_local_scalar_dense``): the
+    innermost mtbi_fast frame of each read (else the innermost frame), with its count."""
+    import collections
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sites = collections.Counter()
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                stack = traceback.extract_stack()[:-1]
+                own = [f for f in stack if f"{os.sep}mtbi_fast{os.sep}" in f.filename]
+                f = (own or stack)[-1]
+                sites[f"{Path(f.filename).name}:{f.lineno} {(f.line or '').strip()[:80]}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        step()
+    return dict(sites.most_common())
 
 
 def _manifest_rows(path: Path) -> list[dict]:
@@ -563,6 +618,13 @@ def main(argv=None) -> int:
         a = p.parse_intermixed_args(argv[1:])
         return _result(run_zero3(a.case, a.variant, a.utterances, a.sharding, a.tokens, a.overrides,
                                  a.profile))
+    if argv and argv[0] == "flops":
+        p = argparse.ArgumentParser(prog="train_cases.py flops")
+        p.add_argument("case")
+        p.add_argument("--utterances", type=int)
+        p.add_argument("--tokens", type=int)
+        a = p.parse_args(argv[1:])
+        return _result(count_flops(a.case, a.utterances, a.tokens))
     if argv and argv[0] == "overhead":
         p = argparse.ArgumentParser(prog="train_cases.py overhead")
         p.add_argument("models", choices=OVERHEAD_MODELS)

@@ -164,8 +164,11 @@ class SpeechEncoder(nn.Module):
         n = x.shape[1]
         x = x + enc.embed_positions(torch.arange(n, device=device))  # a module call: ZeRO-3 safe
         x = nn.functional.dropout(x, p=enc.dropout, training=self.training)
-        # pack: the clips' own frames back to back, one sequence each
-        rows = torch.cat([i * n + torch.arange(k) for i, k in enumerate(out_lengths)])
+        # pack: the clips' own frames back to back, one sequence each (clip i's frame t is row
+        # i * n + t of the padded batch)
+        lens = torch.tensor(out_lengths)
+        shift = torch.repeat_interleave(torch.arange(len(mels)) * n - (torch.cumsum(lens, 0) - lens), lens)
+        rows = torch.arange(sum(out_lengths)) + shift
         x = x.reshape(-1, x.shape[-1]).index_select(0, _to(rows, device))[None]
         bounds = [0]
         for k in out_lengths:
@@ -207,12 +210,14 @@ class Adapter(nn.Module):
         x = x.to(self.proj[-1].weight.dtype)
         d = x.shape[1]
         if any(t % self.stride for t in lengths):
-            index, start, zero = [], 0, sum(lengths)  # row `zero`: an appended zero frame
-            for t in lengths:
-                index.append(torch.arange(start, start + t))
-                index.append(torch.full(((-t) % self.stride,), zero))
-                start += t
-            x = torch.cat([x, x.new_zeros(1, d)]).index_select(0, _to(torch.cat(index), x.device))
+            lens = torch.tensor(lengths)
+            padded = -(-lens // self.stride) * self.stride
+            clip = torch.repeat_interleave(torch.arange(len(lengths)), padded)
+            offset = torch.arange(sum(-(-t // self.stride) * self.stride for t in lengths)) \
+                - (torch.cumsum(padded, 0) - padded)[clip]
+            # a clip's own frames, then row sum(lengths): an appended zero frame
+            index = torch.where(offset < lens[clip], (torch.cumsum(lens, 0) - lens)[clip] + offset, sum(lengths))
+            x = torch.cat([x, x.new_zeros(1, d)]).index_select(0, _to(index, x.device))
         if self.kind == "stack":
             return self.proj(x.reshape(-1, self.stride * d))
         return self.proj(self.conv(x.T[None])[0].T)

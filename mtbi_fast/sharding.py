@@ -43,8 +43,7 @@ TRAINED_PARTITIONED_BYTES = 12
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # the same dicts as configs/ds_zero2.json and configs/ds_zero3.json, for an installed package
 # that ships no configs/ (tests/test_sharding.py keeps them equal to the files)
-ZERO2 = {
-    "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+_COMMON = {
     "bf16": {"enabled": "auto"},
     "optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
     "train_micro_batch_size_per_gpu": 1,
@@ -53,17 +52,11 @@ ZERO2 = {
     "steps_per_print": 1000000,
     "wall_clock_breakdown": False,
 }
-ZERO3 = {
-    "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
-                          "stage3_gather_16bit_weights_on_model_save": False},
-    "bf16": {"enabled": "auto"},
-    "optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
-    "train_micro_batch_size_per_gpu": 1,
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "steps_per_print": 1000000,
-    "wall_clock_breakdown": False,
-}
+ZERO2 = {"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+         **_COMMON}
+ZERO3 = {"zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                               "stage3_gather_16bit_weights_on_model_save": False},
+         **_COMMON}
 BUILTIN = {2: ZERO2, 3: ZERO3}
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

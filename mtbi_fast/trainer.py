@@ -251,9 +251,7 @@ class Trainer:
         """Stop with a one-line error when a loss of the window was NaN or inf (one host read)."""
         bad = window.nonfinite_count()
         if self.world > 1:
-            box = torch.tensor([bad], dtype=torch.float64)
-            torch.distributed.all_reduce(box)
-            bad = int(box.item())
+            bad = int(self._all_reduce(torch.tensor([bad], dtype=torch.float64)).item())
         if bad:
             first = self.step - window.n + 1
             raise ValueError(
@@ -312,7 +310,7 @@ class Trainer:
             kl += torch.tensor([float(out["kl"].detach()) * rows, rows])
             count += rows
         if self.world > 1:
-            torch.distributed.all_reduce(kl)
+            kl = self._all_reduce(kl)
         value = (kl[0] / kl[1].clamp(min=1)).item()
         if self.rank == 0:
             self._write_metrics({"step": self.step, "eval_kl": value, "time": time.time()})
@@ -330,7 +328,7 @@ class Trainer:
                              window.data_wait, window.data_wait / seconds, float(window.skipped),
                              float(window.skipped_cuts), float(window.flops)], dtype=torch.float64)
         if self.world > 1:
-            torch.distributed.all_reduce(vals)
+            vals = self._all_reduce(vals)
             vals[[0, 1, 2, 4, 5, 8]] /= self.world  # means over ranks; tokens and skips are summed
         n = max(window.n, 1)
         tflops, util = mfu(vals[8].item(), seconds, self.peak)
@@ -592,6 +590,16 @@ class Trainer:
 
     def _device(self) -> torch.device:
         return next(p.device for p in self.model.adapter.parameters())
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of host tensor ``t`` over the ranks, on the host (NCCL reduces device tensors
+        only: the tensor makes the trip through this rank's GPU there)."""
+        if torch.distributed.get_backend() == "nccl":
+            dev = t.to(self._device())
+            torch.distributed.all_reduce(dev)
+            return dev.cpu()
+        torch.distributed.all_reduce(t)
+        return t
 
     def _barrier(self):
         if self.world > 1:
