@@ -501,8 +501,10 @@ def overhead_config(workdir: Path, models: str) -> dict:
     """The probe's run config: configs/tiny_train.yaml with ``models`` ("tiny": the random tiny
     models; "demo": configs/demo.yaml's Whisper tiny.en + SmolLM2-135M-Instruct), the demo
     corpus with synthetic behaviors (random prompt and response ids, the transcript through the
-    LLM's own tokenizer), the online teacher, no evaluation, no checkpoints, no DeepSpeed, batches
-    built in this process. Only keys that every version of the trainer knows are set."""
+    LLM's own tokenizer), the online teacher, no evaluation, no checkpoints, batches built in this
+    process; no DeepSpeed on a CPU, and on a GPU DeepSpeed ZeRO-3 in a world of one (the only way
+    the trainer before BEFORE_REF ran on a GPU: both sides then take the same path). Only keys
+    that every version of the trainer knows are set."""
     from mtbi_fast.config import load_config
     from mtbi_fast.hub import load_llm
 
@@ -516,7 +518,8 @@ def overhead_config(workdir: Path, models: str) -> dict:
     behaviors = synthetic_behaviors(DEMO_TRAIN, workdir / "behaviors", tokenizer, vocab, response=(10, 100))
     overrides = [f"model={json.dumps(model)}", f"data.train_manifest={DEMO_TRAIN}",
                  f"data.behaviors={behaviors}", "data.eval_manifest=null", "data.eval_behaviors=null",
-                 "data.teacher_cache=false", "data.num_workers=0", "deepspeed=null",
+                 "data.teacher_cache=false", "data.num_workers=0",
+                 f"deepspeed={DS_ZERO3 if torch.cuda.is_available() else 'null'}",
                  f"output_dir={workdir / 'run'}", "train.eval_every=0", "train.save_every=0",
                  "train.steps=1000", "train.log_every=1000", f"packing.examples_per_step={EXAMPLES_PER_STEP}",
                  "packing.max_tokens=2048"]
@@ -544,6 +547,8 @@ def run_overhead(models: str = "demo", steps: int = 3, warmup: int = 1) -> dict:
             def step():
                 trainer._micro_step(feed, device, window)
                 trainer._optimizer_step()
+                if device.type == "cuda":  # the step's time, not its launch time
+                    torch.cuda.synchronize()
 
             for _ in range(warmup):
                 step()
