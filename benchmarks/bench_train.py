@@ -54,7 +54,7 @@ import pytest
 import results_table
 import torch
 from train_cases import (BEFORE_REF, DATA_WAIT, GPU_CASES, GPU_VARIANTS, OVERHEAD_MODELS, VARIANTS, Step,
-                         data_wait_supported)
+                         data_wait_supported, saved_activation_bytes)
 
 CUDA = torch.cuda.is_available()
 PROBE = Path(__file__).with_name("train_cases.py")
@@ -92,6 +92,41 @@ def test_train_step(benchmark, train_rows, config, variant):
     extra = _probe([config, variant], timeout=None)["extra_bytes"]
     train_rows.append(dict(case=config, variant=variant, device="cpu", seconds=seconds,
                            tokens_per_s=tokens / seconds, peak_extra_mib=extra / 2**20))
+
+
+@pytest.fixture(scope="module")
+def checkpointing_rows():
+    rows: list[dict] = []
+    yield rows
+    if rows:
+        columns = [("case", "config", ""), ("variant", "variant", ""), ("seconds", "s/step", ".3f"),
+                   ("seconds_vs_mtbi-fast", "time vs without", ".2f"),
+                   ("saved_mib", "activations kept for backward (MiB)", ".1f"),
+                   ("saved_mib_vs_mtbi-fast", "vs without", ".2f")]
+        print("\n" + results_table.write(
+            "train_checkpointing_cpu", "Activation checkpointing of the frozen LLM "
+            "(`model.gradient_checkpointing`), the mtbi-fast step with and without it "
+            "(`python -m pytest benchmarks/bench_train.py -k checkpointing`). Activations: the bytes "
+            "of autograd's saved tensors of one forward, frozen weights left out (the allocator's "
+            "caching hides them from a resident-memory probe on a CPU)", rows, columns,
+            baseline="mtbi-fast", ratios=("seconds", "saved_mib")))
+
+
+@pytest.mark.parametrize("config", ["tiny", "demo"])
+@pytest.mark.parametrize("variant", ["mtbi-fast", "checkpointing"])
+def test_checkpointing_cost(benchmark, checkpointing_rows, config, variant):
+    if config == "demo":
+        from mtbi_fast.fetch import fetch
+
+        fetch("whisper-tiny.en", quiet=True)
+        fetch("smollm2-135m-instruct", quiet=True)
+    step = Step(config, variant)
+    assert step.model.llm.is_gradient_checkpointing == (variant == "checkpointing")
+    step()
+    benchmark.pedantic(step, rounds=3 if config == "demo" else 6, warmup_rounds=0, iterations=1)
+    checkpointing_rows.append(dict(case=config, variant=variant, device="cpu",
+                                   seconds=benchmark.stats.stats.median,
+                                   saved_mib=saved_activation_bytes(step) / 2**20))
 
 
 # ---------------------------------------------------------------------------------------------

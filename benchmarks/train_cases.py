@@ -53,6 +53,8 @@ from mtbi_fast.packing import pack  # noqa: E402
 OPTIMIZATIONS = ("fused_loss", "packing", "true_length", "cached_teacher", "bf16")
 VARIANTS = {"mtbi-fast": set(OPTIMIZATIONS), "eager": set()}
 VARIANTS.update({f"no-{o}": set(OPTIMIZATIONS) - {o} for o in OPTIMIZATIONS})
+# not a variant of bench_train's step table: mtbi-fast plus activation checkpointing of the LLM
+CHECKPOINTING = {**VARIANTS, "checkpointing": set(OPTIMIZATIONS) | {"checkpointing"}}
 CONFIGS = {"tiny": ROOT / "configs" / "tiny.yaml", "demo": ROOT / "configs" / "demo.yaml"}
 EXAMPLES_PER_STEP = 8
 
@@ -61,12 +63,13 @@ class Step:
     """A model, a fixed list of batches from the demo corpus, and one optimizer step per call."""
 
     def __init__(self, config: str, variant: str, n_batches: int = 3, seed: int = 0):
-        on = VARIANTS[variant]
+        on = CHECKPOINTING[variant]
         self.on = on
         cfg = yaml.safe_load(CONFIGS[config].read_text())["model"]
         cfg["loss"] = {**cfg.get("loss", {}), "backend": "auto" if "fused_loss" in on else "eager"}
         # frozen weights in bf16 where its matmuls are native (model.dtype=auto), else float32
         cfg["dtype"] = "auto" if "bf16" in on else "float32"
+        cfg["gradient_checkpointing"] = "checkpointing" in on
         torch.manual_seed(seed)
         self.model = SpeechLLM.from_config(ModelConfig.from_dict(cfg))
         if "true_length" not in on:
@@ -104,6 +107,27 @@ class Step:
         out["loss"].backward()
         self.opt.step()
         return batch["student"].n_tokens
+
+
+def saved_activation_bytes(step: "Step") -> int:
+    """Bytes of the tensors one forward of ``step``'s next batch keeps for backward (autograd's
+    saved tensors, each storage once; the frozen weights they include are left out): what
+    activation checkpointing saves, free of the allocator's caching."""
+    batch = step.batches[step.i % len(step.batches)]
+    weights = {p.untyped_storage().data_ptr() for p in step.model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    kw = {k: v for k, v in batch.items() if k in ("teacher", "teacher_hidden")}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step.model(batch["student"], mels=batch["mels"], **kw)
+    del out
+    return sum(seen.values())
 
 
 def step_batch(model, students, teachers, mels, on) -> dict:
@@ -659,7 +683,7 @@ def memory_probe(argv) -> int:
 
     p = argparse.ArgumentParser()
     p.add_argument("config", choices=sorted(CONFIGS))
-    p.add_argument("variant", choices=sorted(VARIANTS))
+    p.add_argument("variant", choices=sorted(CHECKPOINTING))
     p.add_argument("--steps", type=int, default=3)
     a = p.parse_args(argv)
     step = Step(a.config, a.variant)

@@ -264,6 +264,7 @@ class SpeechLLM(nn.Module):
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model._keep_checkpointing()
         return model.cast(resolve_dtype(config.dtype))
 
     def cast(self, dtype: torch.dtype) -> "SpeechLLM":
@@ -287,6 +288,26 @@ class SpeechLLM(nn.Module):
         self.adapter.requires_grad_(True)
         if not self.config.lora:
             self.llm.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "SpeechLLM":
+        super().train(mode)
+        self._keep_checkpointing()
+        return self
+
+    def _keep_checkpointing(self):
+        """transformers recomputes a layer in backward only while that layer is in training mode,
+        and the frozen LLM stays in eval mode (no dropout): with ``gradient_checkpointing`` the
+        decoder layers alone are flagged as training (their submodules, dropout included, keep
+        their mode; the recomputation runs only where gradients are being recorded)."""
+        if not self.config.gradient_checkpointing:
+            return
+        try:
+            from transformers.modeling_layers import GradientCheckpointingLayer as layer_type
+        except ImportError:  # an older transformers: any module with the flag
+            layer_type = torch.nn.Module
+        for module in self.llm.modules():
+            if isinstance(module, layer_type) and getattr(module, "gradient_checkpointing", False) is True:
+                module.training = True
 
     # -- speech ------------------------------------------------------------------------------
 

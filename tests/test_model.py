@@ -106,19 +106,31 @@ def test_packed_encoder_and_adapter_equal_the_padded_masked_reference():
             torch.testing.assert_close(got, m.adapter(state), atol=2e-5, rtol=2e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
-    grads = []
+def test_gradient_checkpointing_recomputes_the_llm_and_gives_the_same_gradients():
+    """With model.gradient_checkpointing every decoder layer runs again in backward (counted by a
+    pre-hook on its MLP), also with the frozen LLM in eval mode as the trainer keeps it, and the loss
+    and the adapter's gradients are those of the plain model."""
+    results = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        m = SpeechLLM.from_config(tiny_config(gradient_checkpointing=ckpt)).train()
+        m = SpeechLLM.from_config(tiny_config(gradient_checkpointing=ckpt))
+        assert not m.llm.training  # frozen: eval mode, no dropout
+        calls = []
+        # a pre-hook: the recomputation stops (early) inside the MLP, before a forward hook would fire
+        m.llm.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
         student, teacher, mels = batch_for(m, ratio=0.3)
         out = m(student, mels=mels, teacher=teacher)
+        before = len(calls)  # the student's pass and the online teacher's
         out["loss"].backward()
-        grads.append((out["loss"].detach(), [p.grad.clone() for p in m.adapter.parameters()]))
-    assert m.llm.is_gradient_checkpointing
-    torch.testing.assert_close(grads[1][0], grads[0][0])
-    for a, b in zip(grads[1][1], grads[0][1]):
+        results.append((out["loss"].detach(), [p.grad.clone() for p in m.adapter.parameters()],
+                        len(calls) - before))
+    (loss0, grads0, again0), (loss1, grads1, again1) = results
+    assert (again0, again1) == (0, 1)  # recomputed once in backward, only with checkpointing
+    torch.testing.assert_close(loss1, loss0)
+    for a, b in zip(grads1, grads0):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    m.eval()  # (evaluate.py does this) the layers keep recomputing; nothing else trains
+    assert all(layer.training for layer in m.llm.model.layers) and not m.llm.model.layers[0].self_attn.training
 
 
 @pytest.mark.cuda
