@@ -13,13 +13,14 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 from pathlib import Path
 
 import yaml
 
 from mtbi_fast.audio import spec_augment
 from mtbi_fast.interleave import RatioSchedule
-from mtbi_fast.loss import ImitationLoss
+from mtbi_fast.loss import TEMPERATURE_RANGE, ImitationLoss
 from mtbi_fast.model import ModelConfig
 
 SCHEMA = {
@@ -59,8 +60,9 @@ DEFAULTS = {
     "deepspeed": None,
 }
 REQUIRED = ("model", "data", "output_dir")
-# Numeric keys and their ranges: (key, "int" or "number", lower bound, bound allowed, null allowed).
-# Numbers must also be finite. A model key missing from the config takes ModelConfig's default.
+# Numeric keys and their ranges: (key, "int" or "number", lower bound, bound allowed, null allowed),
+# and an upper bound (inclusive) for the keys in UPPER. Numbers must also be finite. A model key
+# missing from the config takes ModelConfig's default.
 RANGES = (
     ("data.num_workers", "int", 0, True, False),
     ("data.prefetch_factor", "int", 1, True, False),
@@ -93,6 +95,17 @@ RANGES = (
     ("model.loss.chunk_size", "int", 1, True, True),
     ("model.loss.memory_budget", "int", 1, True, True),
 )
+# Upper bounds a real run can use; beyond them a value only poisons the run (a learning rate of
+# 1e300 overflows AdamW, a temperature of 1e-300 divides the logits into inf, a seed past 2**63
+# overflows torch's generator). The temperature's bounds are the loss's own (loss.TEMPERATURE_RANGE).
+UPPER = {
+    "train.lr": 10.0, "train.weight_decay": 10.0, "train.clip_grad": 1e6, "train.seed": 2**63 - 1,
+    "train.peak_tflops": 1e6,
+    "model.loss.temperature": TEMPERATURE_RANGE[1], "model.loss.kl_weight": 1e3, "model.loss.ce_weight": 1e3,
+    "model.init_seed": 2**63 - 1,
+}
+LOWER_MIN = {"model.loss.temperature": TEMPERATURE_RANGE[0]}  # a lower bound above the open 0
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 PATH_KEYS = ("data.train_manifest", "data.behaviors", "data.train_shards", "data.eval_manifest", "data.eval_behaviors",
              "deepspeed")
 
@@ -103,9 +116,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config not found: {path}")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not a valid config: {_yaml_problem(exc)}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: a config is a mapping of sections, got {type(cfg).__name__}")
     _apply_overrides(cfg, overrides)
-    _fill_defaults(cfg)
+    _fill_defaults(cfg, path)
+    _numbers_from_strings(cfg)
     _check_schema(cfg, path)
     ModelConfig.from_dict(cfg["model"], where="model")
     _check_spec_augment(cfg["data"]["spec_augment"], path)
@@ -137,15 +156,47 @@ def _apply_overrides(cfg: dict, overrides: list[str]) -> None:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {item!r}: not a YAML value: {_yaml_problem(exc)}") from None
 
 
-def _fill_defaults(cfg: dict) -> None:
+def _fill_defaults(cfg: dict, path: Path) -> None:
     for section, default in DEFAULTS.items():
         if isinstance(default, dict):
-            cfg[section] = {**default, **(cfg.get(section) or {})}
+            given = cfg.get(section) or {}
+            if not isinstance(given, dict):
+                raise ValueError(f"{path}: {section} must be a mapping of keys (e.g. {section}.steps=5), "
+                                 f"got {given!r}")
+            cfg[section] = {**default, **given}
         else:
             cfg.setdefault(section, default)
+    if "model" in cfg and not isinstance(cfg["model"], dict):
+        raise ValueError(f"{path}: model must be a mapping of keys, got {cfg['model']!r}")
+
+
+def _numbers_from_strings(cfg: dict) -> None:
+    """A numeric key written as YAML reads ``1e-4`` (a string to YAML 1.1, which wants ``1.0e-4``)
+    is taken as the number it means."""
+    for key, kind, *_ in RANGES:
+        if kind != "number":
+            continue
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and _NUMBER.fullmatch(node[leaf].strip()):
+            node[leaf] = float(node[leaf])
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: what, and where (line and column, 1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{what}{where}" + (f" ({context})" if context else "")
 
 
 def _check_schema(cfg: dict, path: Path) -> None:
@@ -183,9 +234,17 @@ def _check_ranges(cfg: dict, path: Path) -> None:
         v = node[leaf]
         ok_type = (isinstance(v, int) if kind == "int" else isinstance(v, (int, float))) \
             and not isinstance(v, bool)
-        if not ok_type or not math.isfinite(v) or v < low or (v == low and not inclusive):
-            what = f"an int >= {low}" if kind == "int" else \
-                f"a finite number {'>=' if inclusive else '>'} {low}"
+        high = UPPER.get(key)
+        low_in = LOWER_MIN.get(key)
+        if (not ok_type or not math.isfinite(v) or v < low or (v == low and not inclusive)
+                or (high is not None and v > high) or (low_in is not None and v < low_in)):
+            if low_in is not None:
+                what = f"a number in [{low_in:g}, {high:g}]"
+            elif kind == "int":
+                what = f"an int >= {low}" + (f" and <= {high}" if high is not None else "")
+            else:
+                what = f"a finite number {'>=' if inclusive else '>'} {low}" + \
+                    (f" and <= {high:g}" if high is not None else "")
             raise ValueError(f"{path}: {key} must be {what}{' (or null)' if nullable else ''}, "
                              f"got {v!r}")
     if cfg["packing"]["overlong"] not in ("error", "truncate"):

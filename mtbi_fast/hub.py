@@ -41,11 +41,21 @@ def model_dir(name: str) -> Path:
     return path
 
 
+AUTO_DTYPE_ENV = "MTBI_FAST_AUTO_DTYPE"  # bfloat16 | float32: what "auto" resolves to (tests)
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """``model.dtype``: "auto" is bfloat16 where its matmuls are native (a CUDA GPU with bf16, an
-    x86 CPU with AVX512-BF16 or AMX), else float32; other names are torch dtypes."""
+    x86 CPU with AVX512-BF16 or AMX), else float32; other names are torch dtypes. The environment
+    variable ``MTBI_FAST_AUTO_DTYPE`` (bfloat16 or float32) fixes what "auto" is, so that the test
+    suite can run as on the other kind of CPU."""
     if name != "auto":
         return getattr(torch, name)
+    forced = os.environ.get(AUTO_DTYPE_ENV)
+    if forced:
+        if forced not in ("bfloat16", "float32"):
+            raise ValueError(f"{AUTO_DTYPE_ENV} must be bfloat16 or float32, got {forced!r}")
+        return getattr(torch, forced)
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if _cpu_has_bf16() else torch.float32

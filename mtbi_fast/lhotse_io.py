@@ -57,9 +57,15 @@ def manifest_to_cutset(utterances: Iterable[Utterance]):
 
 def cutset_to_manifest(cuts, *, require_words: bool = True, source: str = "CutSet") -> list[Utterance]:
     """Utterances of a CutSet (or any iterable of cuts). Raises ``ManifestError`` listing every
-    cut that does not fit the data model, each as "SOURCE: cut ID: what"."""
-    good, problems = [], []
-    for cut in cuts:
+    cut that does not fit the data model, each as "SOURCE: cut ID: what"; a cut id seen before is
+    one (behaviors, shards and the cached teacher states are keyed by it, as a JSONL manifest's
+    ids are)."""
+    good, problems, seen = [], [], {}
+    for n, cut in enumerate(cuts, 1):
+        if cut.id in seen:
+            problems.append(f"{source}: cut {cut.id!r}: duplicate id (cut {n}; first as cut {seen[cut.id]})")
+            continue
+        seen[cut.id] = n
         utt, err = _cut_to_utterance(cut, require_words)
         if err:
             problems.append(f"{source}: cut {cut.id!r}: {err}")

@@ -44,6 +44,9 @@ RETIRED_BACKENDS = {
                         "(docs/gpu.md); use backend='triton' with a smaller memory_budget instead",
 }
 REDUCTIONS = ("mean", "sum", "none")
+# Temperatures a distillation can use: below 1e-3 the tempered logits (z / T) overflow float32 to
+# inf and the loss is NaN; above 1e3 both distributions are uniform to float32 precision.
+TEMPERATURE_RANGE = (1e-3, 1e3)
 
 # What ``backend="auto"`` runs, by device, and the measurement behind it.
 # - cpu: "chunked". benchmarks/bench_loss.py on 2 CPU cores (benchmarks/results/loss_cpu.md):
@@ -81,7 +84,11 @@ def imitation_loss(
     hidden size H_t; ``lm_head_weight`` [V, H]; ``target_ids`` with the leading shape (int);
     ``lm_head_bias`` [V] (shared by both sides unless ``teacher_lm_head_weight`` [V, H_t] is given).
     Returns a scalar (``reduction`` "mean" or "sum") or per-row losses with the leading shape
-    ("none"). The loss is float32 whatever the input dtype. ``memory_budget``: bytes of extra
+    ("none"). The loss is float64 for float64 inputs and float32 for any other input dtype, on
+    every backend; "triton" computes in float32 whatever the inputs (its kernels have no float64
+    path), so use "chunked" or "eager" for float64 accuracy (gradcheck). The fused backends form
+    the gradients in the forward pass: a second derivative (``create_graph=True``) is a
+    NotImplementedError there ("eager" has one). ``memory_budget``: bytes of extra
     memory a fused backend may use for its chunk buffers (default 1 GiB; the chunks are rows for
     "triton" and "chunked"); ``chunk_size`` sets the rows per chunk directly. Ignored rows (``target_ids ==
     ignore_index``) are zeroed before any GEMM, so whatever they hold (NaN padding) changes
@@ -216,6 +223,11 @@ class _FusedImitation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_kl=None, _grad_ce=None):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative was asked for
+            raise NotImplementedError(
+                "the fused imitation-loss backends ('chunked', 'triton') have no second derivative "
+                "(their gradients are formed in the forward pass); use backend='eager' for "
+                "create_graph=True / double backward")
         need_h, need_w, need_b = ctx.need
         dtype_h, dtype_w, dtype_b = ctx.dtypes
         grad_out = grad_out.to(torch.float64 if dtype_h == torch.float64 else torch.float32)
@@ -465,8 +477,10 @@ def _check_options(temperature, reduction, backend, chunk_size=None, memory_budg
         raise ValueError(f"backend={backend!r} is no longer available: {RETIRED_BACKENDS[backend]}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    low, high = TEMPERATURE_RANGE
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and low <= temperature <= high):
+        raise ValueError(f"temperature must be a number in [{low:g}, {high:g}], got {temperature!r}")
     for name, value in (("kl_weight", kl_weight), ("ce_weight", ce_weight)):
         if not (isinstance(value, (int, float)) and not isinstance(value, bool)
                 and 0 <= value < float("inf")):

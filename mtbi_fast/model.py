@@ -504,12 +504,21 @@ class SpeechLLM(nn.Module):
             raise FileNotFoundError(f"no config.json in {directory} (not a save_pretrained folder)")
         config = ModelConfig.from_dict(json.loads(cfg_path.read_text()), where=str(cfg_path))
         model = cls.from_config(config)
-        state = load_file(str(directory / "model.safetensors"))
-        expected = set(model.trainable_state_dict())
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"{directory / 'model.safetensors'} does not match the config: "
+        weights = directory / "model.safetensors"
+        try:
+            state = load_file(str(weights))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"{weights} is not a readable safetensors file ({exc})") from None
+        current = model.trainable_state_dict()
+        if set(state) != set(current):
+            missing, extra = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+            raise ValueError(f"{weights} does not match the config: "
                              f"missing {missing[:5]}, unexpected {extra[:5]}")
+        for key, t in state.items():  # a header declaring another dtype or shape would load
+            want = current[key]
+            if t.dtype != want.dtype or t.shape != want.shape:
+                raise ValueError(f"{weights}: {key} is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, "
+                                 f"expected {str(want.dtype).removeprefix('torch.')} {tuple(want.shape)}")
         model.load_state_dict(state, strict=False)
         return model
 

@@ -213,6 +213,33 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"cannot resume: {path} is not readable JSON ({exc})") from None
 
 
+def checkpoint_step(folder: Path, steps: int) -> int:
+    """The step of checkpoint ``folder`` (``checkpoints/step-N``), from its ``run.json``: an int
+    >= 1 that equals the N of the folder's name and is at most the run's ``train.steps``;
+    anything else is a user error naming the file and the key."""
+    path = folder / "run.json"
+    step = read_json(path).get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"cannot resume: {path}: step must be an integer, got {step!r}")
+    named = int(folder.name[5:]) if folder.name[5:].isdigit() else None
+    if step < 1 or step != named:
+        raise ValueError(f"cannot resume: {path}: step is {step}, but the checkpoint is {folder.name}")
+    if step > steps:
+        raise ValueError(f"cannot resume: {path}: step {step} is past train.steps={steps} (train longer "
+                         f"with train.steps={step} or more, or start clean with --no-resume)")
+    return step
+
+
+def check_tensor(path: Path, key: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    """A tensor read from ``path`` has the dtype and shape of the one it replaces (a header that
+    declares another dtype, or a transposed moment, would otherwise load): else a user error
+    naming the file and the key."""
+    if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+        raise ValueError(f"cannot resume: {path}: {key} is {str(got.dtype).removeprefix('torch.')} "
+                         f"{tuple(got.shape)}, expected {str(want.dtype).removeprefix('torch.')} "
+                         f"{tuple(want.shape)}")
+
+
 # ---- checkpoints --------------------------------------------------------------------------------
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -265,9 +292,10 @@ def save_trainer_state(folder: Path, model, optimizer, scheduler, step: int) -> 
     atomic_write_text(folder / "trainer.json", json.dumps(meta) + "\n")
 
 
-def load_trainer_state(folder: Path, model, optimizer, scheduler) -> None:
+def load_trainer_state(folder: Path, model, optimizer, scheduler, expected_step: int | None = None) -> None:
     """What ``save_trainer_state`` wrote, into the model, optimizer and scheduler, and the RNG
-    states; a file that is not what it should be is a user error naming it."""
+    states; a file that is not what it should be (another dtype or shape than the module's, a
+    step other than ``expected_step``) is a user error naming it and the key."""
     files = (folder / "trainer.safetensors", folder / "trainer.json")
     try:
         tensors = load_file(str(files[0]))
@@ -281,12 +309,38 @@ def load_trainer_state(folder: Path, model, optimizer, scheduler) -> None:
         raise ValueError(f"cannot resume: {files[0]} holds other trained weights than this model "
                          f"(missing {sorted(expected - set(trained))[:3]}, unexpected "
                          f"{sorted(set(trained) - expected)[:3]})")
+    current = model.trainable_state_dict()
+    for k, v in trained.items():
+        check_tensor(files[0], f"model.{k}", v, current[k])
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if expected_step is not None and (isinstance(step, bool) or step != expected_step):
+        raise ValueError(f"cannot resume: {files[1]}: step is {step!r}, but the checkpoint's run.json "
+                         f"says {expected_step}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        state = {int(i): {**e["values"], **{k: tensors[f"optimizer.{i}.{k}"] for k in e["tensors"]}}
+                 for i, e in meta["optimizer"]["state"].items()}
+        groups = meta["optimizer"]["param_groups"]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"cannot resume: {files[1]}: the optimizer state is not what the trainer "
+                         f"wrote ({type(exc).__name__}: {exc})") from None
+    for i, entry in state.items():
+        if not 0 <= i < len(params):
+            raise ValueError(f"cannot resume: {files[1]}: optimizer state for parameter {i}, but "
+                             f"the optimizer has {len(params)}")
+        for k, v in entry.items():
+            if k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                check_tensor(files[0], f"optimizer.{i}.{k}", v, params[i].detach().float())
+            elif k == "step" and isinstance(v, torch.Tensor) and (v.numel() != 1 or not v.is_floating_point()):
+                raise ValueError(f"cannot resume: {files[0]}: optimizer.{i}.step must be one float, got "
+                                 f"{v.dtype} {tuple(v.shape)}")
     model.load_state_dict(trained, strict=False)
-    state = {int(i): {**e["values"], **{k: tensors[f"optimizer.{i}.{k}"] for k in e["tensors"]}}
-             for i, e in meta["optimizer"]["state"].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.cpu"])
+    rng = tensors.get("rng.cpu")
+    if rng is None or rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise ValueError(f"cannot resume: {files[0]}: rng.cpu must be a 1-D uint8 tensor")
+    torch.set_rng_state(rng)
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)

@@ -60,6 +60,10 @@ def _run(args) -> int:
     last = trainer.train(resume=not args.no_resume, overwrite=args.overwrite)
     if trainer.rank == 0:
         skipped = f", {trainer.skipped_audio} examples skipped for bad audio" if trainer.skipped_audio else ""
+        if not last:  # resumed at its last step: a finished run
+            print(f"done: the run was already at step {trainer.step} of {cfg['train']['steps']}, nothing "
+                  f"left to train (train.steps=N trains on) -> {trainer.out}")
+            return 0
         print(f"done: {trainer.step} steps in {time.time() - t0:.0f} s, final loss "
               f"{last.get('loss', float('nan')):.4f}, {trainer.n_trainable / 1e6:.2f} M trainable "
               f"parameters, {trainer.data_wait_s:.1f} s waiting for data{skipped} -> {trainer.out}")

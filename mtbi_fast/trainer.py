@@ -61,9 +61,9 @@ from mtbi_fast.flops import mfu, peak_tflops, step_flops
 from mtbi_fast.interleave import RatioSchedule
 from mtbi_fast.lock import FolderLock, FolderLockedError
 from mtbi_fast.model import ModelConfig, SpeechLLM
-from mtbi_fast.runfolder import (check_output_dir, data_fingerprint, load_trainer_state, prepare_run,
+from mtbi_fast.runfolder import (check_output_dir, checkpoint_step, data_fingerprint, load_trainer_state, prepare_run,
                                  load_stream_positions, publish_checkpoint, read_deepspeed_config,
-                                 read_json, run_record, save_stream_positions, save_trainer_state,
+                                 run_record, save_stream_positions, save_trainer_state,
                                  trim_metrics, weights_only_deepspeed_loads)
 from mtbi_fast.streaming import ShardData, StreamingBatches
 
@@ -398,14 +398,17 @@ class Trainer:
 
     def _load_checkpoint(self, folder: Path):
         """Every rank: the checkpoint ``_prepare`` chose and checked."""
-        step = int(read_json(folder / "run.json")["step"])
+        step = checkpoint_step(folder, self.cfg["train"]["steps"])
         if self.ds_config:
             with weights_only_deepspeed_loads(self.engine):
-                path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+                path, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
             if path is None:
                 raise ValueError(f"cannot resume from {folder}: DeepSpeed found no checkpoint there")
+            if (client or {}).get("step") != step:
+                raise ValueError(f"cannot resume: {folder}: DeepSpeed's client state says step "
+                                 f"{(client or {}).get('step')!r}, run.json says {step}")
         else:
-            load_trainer_state(folder, self.model, self.optimizer, self.scheduler)
+            load_trainer_state(folder, self.model, self.optimizer, self.scheduler, expected_step=step)
         if isinstance(self.data, ShardData):
             self.stream_positions = load_stream_positions(folder, self.rank, self.world,
                                                           self.cfg["data"]["num_workers"])

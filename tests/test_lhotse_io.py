@@ -137,3 +137,15 @@ def test_multichannel_file_mixes_like_the_project(tmp_path):
     mono = cuts[0].to_mono(mono_downmix=False)[0]
     with pytest.raises(ManifestError, match="mixes all channels"):
         cutset_to_manifest([mono])
+
+
+def test_duplicate_cut_ids_are_refused_by_name(utts, tmp_path):
+    """Two cuts with one id would give two behavior records with one id and a teacher-state file
+    out of step with its records: refused when read, as JSONL manifests refuse them."""
+    import json
+
+    cuts = list(manifest_to_cutset(utts[:3]))
+    path = tmp_path / "dup.jsonl"  # written line by line: CutSet.from_cuts itself keeps one per id
+    path.write_text("".join(json.dumps(c.to_dict()) + "\n" for c in [*cuts, cuts[1]]))
+    with pytest.raises(ManifestError, match=rf"{path}: cut '{utts[1].id}': duplicate id \(cut 4; first as cut 2\)"):
+        read_utterances(path, require_words=True)

@@ -315,7 +315,8 @@ def _base():
         (lambda a: None, {"backend": "cuda"}, r"backend must be one of"),
         (lambda a: None, {"backend": "triton_recompute"},
          r"backend='triton_recompute' is no longer available: .*memory_budget"),
-        (lambda a: None, {"temperature": 0.0}, r"temperature must be a finite number > 0"),
+        (lambda a: None, {"temperature": 0.0}, r"temperature must be a number in \[0.001, 1000\], got 0.0"),
+        (lambda a: None, {"temperature": 1e-300}, r"temperature must be a number in \[0.001, 1000\], got 1e-300"),
     ],
 )
 def test_bad_inputs_name_the_tensor_and_dim(mutate, kwargs, message):
@@ -334,7 +335,7 @@ def test_module_rejects_bad_options():
         ImitationLoss(chunk_size=0)
     with pytest.raises(ValueError, match=r"memory_budget must be an int >= 1 .*got -5"):
         ImitationLoss(memory_budget=-5)
-    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got inf"):
+    with pytest.raises(ValueError, match=r"temperature must be a number in \[0.001, 1000\], got inf"):
         ImitationLoss(temperature=float("inf"))
     with pytest.raises(ValueError, match=r"kl_weight must be a finite number >= 0, got -1.0"):
         ImitationLoss(kl_weight=-1.0)
@@ -367,3 +368,25 @@ def test_return_parts(backend):
     rows, row_parts = imitation_loss(**x, temperature=2.0, ce_weight=0.3, reduction="none",
                                      backend=backend, return_parts=True)
     assert row_parts["kl"].shape == rows.shape and row_parts["kl"][1] == 0
+
+
+@pytest.mark.parametrize("backend", ["eager", "chunked", "triton"])
+def test_the_dtype_contract_and_double_backward(backend):
+    """float64 in, float64 out; float32, bf16 and fp16 in, float32 out; gradients in the input's
+    dtype (docs/loss.md). A second derivative works on eager (against float64 autograd of the
+    same math) and is a clear NotImplementedError on the fused backends."""
+    x = make_inputs(n=9, h=8, v=21, dtype=torch.float64)
+    for dtype, want in ((torch.float64, torch.float64), (torch.float32, torch.float32),
+                        (torch.bfloat16, torch.float32), (torch.float16, torch.float32)):
+        hs = x["student_hidden"].to(dtype).requires_grad_()
+        loss = imitation_loss(hs, x["teacher_hidden"].to(dtype), x["lm_head_weight"].to(dtype), backend=backend)
+        (grad,) = torch.autograd.grad(loss, hs)
+        assert loss.dtype == want and grad.dtype == dtype, (dtype, loss.dtype, grad.dtype)
+    hs = x["student_hidden"].clone().requires_grad_()
+    loss = imitation_loss(hs, x["teacher_hidden"], x["lm_head_weight"], backend=backend)
+    if backend == "eager":  # second derivatives against finite differences (float64)
+        assert torch.autograd.gradgradcheck(
+            lambda h: imitation_loss(h, x["teacher_hidden"], x["lm_head_weight"], backend="eager"), (hs,))
+    else:
+        with pytest.raises(NotImplementedError, match="no second derivative .*use backend='eager'"):
+            torch.autograd.grad(loss, hs, create_graph=True)

@@ -454,6 +454,13 @@ def test_auto_dtype(monkeypatch):
 
     assert hub.resolve_dtype("float16") is torch.float16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for forced in ("bfloat16", "float32"):  # the suite's switch to run as on the other CPU kind
+        monkeypatch.setenv(hub.AUTO_DTYPE_ENV, forced)
+        assert hub.resolve_dtype("auto") is getattr(torch, forced)
+    monkeypatch.setenv(hub.AUTO_DTYPE_ENV, "half")
+    with pytest.raises(ValueError, match="MTBI_FAST_AUTO_DTYPE must be bfloat16 or float32, got 'half'"):
+        hub.resolve_dtype("auto")
+    monkeypatch.delenv(hub.AUTO_DTYPE_ENV)
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(hub, "_cpu_has_bf16", lambda native=native: native)
         assert hub.resolve_dtype("auto") is expected

@@ -220,3 +220,74 @@ def test_deepspeed_checkpoints_load_weights_only(data, tmp_path, capsys):
     finally:
         trainer.close()
     assert not marker.exists()
+
+
+def _edit_json(path, **changes):
+    import json
+
+    record = json.loads(path.read_text())
+    record.update(changes)
+    path.write_text(json.dumps(record))
+
+
+def _rewrite_safetensors(path, key, fn):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    tensors[key] = fn(tensors[key])
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda c: _edit_json(c / "run.json", step=2), r"step-000004/run\.json: step is 2, but the checkpoint is step-000004"),
+    (lambda c: _edit_json(c / "run.json", step=-3), r"step-000004/run\.json: step is -3, but the checkpoint is step-000004"),
+    (lambda c: _edit_json(c / "run.json", step="4x"), r"step-000004/run\.json: step must be an integer, got '4x'"),
+    (lambda c: _edit_json(c / "run.json", step=True), r"step-000004/run\.json: step must be an integer, got True"),
+    (lambda c: _edit_json(c / "trainer.json", step=2), r"step-000004/trainer\.json: step is 2, but the checkpoint's run\.json says 4"),
+    (lambda c: _rewrite_safetensors(c / "trainer.safetensors", "model.adapter.proj.0.weight",
+                                    lambda t: t.view(torch.int32)),
+     r"trainer\.safetensors: model\.adapter\.proj\.0\.weight is int32 \(\d+, \d+\), expected float32"),
+    (lambda c: _rewrite_safetensors(c / "trainer.safetensors", "optimizer.0.exp_avg", lambda t: t.T.contiguous()),
+     r"trainer\.safetensors: optimizer\.0\.exp_avg is float32 \((\d+), (\d+)\), expected float32 \(\2, \1\)"),
+    (lambda c: _rewrite_safetensors(c / "trainer.safetensors", "rng.cpu", lambda t: t.float()),
+     r"trainer\.safetensors: rng\.cpu must be a 1-D uint8 tensor"),
+])
+def test_values_read_back_from_a_checkpoint_are_checked(data, tmp_path, capsys, tamper, message):
+    """A checkpoint's step, dtypes and shapes are checked against the run and the modules before
+    anything is loaded: each edit is one line naming the file and the key, and the untouched
+    checkpoint still resumes."""
+    out = tmp_path / "run"
+    assert run(data, out, "train.steps=4", "train.save_every=4", *QUIET) == 0
+    ckpt = out / "checkpoints" / "step-000004"
+    saved = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    tamper(ckpt)
+    capsys.readouterr()
+    assert run(data, out, "train.steps=6", "train.save_every=4", *QUIET) == 2
+    assert re.search(message, error_line(capsys))
+    for name, blob in saved.items():
+        (ckpt / name).write_bytes(blob)
+    assert run(data, out, "train.steps=6", "train.save_every=4", *QUIET) == 0
+    assert steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_finished_run_or_a_checkpoint_past_the_steps(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(data, out, "train.steps=4", "train.save_every=4", *QUIET) == 0
+    capsys.readouterr()
+    assert run(data, out, "train.steps=4", "train.save_every=4", *QUIET) == 0  # finished: says so
+    said = capsys.readouterr().out
+    assert "already at step 4 of 4, nothing left to train" in said and "nan" not in said
+    assert run(data, out, "train.steps=3", "train.save_every=4", *QUIET) == 2
+    assert re.search(r"run\.json: step 4 is past train\.steps=3", error_line(capsys))
+
+
+def test_exported_weights_of_another_dtype_or_shape_are_refused(data, tmp_path):
+    out = tmp_path / "run"
+    assert run(data, out, "train.steps=1", *QUIET) == 0
+    weights = out / "final" / "model.safetensors"
+    _rewrite_safetensors(weights, "adapter.proj.0.weight", lambda t: t.view(torch.int32))
+    with pytest.raises(ValueError, match=r"model\.safetensors: adapter\.proj\.0\.weight is int32 .*expected float32"):
+        SpeechLLM.from_pretrained(out / "final")
+    weights.write_bytes(b"\0" * 64)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        SpeechLLM.from_pretrained(out / "final")

@@ -170,11 +170,13 @@ def test_kill_and_resume_gives_the_same_curve(data, tmp_path, monkeypatch, worke
     (["train.eval_every=-2"], r"train.eval_every must be an int >= 0, got -2"),
     (["train.eval_examples=0"], r"train.eval_examples must be an int >= 1, got 0"),
     (["train.warmup_steps=-1"], r"train.warmup_steps must be an int >= 0, got -1"),
-    (["train.seed=-3"], r"train.seed must be an int >= 0, got -3"),
-    (["train.lr=0"], r"train.lr must be a finite number > 0, got 0"),
-    (["train.lr=.nan"], r"train.lr must be a finite number > 0, got nan"),
-    (["train.weight_decay=-0.1"], r"train.weight_decay must be a finite number >= 0, got -0.1"),
-    (["train.clip_grad=0"], r"train.clip_grad must be a finite number > 0 \(or null\), got 0"),
+    (["train.seed=-3"], r"train.seed must be an int >= 0 and <= 9223372036854775807, got -3"),
+    (["train.seed=1000000000000000000000000000000"], r"train.seed must be an int >= 0 and <= 9223372036854775807, got 1000000000000000000000000000000"),
+    (["train.lr=0"], r"train.lr must be a finite number > 0 and <= 10, got 0"),
+    (["train.lr=.nan"], r"train.lr must be a finite number > 0 and <= 10, got nan"),
+    (["train.lr=1.0e+300"], r"train.lr must be a finite number > 0 and <= 10, got 1e\+300"),
+    (["train.weight_decay=-0.1"], r"train.weight_decay must be a finite number >= 0 and <= 10, got -0.1"),
+    (["train.clip_grad=0"], r"train.clip_grad must be a finite number > 0 and <= 1e\+06 \(or null\), got 0"),
     (["packing.examples_per_step=0"], r"packing.examples_per_step must be an int >= 1, got 0"),
     (["packing.max_tokens=1"], r"packing.max_tokens must be an int >= 2, got 1"),
     (["packing.overlong=cut"], r"packing.overlong must be 'error' or 'truncate', got 'cut'"),
@@ -182,9 +184,14 @@ def test_kill_and_resume_gives_the_same_curve(data, tmp_path, monkeypatch, worke
     (["model.adapter.stride=0"], r"model.adapter.stride must be an int >= 1, got 0"),
     (["model.max_audio_seconds=-5"], r"model.max_audio_seconds must be a finite number > 0"),
     (["model.loss.chunk_size=0"], r"model.loss.chunk_size must be an int >= 1 \(or null\), got 0"),
-    (["model.loss.temperature=.inf"], r"model.loss.temperature must be a finite number > 0, got inf"),
-    (["model.loss.kl_weight=-1"], r"model.loss.kl_weight must be a finite number >= 0, got -1"),
-    (["model.loss.ce_weight=-0.5"], r"model.loss.ce_weight must be a finite number >= 0, got -0.5"),
+    (["model.loss.temperature=.inf"], r"model.loss.temperature must be a number in \[0.001, 1000\], got inf"),
+    (["model.loss.temperature=1.0e-300"], r"model.loss.temperature must be a number in \[0.001, 1000\], got 1e-300"),
+    (["model.loss.kl_weight=-1"], r"model.loss.kl_weight must be a finite number >= 0 and <= 1000, got -1"),
+    (["model.loss.ce_weight=-0.5"], r"model.loss.ce_weight must be a finite number >= 0 and <= 1000, got -0.5"),
+    # one-line errors for what YAML or a section cannot hold
+    (["train=5"], r"train must be a mapping of keys \(e.g. train.steps=5\), got 5"),
+    (["train.lr=!!python/object:os.system x"], r"override 'train.lr=!!python/object:os.system x': not a YAML value: could not determine a constructor for the tag"),
+    (["train.lr=[1"], r"override 'train.lr=\[1': not a YAML value: .* at line 1, column 3"),
     (["model.loss.kl_weight=0"], r"model.loss.kl_weight and model.loss.ce_weight are both 0"),
     (["model.loss.chunksize=8"], r"unknown key model.loss.chunksize"),
     (["model.loss.backend=fast"], r"model.loss: backend must be one of"),
@@ -192,6 +199,26 @@ def test_kill_and_resume_gives_the_same_curve(data, tmp_path, monkeypatch, worke
 def test_config_errors(extra, message):
     with pytest.raises(ValueError, match=message):
         load_config(CONFIG, ["data.train_manifest=a", "data.behaviors=b", "output_dir=c", *extra])
+
+
+def test_config_file_errors_are_one_line_naming_the_file(tmp_path):
+    """YAML syntax errors and tags name the file, line and column; a number written the way
+    people write it (1e-4, which YAML 1.1 reads as a string) is taken as that number."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {llm: {tiny: {}}\ntrain: [\n")
+    with pytest.raises(ValueError, match=rf"{bad}: not a valid config: .* at line \d+, column \d+"):
+        load_config(bad)
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("model: !!python/object/apply:os.system [echo hi]\n")
+    with pytest.raises(ValueError, match=rf"{tagged}: not a valid config: could not determine a constructor"):
+        load_config(tagged)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match=rf"{listed}: a config is a mapping of sections, got list"):
+        load_config(listed)
+    cfg = load_config(CONFIG, ["data.train_manifest=a", "data.behaviors=b", "output_dir=c", "train.lr=1e-4",
+                               "model.loss.temperature=2E0"])
+    assert cfg["train"]["lr"] == 1e-4 and cfg["model"]["loss"]["temperature"] == 2.0
 
 
 def test_missing_config_file_is_named(tmp_path):
