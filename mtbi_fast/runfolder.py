@@ -102,6 +102,12 @@ def prepare_run(out: Path, cfg: dict, fingerprint: dict, resume: bool, overwrite
     that run aside. Refusals are user errors. For the process holding the folder's lock."""
     root = out / "checkpoints"
     ckpt = None
+    contents = _contents(out)
+    if contents and not is_run_folder(out) and not overwrite:
+        raise ValueError(
+            f"output_dir {_named(out)} is not empty and holds no run of this trainer "
+            f"({_listing(contents)}): training would overwrite its files; use a new or empty "
+            f"output_dir, or add --overwrite to move what it holds aside to {out.name}.replaced-<time>")
     if not resume:
         _start_clean(out, overwrite)
     else:
@@ -453,17 +459,40 @@ _MISSING = "<missing>"
 
 def _start_clean(out: Path, overwrite: bool) -> None:
     """A fresh start in ``out``: refused when it holds a run, unless ``overwrite`` (moved aside)."""
-    previous = sorted(p.name for p in out.iterdir()
-                      if p.name != LOCK_NAME and not p.name.startswith(WRITE_PROBE))
+    previous = _contents(out)
     if previous and not overwrite:
         raise ValueError(
-            f"--no-resume: {out} already holds a run ({', '.join(previous[:5])}"
-            f"{', ...' if len(previous) > 5 else ''}); resume it (without --no-resume), use "
-            f"another output_dir, or add --overwrite to move it aside to "
-            f"{out.name}.replaced-<time>")
+            f"--no-resume: {_named(out)} already holds a run ({_listing(previous)}); resume it "
+            f"(without --no-resume), use another output_dir, or add --overwrite to move it aside "
+            f"to {out.name}.replaced-<time>")
     if previous:
+        what = "run" if is_run_folder(out) else "contents"
         moved = move_aside(out)
-        print(f"moved the previous run in {out} to {moved}")
+        print(f"moved the previous {what} of {out} to {moved}")
+
+
+def is_run_folder(out: Path) -> bool:
+    """``out`` holds a run of this trainer: a ``run.json`` that is a run record."""
+    try:
+        record = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "config" in record and "format" in record
+
+
+def _contents(out: Path) -> list[str]:
+    """What ``out`` holds, besides the trainer's lock and write probes."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not p.name.startswith(WRITE_PROBE))
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+
+
+def _named(out: Path) -> str:
+    return f"{out} (a link to {out.resolve()})" if out.is_symlink() else str(out)
 
 
 def _behavior_files(folder: str, with_states: bool) -> list[Path]:

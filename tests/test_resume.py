@@ -291,3 +291,29 @@ def test_exported_weights_of_another_dtype_or_shape_are_refused(data, tmp_path):
     weights.write_bytes(b"\0" * 64)
     with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
         SpeechLLM.from_pretrained(out / "final")
+
+
+def test_a_folder_that_holds_no_run_is_never_written_over(data, tmp_path, capsys):
+    """A non-empty output_dir that is not a run of this trainer (here: a passwd, a config.yaml and
+    a metrics.jsonl of something else) is refused by resume and by --no-resume, also through a
+    symlink, saying what it holds; nothing in it changes. --overwrite moves it aside whole."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    files = {"passwd": "root:x:0:0\n", "config.yaml": "mine: true\n", "metrics.jsonl": '{"mine": 1}\n'}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    for target, flags in ((out, ()), (out, ("--no-resume",)), (link, ())):
+        capsys.readouterr()
+        assert run(data, target, "train.steps=1", *QUIET, flags=flags) == 2
+        line = error_line(capsys)
+        assert "config.yaml, metrics.jsonl, passwd" in line, line
+        assert "holds no run of this trainer" in line and "already holds a run" not in line, line
+        if target == link:
+            assert f"{link} (a link to {out})" in line
+        assert {p.name: p.read_text() for p in out.iterdir() if p.name != ".lock"} == files
+    assert run(data, out, "train.steps=1", *QUIET, flags=("--overwrite",)) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("busy.replaced-")]
+    assert len(aside) == 1 and {p.name: p.read_text() for p in aside[0].iterdir() if p.name != ".lock"} == files
+    assert steps(out) == [1]
