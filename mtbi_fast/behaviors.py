@@ -476,9 +476,28 @@ def answer(batch: list[dict], library: TaskLibrary, llm, tokenizer, cfg: Behavio
     return records
 
 
-def read_behaviors(out_dir: str | os.PathLike) -> list[dict]:
+ID_FIELDS = ("prefix_ids", "transcript_ids", "suffix_ids", "response_ids")
+
+
+def check_record_ids(record: dict, vocab: int, where: str) -> None:
+    """Every token id of a behavior record is an int in ``[0, vocab)`` (a negative id would be
+    read as a speech-frame reference, one past the table fails only in the step): else a
+    ValueError naming ``where`` (file and line, or shard and cut), the record and the field."""
+    for field in ID_FIELDS:
+        ids = record.get(field)
+        if not isinstance(ids, list):
+            raise ValueError(f"{where}: record {record.get('id')!r}: {field} must be a list of token ids, "
+                             f"got {type(ids).__name__}")
+        for k, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"{where}: record {record.get('id')!r}: {field}[{k}] = {t!r} is not a "
+                                 f"token id of the LLM's vocabulary [0, {vocab})")
+
+
+def read_behaviors(out_dir: str | os.PathLike, vocab: int | None = None) -> list[dict]:
     """All records of a behaviors folder, in plan order. With an ``index.json`` (module
-    docstring) the shard names and record counts must be the ones it lists."""
+    docstring) the shard names and record counts must be the ones it lists. With ``vocab``, every
+    token id is checked to be in ``[0, vocab)`` (``check_record_ids``, naming file and line)."""
     out = Path(out_dir)
     files = sorted(out.glob("shard-*.jsonl"))
     listed = _indexed_shards(out, files)
@@ -490,9 +509,14 @@ def read_behaviors(out_dir: str | os.PathLike) -> list[dict]:
         with open(f, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{f}:{lineno}: not valid JSON ({exc.msg})") from None
+                if vocab is not None:
+                    if not isinstance(record, dict):
+                        raise ValueError(f"{f}:{lineno}: a behavior record is a JSON object")
+                    check_record_ids(record, vocab, f"{f}:{lineno}")
+                records.append(record)
         if listed is not None and len(records) - n != listed[f.name]:
             raise ValueError(f"{f} has {len(records) - n} records, {out / INDEX_NAME} lists "
                              f"{listed[f.name]}: the shard changed after the index was written")

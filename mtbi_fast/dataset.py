@@ -49,6 +49,8 @@ class BatchBuilder:
         self.seed, self.mean_span = seed, mean_span
         self.max_tokens, self.overlong = max_tokens, overlong
         self.tokenizer, self.n_mels = model.tokenizer, model.encoder.num_mel_bins
+        w = model.llm.get_input_embeddings().weight
+        self.vocab = tuple(getattr(w, "ds_shape", w.shape))[0]  # token ids of records must be below it
         self.stride, self.frame_rate = model.adapter.stride, model.frame_rate
         self.spec_augment = spec_augment  # SpecAugment's settings for training inputs, or None
         self.skip_bad_audio = skip_bad_audio
@@ -131,7 +133,7 @@ class MTBIData(BatchBuilder):
         utts = read_utterances(manifest, require_words=True)  # JSONL manifest or Lhotse CutSet
         check_durations(utts, model.encoder.max_frames, manifest)
         self.utts = {u.id: u for u in utts}
-        self.records = read_behaviors(behaviors)
+        self.records = read_behaviors(behaviors, vocab=self.vocab)
         if tasks is not None:  # a baseline on fewer tasks (e.g. [continue]: BLSP-style alignment)
             self.records = [r for r in self.records if r["task"] in tasks]
             if not self.records:

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from .audio import SAMPLE_RATE, encoder_frames, mel_frames, wave_from_samples
+from .behaviors import check_record_ids
 from .data import Utterance
 from .dataset import BatchBuilder, Item, mel_or_bad_audio
 from .errors import USER_ERRORS
@@ -208,6 +209,10 @@ class ShardData:
                        self.builder.skip_bad_audio)
         items, row = [], 0
         for r in records:
+            try:
+                check_record_ids(r, self.builder.vocab, where)
+            except ValueError as exc:
+                raise ShardError(f"{exc}{_SKIP_HINT}") from None
             n = len(r["response_ids"])
             if self.tasks is None or r["task"] in self.tasks:
                 h = hidden[row:row + n] if hidden is not None else None

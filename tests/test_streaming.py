@@ -426,3 +426,36 @@ def test_zero3_two_ranks_stream_and_resume_exactly(data, shards, tmp_path):
     assert [r["time"] for r in b[:3]] == [r["time"] for r in a[:3]]  # resumed: steps 1-3 not rerun
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), (x, y)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_by_both_readers(data, shards, model, tmp_path):
+    """A negative id (it would be read as a speech-frame reference) or one past the vocabulary is
+    refused when the records are read, naming the file and line (in-memory reader) or the shard
+    and cut (streaming), never found mid-step."""
+    from mtbi_fast.dataset import MTBIData
+
+    beh = tmp_path / "beh"
+    shutil.copytree(data / "beh", beh)
+    first = sorted(beh.glob("shard-*.jsonl"))[0]
+    lines = first.read_text().splitlines()
+    for field, bad in (("response_ids", -3), ("prefix_ids", 512)):
+        record = json.loads(lines[1])
+        record[field][0] = bad
+        first.write_text("\n".join([lines[0], json.dumps(record), *lines[2:]]) + "\n")
+        with pytest.raises(ValueError, match=rf"{first}:2: record '{record['id']}': {field}\[0\] = {bad} "
+                                             r"is not a token id of the LLM's vocabulary \[0, 512\)"):
+            MTBIData(str(data / "train.jsonl"), str(beh), model, seed=0, mean_span=3.0, max_tokens=512,
+                     overlong="truncate")
+
+    bad_shards = _copy(shards, tmp_path)
+
+    def negative(c):  # the Shar field file of the behaviors: {"cut_id", "behaviors"} a line
+        if c["cut_id"] == "demo-train-004":
+            c["behaviors"][0]["response_ids"][0] = -3
+        return c
+
+    _rewrite_cuts(bad_shards / "shar" / "behaviors.000001.jsonl.gz", negative)
+    d = ShardData(bad_shards, builder(model), seed=0, examples=4, shuffle_cuts=100)
+    with pytest.raises(ShardError, match=r"cuts\.000001\.jsonl\.gz: cut 'demo-train-004': record "
+                                         r"'demo-train-004/.*': response_ids\[0\] = -3 is not a token id"):
+        _epoch(d)
