@@ -90,6 +90,10 @@ class BatchBuilder:
             out["teacher_hidden"] = torch.cat([it.hidden[:c] for it, c in zip(kept, counts)])
         return out
 
+    def n_frames(self, n_samples: int) -> int:
+        """The model's speech frames for a clip of ``n_samples`` samples (``SpeechLLM.n_frames``)."""
+        return math.ceil(encoder_frames(mel_frames(n_samples)) / self.stride)
+
     def example_pair(self, item: Item, mel: torch.Tensor, ratio: float, salt: int):
         """The item's student (interleaved) and teacher (text) examples, truncated together."""
         r, u = item.record, item.utterance
@@ -102,6 +106,29 @@ class BatchBuilder:
             raise ValueError(f"{r['id']}: the words of utterance {u.id!r} ({transcript(u.words)!r})"
                              " do not tokenize to the behavior's transcript; regenerate the behaviors")
         return truncate_together([s, t], self.max_tokens, self.overlong)  # same response tokens
+
+
+def check_fits(records: list[dict], utts: dict, model, max_tokens: int, overlong: str, where) -> None:
+    """Before step 0: no record's example can be too long for ``packing.max_tokens`` (found
+    mid-run, the same batch would fail at the same step on every resume). Its prompt as pure
+    speech (prefix + the clip's frames + suffix) and as text (the teacher's) must leave room for a
+    response token; with ``overlong: error`` the response must fit whole. An interleaved prompt
+    lies between the two, but for a few tokens where spans meet."""
+    bad = []
+    for r in records:
+        u = utts[r["utt_id"]]
+        frames = model.n_frames(round(u.duration * SAMPLE_RATE))  # a SpeechLLM, or a BatchBuilder
+        around = len(r["prefix_ids"]) + len(r["suffix_ids"])
+        prompt = around + max(frames, len(r["transcript_ids"]))
+        need = prompt + (len(r["response_ids"]) if overlong == "error" else 1)
+        if need > max_tokens:
+            bad.append(f"{r['id']} (prompt {around + frames} tokens as speech, "
+                       f"{around + len(r['transcript_ids'])} as text, response {len(r['response_ids'])})")
+    if bad:
+        raise ValueError(
+            f"{where}: {len(bad)} behavior record(s) can never fit packing.max_tokens={max_tokens} "
+            f"(overlong: {overlong}): {'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}. Raise "
+            f"packing.max_tokens (it may change on resume) or leave these utterances out")
 
 
 @dataclass
@@ -141,6 +168,7 @@ class MTBIData(BatchBuilder):
         missing = sorted({r["utt_id"] for r in self.records} - set(self.utts))
         if missing:
             raise ValueError(f"{behaviors}: behaviors refer to utterances not in {manifest}: {missing[:5]}")
+        check_fits(self.records, self.utts, model, max_tokens, overlong, behaviors)
         self._mels: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU, MEL_CACHE_CLIPS
         self.cache = load_hidden_cache(behaviors) if teacher_cache else None
 

@@ -45,7 +45,8 @@ RESUME_MAY_CHANGE = frozenset({
     "data.num_workers", "data.prefetch_factor", "data.skip_bad_audio", "data.skip_bad_shards",
     "model.loss.backend",
     "model.loss.chunk_size", "model.loss.memory_budget", "model.loss.check_finite",
-    "model.gradient_checkpointing", "model.fused_ops", "train.peak_tflops", "output_dir"})
+    "model.gradient_checkpointing", "model.fused_ops", "train.peak_tflops", "packing.max_tokens",
+    "output_dir"})
 DATA_KEYS = ("data.train_manifest", "data.behaviors", "data.train_shards", "data.eval_manifest",
              "data.eval_behaviors")
 # Keys added after runs began whose recorded value is not the default: a run recorded without

@@ -52,7 +52,7 @@ import torch
 from .audio import SAMPLE_RATE, encoder_frames, mel_frames, wave_from_samples
 from .behaviors import check_record_ids
 from .data import Utterance
-from .dataset import BatchBuilder, Item, mel_or_bad_audio
+from .dataset import BatchBuilder, Item, check_fits, mel_or_bad_audio
 from .errors import USER_ERRORS
 from .interleave import RatioSchedule
 from .lhotse_io import cut_words
@@ -211,6 +211,7 @@ class ShardData:
         for r in records:
             try:
                 check_record_ids(r, self.builder.vocab, where)
+                check_fits([r], {utt.id: utt}, self.builder, self.builder.max_tokens, self.builder.overlong, where)
             except ValueError as exc:
                 raise ShardError(f"{exc}{_SKIP_HINT}") from None
             n = len(r["response_ids"])

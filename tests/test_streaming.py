@@ -459,3 +459,13 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_both_readers(data, shar
     with pytest.raises(ShardError, match=r"cuts\.000001\.jsonl\.gz: cut 'demo-train-004': record "
                                          r"'demo-train-004/.*': response_ids\[0\] = -3 is not a token id"):
         _epoch(d)
+
+
+def test_a_streamed_example_too_long_for_the_budget_names_its_cut(shards, model):
+    """The streaming reader sees a cut's records only when it reads them: an example too long
+    for the budget is a ShardError naming the shard and the cut (skippable like any bad cut)."""
+    small = BatchBuilder(model, seed=0, mean_span=3.0, max_tokens=40, overlong="truncate")
+    d = ShardData(shards, small, seed=0, examples=4, shuffle_cuts=100)
+    with pytest.raises(ShardError, match=r"shard .*cuts\.00000\d\.jsonl\.gz: cut 'demo-train-\d+': 1 behavior "
+                                         r"record\(s\) can never fit packing.max_tokens=40 .*skip_bad_shards"):
+        _epoch(d)

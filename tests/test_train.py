@@ -21,7 +21,7 @@ from mtbi_fast.cli import main as cli
 from mtbi_fast.config import load_config
 from mtbi_fast.data import read_manifest, write_manifest
 from mtbi_fast.dataset import MicroBatches
-from mtbi_fast.model import SpeechLLM
+from mtbi_fast.model import ModelConfig, SpeechLLM
 from mtbi_fast.trainer import Trainer
 
 from helpers import CONFIG, ROOT, metrics, overrides
@@ -597,3 +597,28 @@ def test_one_process_world_retries_a_port_taken_meanwhile(monkeypatch):
     with pytest.raises(torch.distributed.DistNetworkError, match="EADDRINUSE"):
         trainer_mod._init_single_process(FakeDeepSpeed(), "gloo")
     assert ports == ["29500"]
+
+
+def test_examples_that_can_never_fit_are_refused_before_step_0(data, tmp_path):
+    """A record whose prompt alone (as speech or as text) leaves no room in packing.max_tokens is
+    refused when the data is read, naming it, not at the step that meets it; a run may resume with
+    a larger packing.max_tokens."""
+    from mtbi_fast.behaviors import read_behaviors
+    from mtbi_fast.data import read_manifest
+
+    utts = {u.id: u for u in read_manifest(data / "train.jsonl")}
+    records = read_behaviors(data / "beh")
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "small", "packing.max_tokens=60"))
+    model = SpeechLLM.from_config(ModelConfig.from_dict(cfg["model"]))
+    longest = max(records, key=lambda r: len(r["prefix_ids"]) + len(r["suffix_ids"]) + max(
+        model.n_frames(round(utts[r["utt_id"]].duration * 16000)), len(r["transcript_ids"])))
+    with pytest.raises(ValueError, match=rf"behavior record\(s\) can never fit packing.max_tokens=60 "
+                                         rf"\(overlong: truncate\): .*{re.escape(longest['id'])} \(prompt \d+ tokens as "
+                                         r"speech, \d+ as text, response \d+\).*Raise packing.max_tokens"):
+        Trainer(cfg)
+    out = tmp_path / "run"
+    assert cli(["train", str(CONFIG), *overrides(data, out, "train.steps=2", "train.save_every=1",
+                                                 "train.eval_every=0")]) == 0
+    assert cli(["train", str(CONFIG), *overrides(data, out, "train.steps=3", "train.save_every=1",
+                                                 "train.eval_every=0", "packing.max_tokens=1024")]) == 0
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
