@@ -22,12 +22,14 @@ flagged utterance is kept, with an ``align_warning`` field in the output manifes
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import re
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
 from .data import Utterance, Word
+from .procs import pool_initializer
 
 _ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen " \
         "fifteen sixteen seventeen eighteen nineteen".split()
@@ -160,7 +162,7 @@ def align_manifest(utts: list[Utterance], workers: int = 2, progress: bool = Tru
     results = []
     if workers > 1 and len(utts) > 1:
         ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker) as pool:
+        with ctx.Pool(workers, initializer=pool_initializer, initargs=(os.getpid(), _init_worker)) as pool:
             for r in tqdm(pool.imap(align_one, utts, chunksize=4), total=len(utts), desc="align",
                           unit="utt", disable=not progress):
                 results.append(r)

@@ -58,6 +58,7 @@ from tqdm import tqdm
 from .data import Utterance, Word, write_manifest
 from .hub import cache_dir
 from .io import atomic_write_text
+from .procs import pool_initializer
 
 SAMPLE_RATE = 16000
 ESPEAK_PACKAGE = "espeakng-loader==0.2.4"
@@ -118,8 +119,8 @@ def build_corpus(train: int = 2000, test: int = 200, *, seed: int = 0, workers: 
     if todo:
         chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
         if workers > 1:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                     initargs=(str(espeak_dir),)) as pool:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=pool_initializer,
+                                     initargs=(os.getpid(), _init_worker, str(espeak_dir))) as pool:
                 for f in as_completed([pool.submit(_synthesize, c, str(partial)) for c in chunks]):
                     bar.update(f.result())
         else:

@@ -43,6 +43,7 @@ from mtbi_fast.lock import LOCK_NAME
 RESUME_MAY_CHANGE = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
     "data.num_workers", "data.prefetch_factor", "data.skip_bad_audio", "data.skip_bad_shards",
+    "data.verify_shards",
     "model.loss.backend",
     "model.loss.chunk_size", "model.loss.memory_budget", "model.loss.check_finite",
     "model.gradient_checkpointing", "model.fused_ops", "train.peak_tflops", "packing.max_tokens",

@@ -54,6 +54,7 @@ from .data import Utterance
 from .io import atomic_write_text
 from .lhotse_io import manifest_to_cutset, read_utterances
 from .lock import FolderLock
+from .procs import pool_initializer
 
 FORMAT = 1
 INDEX = "shards.json"
@@ -101,12 +102,15 @@ def write_shards(manifest: str | os.PathLike, behaviors: str | os.PathLike, out_
                 atomic_write_text(out / name, (behaviors / name).read_text(encoding="utf-8"))
         shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
         (out / SHAR).mkdir(exist_ok=True)
-        todo = {k for k in range(len(shards)) if not _cuts_file(out, k).is_file()}
+        # a shard is done when every one of its files is there (a deleted one is written again)
+        todo = {k for k in range(len(shards)) if not _shard_complete(out, k, teacher_hidden)}
         bar = tqdm(total=len(ids), initial=sum(len(shards[k]) for k in range(len(shards)) if k not in todo),
                    desc="shard", unit="utt", disable=None if progress else True)  # None: a terminal only
         written = 0
         groups = _records_by_utterance(bfiles, teacher_hidden)
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
+        # the workers die with this process (kill -9 included): none writes after the lock is gone
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=pool_initializer,
+                                   initargs=(os.getpid(),)) if workers > 1 else None
         pending: deque = deque()  # (future, utterances) of the shards being written
         try:
             for k, shard_ids in enumerate(shards):
@@ -139,8 +143,16 @@ def write_shards(manifest: str | os.PathLike, behaviors: str | os.PathLike, out_
     return index
 
 
-def read_index(folder: str | os.PathLike) -> dict:
-    """The index of a shard folder (``shards.json``), with every shard's files checked present."""
+def read_index(folder: str | os.PathLike, verify: str = "quick", progress: bool = False,
+               bad: dict | None = None) -> dict:
+    """The index of a shard folder (``shards.json``), checked against the folder: every shard's
+    files present, its entry the one ``mtbi-fast shard`` recorded for it (``shard_summaries/``),
+    and with ``verify`` "quick" (the default) each file's size and quick fingerprint
+    (``quick_fingerprint``: 128 KiB a file), with "full" its whole sha256 (every byte read once;
+    the trainer does it on resume and with ``data.verify_shards``), "none" presence only. A
+    mismatch names the file: the folder may move but not change. With ``bad`` (a dict), a shard
+    whose file contents do not match is recorded there (shard number: why) instead of refused:
+    ``data.skip_bad_shards`` then leaves it out."""
     folder = Path(folder)
     path = folder / INDEX
     if not path.is_file():
@@ -153,10 +165,44 @@ def read_index(folder: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
     if index.get("format") != FORMAT:
         raise ValueError(f"{path}: shard format {index.get('format')!r}, this version reads {FORMAT}")
-    for shard in index["shards"]:
-        for name in shard["files"].values():
-            if not (folder / SHAR / name).is_file():
-                raise FileNotFoundError(f"{folder / SHAR / name}: missing (listed in {path})")
+    if verify not in ("none", "quick", "full"):
+        raise ValueError(f"verify must be none, quick or full, got {verify!r}")
+    redo = "rerun `mtbi-fast shard` with the same inputs to rewrite it"
+    shards = index.get("shards")
+    if not isinstance(shards, list) or index.get("cuts") != sum(sh.get("cuts", 0) for sh in shards):
+        raise ValueError(f"{path}: its cut count does not add up over its shards (edited by hand?); {redo}")
+    todo = [(k, sh, field, name) for k, sh in enumerate(shards) for field, name in sh["files"].items()]
+    bar = tqdm(total=len(todo), desc="verify shards", unit="file", disable=not (progress and verify == "full"))
+    for k, shard, field, name in todo:
+        file = folder / SHAR / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: missing (listed in {path}); {redo}")
+        if field == "cuts":  # the entry is the one recorded when the shard was written
+            recorded = folder / SUMMARIES / f"{k:06d}.json"
+            if recorded.is_file():
+                entry = {key: v for key, v in json.loads(recorded.read_text(encoding="utf-8")).items()
+                         if key != "tasks"}
+                if entry != {key: shard.get(key) for key in entry}:
+                    raise ValueError(f"{path}: the entry of shard {k} differs from {recorded}, written with "
+                                     f"the shard (edited by hand?); {redo}")
+        if verify == "none" or (bad is not None and k in bad):
+            continue
+        problem = None
+        size = (shard.get("bytes") or {}).get(field)
+        quick = (shard.get("quick") or {}).get(field)
+        if size is not None and file.stat().st_size != size:
+            problem = (f"{file}: {file.stat().st_size} bytes, {path} lists {size}: the file changed "
+                       f"after `mtbi-fast shard` wrote it")
+        elif quick is not None and quick_fingerprint(file) != quick:
+            problem = f"{file}: its contents differ from what {path} recorded (quick fingerprint)"
+        elif verify == "full" and _sha256_files([file]) != shard["sha256"][field]:
+            problem = f"{file}: its sha256 differs from {path}'s: the file changed after `mtbi-fast shard` wrote it"
+        if problem is not None:
+            if bad is None:
+                raise ValueError(f"{problem}; {redo}")
+            bad[k] = problem
+        bar.update(1)
+    bar.close()
     return index
 
 
@@ -212,6 +258,19 @@ def _finish(entry, bar) -> int:
 
 def _cuts_file(out: Path, k: int) -> Path:
     return out / SHAR / f"cuts.{k:06d}.jsonl.gz"
+
+
+def _shard_files(k: int, teacher_hidden: bool) -> dict[str, str]:
+    files = {"cuts": f"cuts.{k:06d}.jsonl.gz", "recording": f"recording.{k:06d}.tar",
+             "behaviors": f"behaviors.{k:06d}.jsonl.gz"}
+    if teacher_hidden:
+        files[HIDDEN_FIELD] = f"{HIDDEN_FIELD}.{k:06d}.tar"
+    return files
+
+
+def _shard_complete(out: Path, k: int, teacher_hidden: bool) -> bool:
+    return (out / SUMMARIES / f"{k:06d}.json").is_file() and all(
+        (out / SHAR / name).is_file() for name in _shard_files(k, teacher_hidden).values())
 
 
 def _utterances_with_behaviors(bfiles: list[Path], utts: dict[str, Utterance], manifest) -> list[str]:
@@ -315,10 +374,7 @@ def _check_settings(out: Path, settings: dict, overwrite: bool) -> None:
 
 def _summarize(folder: Path, k: int, teacher_hidden: bool) -> dict:
     """Shard ``k``'s entry of the index: its files, cut and record counts, tasks and checksums."""
-    files = {"cuts": f"cuts.{k:06d}.jsonl.gz", "recording": f"recording.{k:06d}.tar",
-             "behaviors": f"behaviors.{k:06d}.jsonl.gz"}
-    if teacher_hidden:
-        files[HIDDEN_FIELD] = f"{HIDDEN_FIELD}.{k:06d}.tar"
+    files = _shard_files(k, teacher_hidden)
     cuts, records, tasks = 0, 0, Counter()
     with gzip.open(folder / files["behaviors"], "rt", encoding="utf-8") as f:
         for line in f:
@@ -329,7 +385,23 @@ def _summarize(folder: Path, k: int, teacher_hidden: bool) -> dict:
     with gzip.open(folder / files["cuts"], "rt", encoding="utf-8") as f:
         longest = max((json.loads(line)["duration"] for line in f), default=0.0)
     return {"files": files, "cuts": cuts, "records": records, "max_duration": longest, "tasks": dict(tasks),
-            "sha256": {field: _sha256_files([folder / name]) for field, name in files.items()}}
+            "sha256": {field: _sha256_files([folder / name]) for field, name in files.items()},
+            "bytes": {field: (folder / name).stat().st_size for field, name in files.items()},
+            "quick": {field: quick_fingerprint(folder / name) for field, name in files.items()}}
+
+
+QUICK_BYTES = 1 << 16  # the quick fingerprint reads 64 KiB at each end of a file
+
+
+def quick_fingerprint(path: Path) -> str:
+    """sha256 of a file's size and its first and last 64 KiB: read at every start (a full sum of
+    a 10k-hour corpus would take minutes), it catches a file rewritten by hand or truncated."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(QUICK_BYTES))
+        f.seek(max(path.stat().st_size - QUICK_BYTES, 0))
+        h.update(f.read(QUICK_BYTES))
+    return h.hexdigest()
 
 
 def _make_index(out: Path, n_shards: int, settings: dict, without_behaviors: int) -> dict:

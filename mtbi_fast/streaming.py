@@ -78,9 +78,15 @@ class ShardData:
     def __init__(self, folder: str, builder: BatchBuilder, *, seed: int, examples: int,
                  shuffle_cuts: int = 128, length_buckets: bool = True, token_budget: int | None = None,
                  tasks: list[str] | None = None,
-                 teacher_cache: bool = False, skip_bad_shards: bool = False, max_seconds: float | None = None):
+                 teacher_cache: bool = False, skip_bad_shards: bool = False, max_seconds: float | None = None,
+                 verify: str = "quick"):
         self.folder = Path(folder)
-        self.index = read_index(self.folder)
+        # with skip_bad_shards a shard whose files do not match the index is left out, not refused
+        self.bad_shards: dict[int, str] = {}
+        self.index = read_index(self.folder, verify=verify, progress=True,
+                                bad=self.bad_shards if skip_bad_shards else None)
+        for k, why in self.bad_shards.items():
+            print(f"skipping shard {k} ({self.index['shards'][k]['cuts']} cuts): {why}", flush=True)
         if teacher_cache and not self.index["teacher_hidden"]:
             raise ValueError(f"data.teacher_cache is on but the shards in {self.folder} have no teacher "
                              f"states; write them with `mtbi-fast shard ... --teacher-hidden`")
@@ -154,6 +160,12 @@ class ShardData:
         for k in shards:
             entry = self.index["shards"][k]
             if offset + entry["cuts"] <= start:
+                offset += entry["cuts"]
+                continue
+            if k in self.bad_shards:  # its files do not match the index: every cut skipped
+                for j in range(entry["cuts"]):
+                    if offset + j >= start:
+                        yield None, True
                 offset += entry["cuts"]
                 continue
             paths = shard_paths(self.folder, entry)

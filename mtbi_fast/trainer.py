@@ -368,7 +368,12 @@ class Trainer:
         """Rank 0, holding the lock: the data fingerprint, then how the run starts
         (``runfolder.prepare_run``): the checkpoint to resume (its folder name) or None."""
         self.fingerprint = data_fingerprint(self.cfg)
-        return prepare_run(self.out, self.cfg, self.fingerprint, resume, overwrite)
+        start = prepare_run(self.out, self.cfg, self.fingerprint, resume, overwrite)
+        if start is not None and isinstance(self.data, ShardData) and not self.cfg["data"]["verify_shards"]:
+            from mtbi_fast.shards import read_index
+
+            read_index(self.data.folder, verify="full", progress=True)  # resume: every byte checked
+        return start
 
     def save_checkpoint(self):
         """``checkpoints/step-NNNNNN``: written whole under a temporary name (DeepSpeed's files or
@@ -473,7 +478,7 @@ class Trainer:
                              length_buckets=d["length_buckets"], token_budget=cfg["packing"]["token_budget"],
                              tasks=d["tasks"],
                              teacher_cache=d["teacher_cache"], skip_bad_shards=d["skip_bad_shards"],
-                             max_seconds=limit)
+                             max_seconds=limit, verify="full" if d["verify_shards"] else "quick")
         else:
             data = MTBIData(d["train_manifest"], d["behaviors"], self.model,
                             teacher_cache=d["teacher_cache"], tasks=d["tasks"],

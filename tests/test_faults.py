@@ -127,3 +127,86 @@ def test_behaviors_killed_anywhere_resume_to_the_same_files(corpus, tmp_path):
         got = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != ".lock"}
         assert got == want, f"trial {trial}: killed {fraction:.2f} into the work (exit {code})"
     assert killed >= 2
+
+
+def _children(pid: int) -> set[int]:
+    """Every live descendant of process ``pid`` (from /proc; no psutil needed)."""
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":  # a zombie is dead, only not yet reaped
+                parents[int(d.name)] = int(fields[1])
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {c for c, p in parents.items() if p in frontier} - out
+        out |= frontier
+    return out
+
+
+def _wait_gone(pids: set[int], seconds: float = 10.0) -> set[int]:
+    deadline = time.monotonic() + seconds
+    while pids and time.monotonic() < deadline:
+        pids = {p for p in pids if Path(f"/proc/{p}").exists()
+                and (Path(f"/proc/{p}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
+        time.sleep(0.05)
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_pool_workers_die_with_their_parent(tmp_path):
+    """The initializer every worker pool uses (shard, corpus build, align): after kill -9 of the
+    parent no worker lives on to write into the folder."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from multiprocessing import get_context\n"
+        "from mtbi_fast.procs import pool_initializer\n"
+        "def work(i):\n"
+        "    time.sleep(0.2)\n"
+        "    return os.getpid()\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(2, mp_context=get_context('spawn'), initializer=pool_initializer,\n"
+        "                               initargs=(os.getpid(),))\n"
+        "    print(sorted(set(pool.map(work, range(8)))), flush=True)\n"
+        "    pool.submit(time.sleep, 600)\n"
+        "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    workers = set(json.loads(proc.stdout.readline()))
+    assert len(workers) == 2 and workers <= _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert _wait_gone(workers) == set()
+
+
+def test_shard_workers_killed_with_the_run_and_the_rerun_is_identical(corpus, tmp_path):
+    """kill -9 of `mtbi-fast shard --workers 2` mid-work: no process of the killed run survives,
+    and the rerun's files equal an uninterrupted run's."""
+    args = ["shard", corpus / "train.jsonl", corpus / "beh", "--shard-size", 2, "--workers", 2,
+            "--teacher-hidden"]
+    ref = tmp_path / "ref"
+    _, work = run(cli(*args, "-o", ref), ready=ref / "shard_settings.json")
+    want = {str(p.relative_to(ref)): p.read_bytes() for p in sorted(ref.rglob("*")) if p.is_file() and p.name != ".lock"}
+    rng = random.Random(f"{SEED}-shard")
+    out = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE"}}
+    proc = subprocess.Popen(cli(*args, "-o", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=ROOT, env=env)
+    while proc.poll() is None and not (out / "shard_settings.json").exists():
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0.3, 0.8) * work)
+    family = _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert _wait_gone(family) == set(), "processes of the killed run live on"
+    run(cli(*args, "-o", out))
+    got = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+    assert got.keys() == want.keys()
+    for name in want:
+        if name != "shards.json":  # (it records the time each run took)
+            assert got[name] == want[name], name

@@ -344,7 +344,10 @@ def test_a_truncated_tar_names_the_shard_and_the_cut_or_is_skipped(shards, model
     with tarfile.open(tar) as t:
         flac = [m for m in t.getmembers() if m.name.endswith(".flac")][1]
     tar.write_bytes(data[:flac.offset_data + 100])  # cut through the second cut's audio
-    d = ShardData(bad, builder(model), seed=0, examples=4, shuffle_cuts=100)
+    with pytest.raises(ValueError, match=r"recording\.000001\.tar: \d+ bytes, .*shards\.json lists \d+"):
+        ShardData(bad, builder(model), seed=0, examples=4, shuffle_cuts=100)  # refused when opened
+    # damage after the start (a disk going bad) is found where the reader meets it
+    d = ShardData(bad, builder(model), seed=0, examples=4, shuffle_cuts=100, verify="none")
     with pytest.raises(ShardError, match=r"shard .*cuts\.000001\.jsonl\.gz: cannot be read at cut "
                                          r"'demo-train-004' \(number 2 of the shard\).*skip_bad_shards: true"):
         _epoch(d)
@@ -362,11 +365,18 @@ def test_a_cut_without_alignment_or_audio_is_named(shards, model, tmp_path):
         return c
 
     _rewrite_cuts(bad / "shar" / "cuts.000001.jsonl.gz", drop_alignment)
-    d = ShardData(bad, builder(model), seed=0, examples=4, shuffle_cuts=100)
+    with pytest.raises(ValueError, match=r"cuts\.000001\.jsonl\.gz: "):
+        ShardData(bad, builder(model), seed=0, examples=4, shuffle_cuts=100)  # changed since written
+    ids, skipped = _epoch(ShardData(bad, builder(model), seed=0, examples=4, shuffle_cuts=100,
+                                    skip_bad_shards=True))  # the changed shard left out whole
+    assert skipped == 3 and not any(i.split("/")[0] in ("demo-train-003", "demo-train-004", "demo-train-005")
+                                    for i in ids)
+    # read without the start check, the cut itself is named, and skipped alone
+    d = ShardData(bad, builder(model), seed=0, examples=4, shuffle_cuts=100, verify="none")
     with pytest.raises(ShardError, match=r"cuts\.000001\.jsonl\.gz: cut 'demo-train-004': no word alignment"):
         _epoch(d)
     ids, skipped = _epoch(ShardData(bad, builder(model), seed=0, examples=4, shuffle_cuts=100,
-                                    skip_bad_shards=True))
+                                    skip_bad_shards=True, verify="none"))
     assert skipped == 1 and not any(i.startswith("demo-train-004/") for i in ids) and len(ids) == 22
 
     # a missing audio file in the tar: the last one
@@ -377,7 +387,7 @@ def test_a_cut_without_alignment_or_audio_is_named(shards, model, tmp_path):
     with tarfile.open(tar, "w") as t:
         for m, payload in members[:-2]:  # the last cut's flac and its JSON
             t.addfile(m, io.BytesIO(payload))
-    d = ShardData(bad2, builder(model), seed=0, examples=4, shuffle_cuts=100)
+    d = ShardData(bad2, builder(model), seed=0, examples=4, shuffle_cuts=100, verify="none")
     with pytest.raises(ShardError, match=r"shard .*cuts\.000002\.jsonl\.gz: 3 cuts in the index, 2 read"):
         _epoch(d)
 
@@ -455,7 +465,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_both_readers(data, shar
         return c
 
     _rewrite_cuts(bad_shards / "shar" / "behaviors.000001.jsonl.gz", negative)
-    d = ShardData(bad_shards, builder(model), seed=0, examples=4, shuffle_cuts=100)
+    d = ShardData(bad_shards, builder(model), seed=0, examples=4, shuffle_cuts=100, verify="none")
     with pytest.raises(ShardError, match=r"cuts\.000001\.jsonl\.gz: cut 'demo-train-004': record "
                                          r"'demo-train-004/.*': response_ids\[0\] = -3 is not a token id"):
         _epoch(d)
@@ -469,3 +479,54 @@ def test_a_streamed_example_too_long_for_the_budget_names_its_cut(shards, model)
     with pytest.raises(ShardError, match=r"shard .*cuts\.00000\d\.jsonl\.gz: cut 'demo-train-\d+': 1 behavior "
                                          r"record\(s\) can never fit packing.max_tokens=40 .*skip_bad_shards"):
         _epoch(d)
+
+
+def test_a_shard_folder_may_move_but_not_change(shards, model, tmp_path):
+    """Every kind of edit to a shard folder is refused by name when it is opened (quick check:
+    sizes, 128 KiB fingerprints, the index against the entries written with each shard) or, for
+    a change in the middle of a file, by the full sums (on resume, or data.verify_shards)."""
+    from mtbi_fast.shards import read_index
+
+    def fresh(name):
+        return _copy(shards, tmp_path / name)
+
+    # a cuts file edited by hand, still valid gzip
+    bad = fresh("cuts")
+    _rewrite_cuts(bad / "shar" / "cuts.000001.jsonl.gz", lambda c: {**c, "duration": c["duration"] * 0.5})
+    with pytest.raises(ValueError, match=r"cuts\.000001\.jsonl\.gz: .*(bytes, .* lists|quick fingerprint)"):
+        ShardData(bad, builder(model), seed=0, examples=4)
+    # shards.json with its sums zeroed, or a lowered cut count
+    for edit, message in ((lambda sh: sh["sha256"].update(cuts="0" * 64), r"the entry of shard 0 differs"),
+                          (lambda sh: sh.update(cuts=sh["cuts"] - 1), r"cut count does not add up")):
+        bad = fresh(f"index-{message[:5]}")
+        index = json.loads((bad / "shards.json").read_text())
+        edit(index["shards"][0])
+        (bad / "shards.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match=rf"shards\.json: .*{message}"):
+            ShardData(bad, builder(model), seed=0, examples=4)
+    # one byte in the middle of a recording tar: same size, same ends
+    bad = fresh("middle")
+    tar = bad / "shar" / "recording.000002.tar"
+    blob = bytearray(tar.read_bytes())
+    assert len(blob) > 3 * (1 << 16)
+    blob[len(blob) // 2] ^= 0xFF
+    tar.write_bytes(bytes(blob))
+    ShardData(bad, builder(model), seed=0, examples=4)  # the quick check cannot see it
+    with pytest.raises(ValueError, match=r"recording\.000002\.tar: its sha256 differs"):
+        read_index(bad, verify="full")
+    with pytest.raises(ValueError, match=r"recording\.000002\.tar: its sha256 differs"):
+        ShardData(bad, builder(model), seed=0, examples=4, verify="full")
+    assert read_index(shards, verify="full")["cuts"] == 12  # the untouched folder passes
+
+
+def test_a_deleted_shard_file_is_written_again_by_a_rerun(data, shards, tmp_path):
+    out = _copy(shards, tmp_path)
+    want = {p.name: p.read_bytes() for p in (out / "shar").iterdir()}
+    (out / "shar" / "behaviors.000002.jsonl.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"behaviors\.000002\.jsonl\.gz: missing .*rerun `mtbi-fast shard`"):
+        ShardData(out, BatchBuilder(SpeechLLM.from_config(ModelConfig.from_dict(
+            load_config(CONFIG, overrides(data, "/tmp/unused"))["model"])), seed=0, mean_span=3.0,
+            max_tokens=512, overlong="truncate"), seed=0, examples=4)
+    write_shards(data / "train.jsonl", data / "beh", out, shard_size=SHARD_SIZE, teacher_hidden=True,
+                 progress=False)
+    assert {p.name: p.read_bytes() for p in (out / "shar").iterdir()} == want
