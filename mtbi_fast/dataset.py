@@ -11,6 +11,7 @@ each batch, cut like its responses.
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
@@ -251,11 +252,29 @@ def mel_or_bad_audio(utt_id: str, where: str, load: Callable[[], torch.Tensor], 
     try:
         return log_mel(load(), n_mels)
     except (ValueError, OSError, RuntimeError) as exc:
-        msg = str(exc) if where in str(exc) else f"{where}: {exc}"
+        why = _short_error(exc)
+        msg = why if where in why else f"{where}: {why}"
         hint = "" if skip_bad_audio else \
             " (set data.skip_bad_audio: true to leave such examples out, counted in metrics.jsonl)"
         raise BadAudioError(f"utterance {utt_id!r}: bad audio: {msg}{hint}") from None
 
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
+_CUT_REPR = re.compile(r"\b(Mono|Mixed|Padding|Data)?Cut\(id='([^']*)'.*", re.DOTALL)
+MAX_ERROR_CHARS = 300
+
+
+def _short_error(exc: Exception) -> str:
+    """A decoder's error in one short line: no object reprs (``<_io.BytesIO object at 0x...>``
+    says nothing to a user), no Lhotse cut repr (kilobytes; the cut's id is kept), at most
+    MAX_ERROR_CHARS characters."""
+    text = " ".join(str(exc).split())
+    text = _OBJECT_REPR.sub("the audio bytes", text)
+    text = _CUT_REPR.sub(lambda m: f"cut {m.group(2)!r}", text)
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS - 3] + "..."
+    return text
 
 
 def check_durations(utts, max_frames: int, manifest) -> None:

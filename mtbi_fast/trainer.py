@@ -183,7 +183,12 @@ class Trainer:
                     sharding=self.sharding)
 
     def _finish(self):
-        self.export(self.out / "final")
+        try:
+            self.export(self.out / "final")
+        except (OSError, *_safetensors_errors()) as exc:
+            raise ValueError(f"step {self.step}: cannot write {self.out / 'final'} ({_write_error(exc)}; the "
+                             f"disk may be full); the checkpoints are intact: free space and rerun to "
+                             f"export it") from None
         if self.tb is not None:
             self.tb.close()
 
@@ -378,10 +383,24 @@ class Trainer:
     def save_checkpoint(self):
         """``checkpoints/step-NNNNNN``: written whole under a temporary name (DeepSpeed's files or
         the trainer state, the exported model, run.json, COMPLETE), renamed, and only then named
-        by ``checkpoints/latest``: a kill at any point leaves the previous checkpoint current."""
+        by ``checkpoints/latest``: a kill at any point leaves the previous checkpoint current. A
+        write that fails (a full disk) is one line naming the file, the temporary folder removed
+        and the previous checkpoint left current."""
         root = self.out / "checkpoints"
-        name = f"step-{self.step:06d}"
-        tmp = root / f".{name}.tmp"
+        tmp = root / f".step-{self.step:06d}.tmp"
+        try:
+            self._write_checkpoint(root, tmp)
+        except (OSError, *_safetensors_errors()) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            latest = root / "latest"
+            kept = latest.read_text().strip() if latest.is_file() else None
+            raise ValueError(
+                f"step {self.step}: cannot write the checkpoint ({_write_error(exc)}; the disk may be "
+                f"full); " + (f"the previous checkpoint {root / kept} is intact and a rerun resumes "
+                              f"from it" if kept else "no earlier checkpoint: a rerun starts over")) from None
+
+    def _write_checkpoint(self, root: Path, tmp: Path):
+        name = tmp.name[1:-len(".tmp")]
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -612,6 +631,21 @@ class Trainer:
     def _barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
+
+
+def _safetensors_errors() -> tuple:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return ()
+    return (SafetensorError,)
+
+
+def _write_error(exc: Exception) -> str:
+    """A failed write in a few words: the file and the reason (errno text), or the message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return " ".join(str(exc).split())[:200]
 
 
 def lr_lambda(warmup: int, total: int):

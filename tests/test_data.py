@@ -187,3 +187,25 @@ def test_max_audio_seconds_from_the_model_config(tmp_path):
     assert max_audio_seconds({"encoder": {"hub": "openai/whisper-tiny"}})[0] == 30.0  # not read
     with pytest.raises(FileNotFoundError, match="encoder config not found: .*nothing/config.json"):
         max_audio_seconds({"encoder": {"path": str(tmp_path / "nothing")}})
+
+
+def test_a_decoder_error_is_one_short_line():
+    """What a bad clip's error says: no object reprs, no kilobytes of Lhotse cut repr, capped."""
+    from mtbi_fast.dataset import MAX_ERROR_CHARS, BadAudioError, mel_or_bad_audio
+
+    def corrupt_flac():
+        import io
+        raise RuntimeError(f"Error opening {io.BytesIO(b'x')!r}: Format not recognised.")
+
+    with pytest.raises(BadAudioError) as exc:
+        mel_or_bad_audio("u1", "shard recording.000001.tar (cut 'u1')", corrupt_flac, 80, True)
+    assert "object at 0x" not in str(exc.value) and "Error opening the audio bytes: Format not recognised" in str(exc.value)
+
+    def lhotse_style():
+        raise ValueError("Reading audio from MonoCut(id='u1', start=0, duration=3.2, channel=0, supervisions=["
+                         + "SupervisionSegment(id='u1', text='" + "word " * 400 + "')])) failed")
+
+    with pytest.raises(BadAudioError) as exc:
+        mel_or_bad_audio("u1", "shard recording.000001.tar (cut 'u1')", lhotse_style, 80, True)
+    msg = str(exc.value)
+    assert "cut 'u1'" in msg and "SupervisionSegment" not in msg and len(msg) < MAX_ERROR_CHARS + 120, msg

@@ -317,3 +317,30 @@ def test_a_folder_that_holds_no_run_is_never_written_over(data, tmp_path, capsys
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("busy.replaced-")]
     assert len(aside) == 1 and {p.name: p.read_text() for p in aside[0].iterdir() if p.name != ".lock"} == files
     assert steps(out) == [1]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device", "trainer.safetensors"), "safetensors"])
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(data, tmp_path, capsys,
+                                                                               monkeypatch, error):
+    import mtbi_fast.trainer as trainer_mod
+    from safetensors import SafetensorError
+
+    out = tmp_path / "run"
+    real = trainer_mod.save_trainer_state
+
+    def full(folder, model, optimizer, scheduler, step):
+        if step == 4:
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })") \
+                if error == "safetensors" else error
+        real(folder, model, optimizer, scheduler, step)
+
+    monkeypatch.setattr(trainer_mod, "save_trainer_state", full)
+    assert run(data, out, "train.steps=6", "train.save_every=2", *QUIET) == 2
+    line = error_line(capsys)
+    assert re.search(r"step 4: cannot write the checkpoint \(.*(No space left on device|StorageFull).*the disk may "
+                     r"be full\); the previous checkpoint .*step-000002 is intact and a rerun resumes from it", line), line
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert not list((out / "checkpoints").glob(".step-*.tmp"))
+    monkeypatch.setattr(trainer_mod, "save_trainer_state", real)
+    assert run(data, out, "train.steps=6", "train.save_every=2", *QUIET) == 0
+    assert steps(out) == [1, 2, 3, 4, 5, 6]
