@@ -57,6 +57,9 @@ def _add_models(sub):
                    "smollm2-135m-instruct and whisper-tiny.en)")
     f.add_argument("--force", action="store_true", help="fetch again even if present")
     msub.add_parser("list", help="known models and whether they are fetched")
+    v = msub.add_parser("verify", help="check fetched models against the sums recorded when they were "
+                                       "converted (exit 1 when one differs)")
+    v.add_argument("names", nargs="*", help="models to check (default: every fetched one)")
 
 
 def _add_behaviors(sub):
@@ -307,6 +310,25 @@ def _models(args) -> int:
             print(f"{m['name']:24s} {'fetched' if m['fetched'] else '-':8s} {m['license']:11s} {m['about']}")
         print(f"cache: {fetch.cache_dir() / 'models'}")
         return 0
+    if args.models_command == "verify":
+        names = args.names or [m["name"] for m in fetch.list_models() if m["fetched"]]
+        bad = 0
+        for name in names:
+            folder = fetch.cache_dir() / "models" / name
+            if not (folder / fetch.RECORD).is_file():
+                print(f"{name}: not fetched ({folder})", file=sys.stderr)
+                bad += 1
+                continue
+            problems = fetch.verify_model(folder)
+            bad += bool(problems)
+            if problems:
+                print(f"{name}: {len(problems)} problem(s): " + "; ".join(problems[:5]))
+            elif fetch.has_sums(folder):
+                print(f"{name}: ok, {len(json.loads((folder / fetch.RECORD).read_text())['files'])} files match")
+            else:
+                print(f"{name}: no sums recorded (converted by an older mtbi-fast): `mtbi-fast models fetch "
+                      f"{name} --force` converts it again and records them")
+        return 1 if bad else 0
     names = args.names or ["smollm2-135m-instruct", "whisper-tiny.en"]
     for name in names:
         try:

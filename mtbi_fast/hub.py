@@ -38,6 +38,17 @@ def model_dir(name: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model {name!r} is not in {path.parent}; run `mtbi-fast models "
                                 f"fetch {name}` first (or set MTBI_FAST_CACHE)")
+    try:  # the sizes recorded at conversion (the sums: `mtbi-fast models verify`)
+        recorded = json.loads((path / "mtbi_fast_source.json").read_text()).get("files") or {}
+    except (OSError, ValueError):
+        recorded = {}
+    for rel, entry in recorded.items():
+        f = path / rel
+        size = f.stat().st_size if f.is_file() else None
+        if size != entry["bytes"]:
+            what = "missing" if size is None else f"{size} bytes, converted as {entry['bytes']}"
+            raise ValueError(f"{f}: {what}: the cached model {name!r} changed; `mtbi-fast models fetch "
+                             f"{name}` fetches it again")
     return path
 
 

@@ -199,3 +199,43 @@ def test_fetch_is_idempotent(whisper_dir, capsys):
     assert (whisper_dir / "model.safetensors").stat().st_mtime == stamp
     with pytest.raises(ValueError, match=r"unknown model 'whisper-huge'; known:"):
         fetch("whisper-huge")
+
+
+def test_a_changed_cached_model_is_found_and_fetched_again(tmp_path, monkeypatch, capsys):
+    """The sums recorded at conversion: `models verify` names a file with 1 MiB of random bytes
+    (same size), `models fetch` fetches such a model again instead of saying "already in", and a
+    truncated file is refused when the model is loaded by name."""
+    from mtbi_fast import fetch as fetch_mod
+    from mtbi_fast.cli import main as cli
+    from mtbi_fast.hub import model_dir
+
+    monkeypatch.setenv("MTBI_FAST_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / "minilm"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(np.random.default_rng(0).bytes(3 << 20))
+    (folder / fetch_mod.RECORD).write_text(json.dumps({"name": "minilm", "files": fetch_mod.file_sums(folder)}))
+    assert fetch_mod.verify_model(folder) == [] and model_dir("minilm") == folder
+    assert cli(["models", "verify", "minilm"]) == 0
+
+    blob = bytearray(weights.read_bytes())
+    blob[1 << 20:2 << 20] = np.random.default_rng(1).bytes(1 << 20)
+    weights.write_bytes(bytes(blob))
+    assert fetch_mod.verify_model(folder) == [f"{weights}: sha256 differs from the conversion's"]
+    capsys.readouterr()
+    assert cli(["models", "verify", "minilm"]) == 1
+    assert "minilm: 1 problem(s): " in capsys.readouterr().out
+
+    def offline(*a, **k):
+        raise RuntimeError("no network in this test")
+
+    monkeypatch.setattr(fetch_mod, "_download", offline)
+    with pytest.raises(RuntimeError, match="no network"):
+        fetch_mod.fetch("minilm")
+    assert "changed since it was converted" in capsys.readouterr().out
+
+    weights.write_bytes(bytes(blob[: 1 << 20]))
+    with pytest.raises(ValueError, match=rf"{weights}: 1048576 bytes, converted as 3145728: the cached model "
+                                         r"'minilm' changed; `mtbi-fast models fetch minilm`"):
+        model_dir("minilm")
