@@ -124,6 +124,7 @@ def prepare_run(out: Path, cfg: dict, fingerprint: dict, resume: bool, overwrite
                                  "older mtbi-fast, or not a checkpoint of this trainer); start "
                                  "clean with --no-resume --overwrite, or use another output_dir")
             check_same_run(read_json(record), cfg, fingerprint, out, f"from {ckpt}")
+            check_checkpoint_sums(ckpt)
             check_pickles(ckpt)
         elif (out / "run.json").is_file():  # a run that stopped before its first checkpoint
             check_same_run(read_json(out / "run.json"), cfg, fingerprint, out, f"the run in {out}")
@@ -238,6 +239,27 @@ def checkpoint_step(folder: Path, steps: int) -> int:
     return step
 
 
+def check_checkpoint_sums(folder: Path) -> None:
+    """Every file of checkpoint ``folder`` has the sha256 its ``COMPLETE`` recorded when it was
+    written (one read of the checkpoint, which resume reads anyway): a flipped byte in a weight
+    file would otherwise load. A checkpoint of an older mtbi-fast (``COMPLETE`` holds the step
+    alone) has no sums to compare."""
+    try:
+        recorded = json.loads((folder / "COMPLETE").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), dict):
+        return
+    for rel, want in recorded["sha256"].items():
+        f = folder / rel
+        if not f.is_file():
+            raise ValueError(f"cannot resume: {f} is missing (listed in {folder / 'COMPLETE'})")
+        if _sha256([f], names=False) != want:
+            raise ValueError(f"cannot resume: {f}: its sha256 differs from the one {folder / 'COMPLETE'} "
+                             f"recorded when the checkpoint was written (the file changed); resume from an "
+                             f"earlier checkpoint by removing this one, or start clean with --no-resume --overwrite")
+
+
 def check_tensor(path: Path, key: str, got: torch.Tensor, want: torch.Tensor) -> None:
     """A tensor read from ``path`` has the dtype and shape of the one it replaces (a header that
     declares another dtype, or a transposed moment, would otherwise load): else a user error
@@ -266,7 +288,9 @@ def publish_checkpoint(tmp: Path, name: str, record: dict, keep_last: int) -> No
     only the last ``keep_last`` complete checkpoints are kept."""
     root = tmp.parent
     atomic_write_text(tmp / "run.json", json.dumps(record, indent=1) + "\n")
-    (tmp / "COMPLETE").write_text(str(record["step"]))
+    # the sha256 of every file: what resume checks before it loads any of them
+    sums = {str(f.relative_to(tmp)): _sha256([f], names=False) for f in sorted(tmp.rglob("*")) if f.is_file()}
+    (tmp / "COMPLETE").write_text(json.dumps({"step": record["step"], "sha256": sums}, indent=1) + "\n")
     shutil.rmtree(root / name, ignore_errors=True)
     tmp.rename(root / name)
     atomic_write_text(root / "latest", name)

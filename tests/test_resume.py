@@ -180,9 +180,13 @@ def test_crafted_trainer_state_is_never_unpickled(data, tmp_path, capsys):
     safe = (ckpt / "trainer.safetensors").read_bytes()
     (ckpt / "trainer.safetensors").write_bytes(pickle.dumps(Payload(marker)))
     assert run(data, out, "train.steps=4", "train.save_every=2", *QUIET) == 2
+    assert re.search(r"trainer\.safetensors: its sha256 differs", error_line(capsys))  # the sums first
+    _reseal(ckpt)  # past the sums, the safetensors reader itself refuses it
+    assert run(data, out, "train.steps=4", "train.save_every=2", *QUIET) == 2
     assert re.search(r"trainer\.safetensors is not a readable safetensors file", error_line(capsys))
     assert not marker.exists()
     (ckpt / "trainer.safetensors").write_bytes(safe)
+    _reseal(ckpt)
     # a checkpoint that records no run (an older trainer's): refused
     (ckpt / "run.json").rename(tmp_path / "run.json")
     assert run(data, out, "train.steps=4", "train.save_every=2", *QUIET) == 2
@@ -207,6 +211,9 @@ def test_deepspeed_checkpoints_load_weights_only(data, tmp_path, capsys):
     optim = root / "step-000002" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": Payload(marker)}, optim)
     assert run(data, out, ds, "train.steps=4", "train.save_every=2", *QUIET) == 2
+    assert re.search(r"zero_pp_rank_0_mp_rank_00_optim_states\.pt: its sha256 differs", error_line(capsys))
+    _reseal(root / "step-000002")  # past the sums, the weights-only check refuses it
+    assert run(data, out, ds, "train.steps=4", "train.save_every=2", *QUIET) == 2
     assert re.search(r"refusing to resume: .*step-000002/zero_pp_rank_0_mp_rank_00_optim_states\.pt "
                      r"does not load as plain tensors", error_line(capsys))
     assert not marker.exists()
@@ -230,6 +237,18 @@ def _edit_json(path, **changes):
     path.write_text(json.dumps(record))
 
 
+def _reseal(ckpt):
+    """Record the checkpoint's current sums in its COMPLETE, as a consistent forgery would: the
+    checks behind the sums must hold on their own."""
+    import hashlib
+    import json
+
+    sums = {str(f.relative_to(ckpt)): hashlib.sha256(f.read_bytes() + b"\0").hexdigest()
+            for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != "COMPLETE"}
+    record = json.loads((ckpt / "COMPLETE").read_text())
+    (ckpt / "COMPLETE").write_text(json.dumps({**record, "sha256": sums}))
+
+
 def _rewrite_safetensors(path, key, fn):
     from safetensors.torch import load_file, save_file
 
@@ -244,6 +263,8 @@ def _rewrite_safetensors(path, key, fn):
     (lambda c: _edit_json(c / "run.json", step="4x"), r"step-000004/run\.json: step must be an integer, got '4x'"),
     (lambda c: _edit_json(c / "run.json", step=True), r"step-000004/run\.json: step must be an integer, got True"),
     (lambda c: _edit_json(c / "trainer.json", step=2), r"step-000004/trainer\.json: step is 2, but the checkpoint's run\.json says 4"),
+    (lambda c: _edit_json(c / "trainer.json", optimizer="x"), r"step-000004/trainer\.json: the optimizer state is not what the trainer wrote"),
+    (lambda c: (c / "trainer.json").write_text("{}"), r"step-000004/trainer\.json: step is None"),
     (lambda c: _rewrite_safetensors(c / "trainer.safetensors", "model.adapter.proj.0.weight",
                                     lambda t: t.view(torch.int32)),
      r"trainer\.safetensors: model\.adapter\.proj\.0\.weight is int32 \(\d+, \d+\), expected float32"),
@@ -261,6 +282,7 @@ def test_values_read_back_from_a_checkpoint_are_checked(data, tmp_path, capsys, 
     ckpt = out / "checkpoints" / "step-000004"
     saved = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
     tamper(ckpt)
+    _reseal(ckpt)
     capsys.readouterr()
     assert run(data, out, "train.steps=6", "train.save_every=4", *QUIET) == 2
     assert re.search(message, error_line(capsys))
@@ -344,3 +366,58 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     monkeypatch.setattr(trainer_mod, "save_trainer_state", real)
     assert run(data, out, "train.steps=6", "train.save_every=2", *QUIET) == 0
     assert steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def _flip_byte(path, where=0.5):
+    blob = bytearray(path.read_bytes())
+    blob[int(len(blob) * where)] ^= 0x01
+    path.write_bytes(bytes(blob))
+
+
+def _edit_first_json_line(path, **changes):
+    import json
+
+    lines = path.read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), **changes})
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("name, tamper, refused", [
+    # refused, naming the file
+    ("run.json field", lambda o: _edit_json(o / "checkpoints" / "step-000004" / "run.json",
+                                            config={"train": {"lr": 0.5}}), r"cannot resume .*train\.lr"),
+    ("trainer.safetensors byte", lambda o: _flip_byte(o / "checkpoints" / "step-000004" / "trainer.safetensors", 0.9),
+     r"trainer\.safetensors: its sha256 differs"),
+    ("trainer.json field", lambda o: _edit_json(o / "checkpoints" / "step-000004" / "trainer.json",
+                                                optimizer="x"), r"trainer\.json: its sha256 differs"),
+    # provably harmless: the resumed run ends with the untampered run's weights and rows
+    ("config.yaml", lambda o: (o / "config.yaml").write_text("anything: [\n"), None),  # written anew
+    ("metrics.jsonl row", lambda o: _edit_first_json_line(o / "metrics.jsonl", loss=123.0), None),  # only appended to
+    ("checkpoints/latest", lambda o: (o / "checkpoints" / "latest").write_text("step-000002"), None),
+    ("exported copy", lambda o: _flip_byte(o / "checkpoints" / "step-000004" / "model" / "model.safetensors"),
+     r"model/model\.safetensors: its sha256 differs from the one .*COMPLETE recorded"),
+    ("COMPLETE field", lambda o: _edit_json(o / "checkpoints" / "step-000004" / "COMPLETE",
+                                            sha256={"trainer.json": "0" * 64}), r"trainer\.json: its sha256 differs"),
+    ("top-level run.json", lambda o: _edit_json(o / "run.json", data=None), None),  # rewritten at start
+])
+def test_tampering_with_a_run_folder_is_refused_by_name_or_harmless(data, tmp_path, capsys, name, tamper, refused):
+    """One byte or one field of each kind of file a plain run folder holds: the resume refuses it
+    with one line naming the file, or its outcome is the untampered resume's, weights included."""
+    from safetensors.torch import load_file
+
+    args = ("train.steps=6", "train.save_every=4", *QUIET)
+    ref = tmp_path / "ref"
+    assert run(data, ref, "train.steps=4", "train.save_every=4", *QUIET) == 0
+    assert run(data, ref, *args) == 0
+    out = tmp_path / "run"
+    assert run(data, out, "train.steps=4", "train.save_every=4", *QUIET) == 0
+    tamper(out)
+    capsys.readouterr()
+    code = run(data, out, *args)
+    if refused:
+        assert code == 2 and re.search(refused, error_line(capsys)), name
+        return
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert steps(out) == steps(ref) == [1, 2, 3, 4, 5, 6]
+    got, want = load_file(out / "final" / "model.safetensors"), load_file(ref / "final" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
