@@ -210,3 +210,36 @@ def test_shard_workers_killed_with_the_run_and_the_rerun_is_identical(corpus, tm
     for name in want:
         if name != "shards.json":  # (it records the time each run took)
             assert got[name] == want[name], name
+
+
+def test_corpus_build_workers_killed_with_the_run(tmp_path):
+    """kill -9 of `mtbi-fast corpus build --workers 2` while its workers synthesize: none of its
+    processes lives on; the rerun finishes with the utterances an uninterrupted build plans (Piper's
+    audio is not seeded, so the texts, speakers and synthesizers are compared, not the samples)."""
+    pytest.importorskip("piper")
+    args = ["corpus", "build", "--train", 6, "--test", 2, "--workers", 2]
+    out = tmp_path / "nat"
+    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE"}}
+    proc = subprocess.Popen(cli(*args, "-o", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=ROOT, env=env)
+    plan = Path(f"{out}.partial") / "plan.json"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:  # until its two workers run
+        if plan.exists() and len(_children(proc.pid)) >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+    family = _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert family and _wait_gone(family) == set(), "processes of the killed build live on"
+    run(cli(*args, "-o", out))
+    ref = tmp_path / "ref"
+    run(cli(*args, "-o", ref))
+
+    def rows(folder):
+        return [{k: r[k] for k in ("id", "text", "speaker", "synth")}  # (a manifest's extra fields are top-level)
+                for split in ("train", "test")
+                for r in map(json.loads, (folder / f"{split}.jsonl").read_text().splitlines())]
+
+    assert rows(out) == rows(ref) and len(rows(out)) == 8
