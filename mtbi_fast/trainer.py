@@ -24,7 +24,8 @@ neither knows the device).
 A step reads nothing back from the GPU: the loss, KL, CE and a count of non-finite losses are summed
 on the device and read at the logging interval, before an evaluation and before a checkpoint (a
 window with a NaN or inf loss stops the run there, naming its steps, so no checkpoint ever holds
-what it did). On a GPU the loss therefore runs with ``check_finite=False`` unless the config sets
+what it did). Off a GPU, where a read costs nothing, a non-finite loss stops the run at its step,
+before the weights are updated. On a GPU the loss therefore runs with ``check_finite=False`` unless the config sets
 ``model.loss.check_finite``.
 TensorBoard events are written too when tensorboard is installed. The run folder's other files,
 checkpoints and resume: ``mtbi_fast.runfolder``. ``.lock`` holds the folder for one training at a
@@ -198,6 +199,10 @@ class Trainer:
         grad_accum = self.cfg["train"]["grad_accum"]
         batch, inputs = self._next_batch(batches, device, window)
         out = self.engine(batch["student"], **inputs)
+        if self._reads_are_free(device) and not bool(torch.isfinite(out["loss"].detach())):
+            raise ValueError(f"step {self.step + 1}: the loss is NaN or inf (non-finite weights or "
+                             f"states); stopped before the weights were updated, the last checkpoint "
+                             f"is intact")
         if self.ds_config:
             self.engine.backward(out["loss"])
             self.engine.step()
@@ -235,6 +240,11 @@ class Trainer:
             window.skipped_cuts += s["skipped_cuts"]
             self.skipped_cuts += s["skipped_cuts"]
         return batch, inputs
+
+    @staticmethod
+    def _reads_are_free(device: torch.device) -> bool:
+        """Whether reading a value back costs nothing here (off a GPU: no synchronization)."""
+        return device.type != "cuda"
 
     def _optimizer_step(self):
         """Clip, step and zero the gradients (plain PyTorch; DeepSpeed's engine does this)."""

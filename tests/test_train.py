@@ -95,9 +95,9 @@ def test_metrics_carry_model_flops_and_mfu(data, tmp_path, capsys):
 
 
 def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(data, tmp_path, monkeypatch):
-    """The loop keeps its sums on the device; a NaN loss (here: the adapter's weights turned to
-    NaN after step 2, the loss's own check off) is caught before the checkpoint of step 4, with a
-    one-line error naming the steps."""
+    """On a GPU the loop keeps its sums on the device: a NaN loss (here: the adapter's weights
+    turned to NaN after step 1, the loss's own check off; the GPU path taken on this CPU) is
+    caught before the checkpoint of step 4, with a one-line error naming the steps."""
     out = tmp_path / "run"
     cfg = load_config(CONFIG, overrides(data, out, "train.steps=8", "train.eval_every=0", "train.save_every=4",
                                         "train.log_every=5", "model.loss.check_finite=false"))
@@ -111,10 +111,35 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(data, tmp_path
                 self.model.adapter.proj[0].weight.fill_(float("nan"))
 
     monkeypatch.setattr(Trainer, "_optimizer_step", poison)
+    monkeypatch.setattr(Trainer, "_reads_are_free", staticmethod(lambda device: False))  # as on a GPU
     with pytest.raises(ValueError, match=r"^steps 1-4: the loss was NaN or inf in 2 micro-batch\(es\) .*"
                                          r"nothing after step 0 was saved"):
         trainer.train(resume=False)
     assert not list((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else True
+
+
+def test_off_a_gpu_a_non_finite_loss_stops_before_the_weights_change(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = load_config(CONFIG, overrides(data, out, "train.steps=6", "train.eval_every=0", "train.save_every=2",
+                                        "model.loss.check_finite=false"))
+    trainer = Trainer(cfg)
+    real_forward = type(trainer.model).forward
+    seen = {}
+
+    def nan_at_step_3(self, *a, **k):
+        out_ = real_forward(self, *a, **k)
+        if trainer.step == 2:  # the forward of step 3
+            seen["weights"] = {n: p.detach().clone() for n, p in self.adapter.named_parameters()}
+            out_ = {**out_, "loss": out_["loss"] * float("nan")}
+        return out_
+
+    monkeypatch.setattr(type(trainer.model), "forward", nan_at_step_3)
+    with pytest.raises(ValueError, match=r"^step 3: the loss is NaN or inf .*stopped before the weights were "
+                                         r"updated, the last checkpoint is intact"):
+        trainer.train(resume=False)
+    for n, p in trainer.model.adapter.named_parameters():
+        assert torch.equal(p.detach(), seen["weights"][n]), n
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
 
 
 @pytest.mark.parametrize("workers", [0, 2])
