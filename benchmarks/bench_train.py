@@ -231,15 +231,15 @@ def test_cuda_zero3_step(zero3_rows, case, variant):
 # name: (models, variant, train_cases.py zero3 arguments, time limit of its process in s). Sized
 # from estimates (no GPU has run them yet): a 7 B model built on the GPU takes seconds; its
 # 16k-token step about 1-2 s at 40% MFU; the process spends ~15 s on imports and DeepSpeed.
-STEP_CASES = {
+STEP_CASES = {  # the targets first: a stage cut short by its time limit keeps the rows it has
     "A-replicated": ("whisper-base+qwen2.5-1.5b", "mtbi-fast",
                      ["--utterances", "16", "--sharding", "none", "--profile"], 60),
-    "A-zero3": ("whisper-base+qwen2.5-1.5b", "mtbi-fast", ["--utterances", "16", "--sharding", "zero3"], 60),
-    "A-replicated-no-fused-ops": ("whisper-base+qwen2.5-1.5b", "mtbi-fast",
-                                  ["--utterances", "16", "--sharding", "none", "model.fused_ops=none"], 60),
     "B-replicated-16k": ("whisper-large-v3+qwen2.5-7b", "mtbi-fast",
                          ["--tokens", "16384", "--sharding", "none", "--profile"], 100),
     "B-zero3-16k": ("whisper-large-v3+qwen2.5-7b", "mtbi-fast", ["--tokens", "16384", "--sharding", "zero3"], 100),
+    "A-zero3": ("whisper-base+qwen2.5-1.5b", "mtbi-fast", ["--utterances", "16", "--sharding", "zero3"], 60),
+    "A-replicated-no-fused-ops": ("whisper-base+qwen2.5-1.5b", "mtbi-fast",
+                                  ["--utterances", "16", "--sharding", "none", "model.fused_ops=none"], 60),
     "B-replicated-64k-checkpointing": ("whisper-large-v3+qwen2.5-7b", "mtbi-fast",
                                        ["--tokens", "65536", "--sharding", "none",
                                         "model.gradient_checkpointing=true"], 120),
