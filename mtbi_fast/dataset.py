@@ -50,8 +50,7 @@ class BatchBuilder:
         self.seed, self.mean_span = seed, mean_span
         self.max_tokens, self.overlong = max_tokens, overlong
         self.tokenizer, self.n_mels = model.tokenizer, model.encoder.num_mel_bins
-        w = model.llm.get_input_embeddings().weight
-        self.vocab = tuple(getattr(w, "ds_shape", w.shape))[0]  # token ids of records must be below it
+        self.vocab = model.vocab_size  # token ids of records must be below it
         self.stride, self.frame_rate = model.adapter.stride, model.frame_rate
         self.spec_augment = spec_augment  # SpecAugment's settings for training inputs, or None
         self.skip_bad_audio = skip_bad_audio

@@ -81,6 +81,21 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def tiny_encoder_config(overrides: dict | None):
+    """The transformers ``WhisperConfig`` of a ``{tiny: {...}}`` encoder source."""
+    import transformers
+
+    return transformers.WhisperConfig(**{**TINY_ENCODER, **(overrides or {})})
+
+
+def tiny_llm_config(overrides: dict | None):
+    """The transformers config of a ``{tiny: {...}}`` LLM source (``model_type`` picks the family)."""
+    import transformers
+
+    spec = {**TINY_LLM, **(overrides or {})}
+    return transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
 def load_encoder(source: dict, seed: int = 0):
     """A transformers ``WhisperEncoder`` from a model source."""
     import transformers
@@ -88,7 +103,7 @@ def load_encoder(source: dict, seed: int = 0):
 
     kind, value = next(iter(source.items()))
     if kind == "tiny":
-        cfg = transformers.WhisperConfig(**{**TINY_ENCODER, **(value or {})})
+        cfg = tiny_encoder_config(value)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             return WhisperEncoder(cfg).eval()
@@ -104,9 +119,7 @@ def load_llm(source: dict, seed: int = 0, attn_implementation: str = "auto"):
     attn = resolve_attn(attn_implementation)
     kind, value = next(iter(source.items()))
     if kind == "tiny":
-        spec = {**TINY_LLM, **(value or {})}
-        model_type = spec.pop("model_type")
-        cfg = transformers.AutoConfig.for_model(model_type, **spec)
+        cfg = tiny_llm_config(value)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             llm = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)

@@ -113,7 +113,7 @@ def imitation_loss(
     options = dict(temperature=float(temperature), kl_weight=float(kl_weight),
                    ce_weight=float(ce_weight), ignore_index=int(ignore_index))
 
-    with _gathered(lm_head_weight, lm_head_bias, teacher_lm_head_weight) as gathered:
+    with gathered(lm_head_weight, lm_head_bias, teacher_lm_head_weight) as was_gathered:
         weight, bias = lm_head_weight, lm_head_bias
         if teacher_lm_head_weight is None:
             teacher_weight, teacher_bias = weight.detach(), _detach(lm_head_bias)
@@ -121,7 +121,7 @@ def imitation_loss(
             teacher_weight, teacher_bias = teacher_lm_head_weight.detach(), None
         name = _resolve_backend(backend, h_s)
         if name == "eager":
-            if gathered:  # autograd would keep the gathered (soon freed) head for backward
+            if was_gathered:  # autograd would keep the gathered (soon freed) head for backward
                 weight, bias = weight.detach().clone(), _detach(bias)
                 bias = bias.clone() if bias is not None else None
             row_kl, row_ce = eager_row_losses(h_s, h_t, weight, teacher_weight, bias, teacher_bias,
@@ -446,7 +446,7 @@ def _is_partitioned(param) -> bool:
 
 
 @contextlib.contextmanager
-def _gathered(*params):
+def gathered(*params):
     """Gather ZeRO-3 partitioned head parameters for the duration of the call (no-op otherwise).
 
     Inside a DeepSpeed engine's forward a parent module's weight is already gathered (full shape),

@@ -46,7 +46,7 @@ from .attention import TORCH_VARLEN, VARLEN_SDPA, TORCH_VARLEN_KERNEL, padded_at
 from .audio import ENCODER_STRIDE, FRAMES_PER_SECOND, encoder_frames, load_audio, log_mel, mel_frames
 from .embeddings import check_pack_source, pack_embeddings
 from .hub import load_encoder, load_llm, resolve_dtype
-from .loss import ImitationLoss
+from .loss import ImitationLoss, gathered
 from .packing import PackedBatch, gather_loss_rows, model_inputs
 from .prompts import left_pad, prompt_halves
 
@@ -230,7 +230,7 @@ class SpeechLLM(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = SpeechEncoder(encoder)
-        d_llm = _embed_dim(llm)
+        d_llm = _embed_shape(llm)[1]
         a = config.adapter
         with torch.random.fork_rng():
             torch.manual_seed(config.init_seed + 1)
@@ -362,7 +362,7 @@ class SpeechLLM(nn.Module):
             if f != n:
                 raise ValueError(f"example {student.example_ids[i]!r}: the model gives {f} "
                                  f"speech frames but the batch expects {n}")
-        vocab = _vocab_rows(self.llm)
+        vocab = self.vocab_size
         check_pack_source(student.source, vocab, buffer.shape[0])
         if teacher is not None:
             if teacher.target_ids.numel() != student.target_ids.numel() or not torch.equal(
@@ -387,7 +387,7 @@ class SpeechLLM(nn.Module):
         """The teacher's final hidden states at the loss positions [M, H] (for a cache). The
         teacher is the original LLM: LoRA adapters, when configured, are off for this pass."""
         device = self.adapter.proj[-1].weight.device
-        check_pack_source(teacher.source, _vocab_rows(self.llm), 0)
+        check_pack_source(teacher.source, self.vocab_size, 0)
         off = self.llm.disable_adapter() if self.config.lora else contextlib.nullcontext()
         with off:
             return self.loss_states(teacher.to(device, non_blocking=True),
@@ -407,7 +407,7 @@ class SpeechLLM(nn.Module):
             x = torch.where(speech[:, None], frames.to(x.dtype)[(-batch.source - 1).clamp(min=0)]
                             if frames.shape[0] else x, x)
         else:  # the packing kernel (Triton on a GPU); a frozen partitioned table is gathered for it
-            with _gathered(embed):
+            with gathered(embed):  # a frozen ZeRO-3 table: whole for the forward only
                 x = pack_embeddings(batch.source, embed, frames.to(embed.dtype), check_ids=False)
         body = self.llm.get_decoder() if hasattr(self.llm, "get_decoder") else self.llm.model
         kw = model_inputs(batch, x, attn_implementation=self.llm.config._attn_implementation)
@@ -416,7 +416,12 @@ class SpeechLLM(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return _embed_dim(self.llm)
+        return _embed_shape(self.llm)[1]
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the LLM's embedding table (token ids are below it)."""
+        return _embed_shape(self.llm)[0]
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -602,28 +607,10 @@ def _to(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
-def _vocab_rows(llm) -> int:
+def _embed_shape(llm) -> tuple[int, int]:
+    """The LLM's embedding table shape (also when it is a ZeRO-3 partitioned parameter)."""
     w = llm.get_input_embeddings().weight
-    return tuple(getattr(w, "ds_shape", w.shape))[0]
-
-
-@contextlib.contextmanager
-def _gathered(weight):
-    """A frozen ZeRO-3 partitioned weight gathered whole for the block (nothing of it is kept for
-    backward: the packing kernel's backward needs only the batch's source map)."""
-    if not (hasattr(weight, "ds_id") and weight.data.numel() == 0):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-        yield
-
-
-def _embed_dim(llm) -> int:
-    """The LLM's embedding width (also when the table is a ZeRO-3 partitioned parameter)."""
-    w = llm.get_input_embeddings().weight
-    return tuple(getattr(w, "ds_shape", w.shape))[1]
+    return tuple(getattr(w, "ds_shape", w.shape))
 
 
 def _apply_lora(llm, lora: dict):

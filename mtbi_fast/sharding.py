@@ -257,10 +257,7 @@ def _source_config(source: dict, key: str):
         raise ValueError(f"model.{key} must be a one-key mapping (tiny, path, name or hub), got {source!r}")
     kind, value = next(iter(source.items()))
     if kind == "tiny":
-        if key == "encoder":
-            return transformers.WhisperConfig(**{**hub.TINY_ENCODER, **(value or {})})
-        spec = {**hub.TINY_LLM, **(value or {})}
-        return transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+        return hub.tiny_encoder_config(value) if key == "encoder" else hub.tiny_llm_config(value)
     try:
         if kind == "name":
             where = str(hub.model_dir(value))
