@@ -21,7 +21,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["mtbi_fast", "mtbi_kernels"],
+    packages=["mtbi_fast", "mtbi_fast.hf_code", "mtbi_kernels"],
     package_dir={"mtbi_fast": "mtbi_fast", "mtbi_kernels": "kernels"},
     package_data={"mtbi_fast": ["assets/*.json"]},
     install_requires=[
@@ -37,6 +37,9 @@ setup(
         "safetensors",
         "sacrebleu",     # mtbi-fast eval: chrF
         "jiwer",         # mtbi-fast eval: WER
+        "rouge-score",   # mtbi-fast eval: the standard ROUGE-L (tokenizer, Porter stemmer)
+        "whisper-normalizer",  # mtbi-fast eval: the English spelling mapping of Whisper's normalizer
+        "tensorboard",   # train.report_to: [tensorboard], the default tracker
         "matplotlib",    # plots (PNG)
         "gguf",          # mtbi-fast models fetch: the GGUF SmolLM2
         "accelerate",
@@ -45,11 +48,14 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "psutil", "jiwer", "peft>=0.13",
                 "pocketsphinx>=5", "piper-tts>=1.3", "onnx", "onnxruntime",
-                "liger-kernel>=0.8"],  # the loss's peer: its chunked JSD at beta 0 is our KL
+                "liger-kernel>=0.8",  # the loss's peer: its chunked JSD at beta 0 is our KL
+                "wandb", "fastapi", "uvicorn", "huggingface_hub"],  # tracking, serve, export tests
         "align": ["pocketsphinx>=5"],
         "corpus": ["piper-tts>=1.3", "onnx", "onnxruntime"],  # mtbi-fast corpus build: Piper's voice
         "flash": ["flash-attn>=2.6"],
         "lora": ["peft>=0.13"],
+        "tracking": ["wandb"],                    # train.report_to: [wandb]
+        "serve": ["fastapi", "uvicorn"],          # mtbi-fast serve
     },
     entry_points={"console_scripts": ["mtbi-fast = mtbi_fast.cli:main"]},
     classifiers=[

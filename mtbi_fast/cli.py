@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = _Sub(parser.add_subparsers(dest="command"), common)
     sub.add_parser("info", help="versions and which loss backends run on this machine")
     for add in (_add_models, _add_corpus, _add_behaviors, _add_shard, _add_train, _add_infer, _add_eval,
-                _add_demo, _add_align, _add_manifest):
+                _add_export, _add_serve, _add_demo, _add_align, _add_manifest):
         add(sub)
     return parser
 
@@ -131,7 +131,11 @@ def _decoding(args) -> dict:
 def _add_eval(sub):
     ev = sub.add_parser("eval", help="prompt and task generalization of a trained run")
     ev.add_argument("--model", required=True, help="a run folder (uses its final/ and split)")
-    ev.add_argument("--manifest", required=True, help="held-out utterances")
+    ev.add_argument("--manifest", help="held-out utterances (prompt and task generalization)")
+    ev.add_argument("--asr", metavar="MANIFEST", help="instead: plain transcription WER on this test set "
+                    "(LibriSpeech-style; `manifest import-librispeech` writes one)")
+    ev.add_argument("--asr-prompt", help="with --asr: the prompt, {speech} where the audio goes "
+                    "(default: the task config's first repeat wording)")
     ev.add_argument("--tasks", default="configs/tasks.yaml")
     ev.add_argument("--split", help="split.json (default: the run's behaviors/split.json)")
     ev.add_argument("-o", "--output", required=True)
@@ -141,6 +145,29 @@ def _add_eval(sub):
     ev.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
     ev.add_argument("--no-similarity", action="store_true", help="skip the sentence embeddings")
     _add_decoding(ev)
+
+
+def _add_export(sub):
+    ex = sub.add_parser("export", help="a trained run as a transformers folder that loads without "
+                        "mtbi-fast (AutoModel, trust_remote_code)")
+    ex.add_argument("run", help="a run folder (its final/) or a save_pretrained folder")
+    ex.add_argument("-o", "--output", required=True, help="the folder to write (refused when not empty)")
+    ex.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the LLM's weights "
+                    "(otherwise they stay peft adapters, and loading needs peft)")
+    ex.add_argument("--dtype", default="float32", help="weights' dtype: float32, bfloat16 (bf16) or float16")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    ex.add_argument("--eval-report", help="eval.md for the model card (default: RUN/eval/eval.md)")
+    ex.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this model repo "
+                    "(needs huggingface_hub login)")
+    ex.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
+
+
+def _add_serve(sub):
+    sv = sub.add_parser("serve", help="an OpenAI-compatible /v1/chat/completions server with audio input")
+    sv.add_argument("model", help="a run folder, a save_pretrained folder or an exported folder")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=8, help="concurrent requests decoded together")
 
 
 def _add_demo(sub):
@@ -255,7 +282,7 @@ def _run(parser, args) -> int:
         return 0
     commands = {"info": _info, "models": _models, "corpus": _corpus, "behaviors": _behaviors, "shard": _shard,
                 "manifest": _manifest,
-                "align": _align, "infer": _infer, "demo": _demo, "eval": _eval, "train": _train}
+                "align": _align, "infer": _infer, "export": _export, "serve": _serve, "demo": _demo, "eval": _eval, "train": _train}
     if args.command in commands:
         return commands[args.command](args)
     parser.print_help()
@@ -278,10 +305,33 @@ def _train(args) -> int:
 
 
 def _model_folder(path: str) -> Path:
-    """A run folder's ``final/`` (its exported model), or ``path`` itself (a save_pretrained
-    folder)."""
-    folder = Path(path)
-    return folder / "final" if (folder / "final" / "config.json").is_file() else folder
+    from .export import model_folder
+
+    return model_folder(path)
+
+
+def _serve(args) -> int:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch)
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export, push_to_hub
+
+    start = time.time()
+    out = export(args.run, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
+                 overwrite=args.overwrite, eval_report=args.eval_report)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"exported {args.run} -> {out} ({size / 2**20:.1f} MiB, {time.time() - start:.1f} s):")
+    for f in sorted(out.iterdir()):
+        print(f"  {f.name}")
+    print(f"load it with: AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    if args.push_to_hub:
+        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        print(f"pushed to {url}")
+    return 0
 
 
 def _model_section(path: str) -> dict:
@@ -407,6 +457,10 @@ def _eval(args) -> int:
     from .tasks import TaskLibrary, TaskSplit
 
     decoding = _decoding(args)
+    if (args.manifest is None) == (args.asr is None):
+        raise ValueError("eval: pass --manifest (prompt and task generalization) or --asr (transcription WER)")
+    if args.asr is not None:
+        return _eval_asr(args, decoding)
     run = Path(args.model)
     library = TaskLibrary.load(args.tasks)
     split_path = Path(args.split) if args.split else None
@@ -430,6 +484,24 @@ def _eval(args) -> int:
         print(decoding_note(decoding))
     print(markdown(result["summary"], result["deltas"], result["baseline"], per_task=False), end="")
     print(f"{result['jobs']} prompts in {result['seconds']} s -> {args.output} (eval.json, eval.md, eval.png)")
+    return 0
+
+
+def _eval_asr(args, decoding: dict) -> int:
+    from .evaluate import asr_markdown, asr_prompt, evaluate_asr
+    from .lhotse_io import read_utterances
+    from .model import SpeechLLM
+    from .tasks import TaskLibrary
+
+    prompt = args.asr_prompt or asr_prompt(TaskLibrary.load(args.tasks))
+    model = SpeechLLM.from_pretrained(_model_folder(args.model)).eval()
+    utts = read_utterances(args.asr)
+    result = evaluate_asr(model, utts, prompt, args.output, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, decoding=decoding)
+    print(asr_markdown(result), end="")
+    speed = result["audio_seconds"] / result["seconds"] if result["seconds"] else float("nan")
+    print(f"{result['utterances']} utterances ({result['audio_seconds']} s of audio) in {result['seconds']} s "
+          f"({speed:.1f}x real time) -> {args.output} (asr.json, asr.md)")
     return 0
 
 

@@ -10,6 +10,7 @@ current folder are taken relative to the config file.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -22,6 +23,7 @@ from mtbi_fast.audio import spec_augment
 from mtbi_fast.interleave import RatioSchedule
 from mtbi_fast.loss import TEMPERATURE_RANGE, ImitationLoss
 from mtbi_fast.model import ModelConfig
+from mtbi_fast.tracking import check_trackers
 
 SCHEMA = {
     "model": dict,
@@ -38,7 +40,7 @@ SCHEMA = {
     "train": {"steps": int, "lr": (int, float), "weight_decay": (int, float),
               "warmup_steps": int, "grad_accum": int, "clip_grad": (int, float, type(None)), "seed": int,
               "log_every": int, "eval_every": int, "eval_examples": int, "save_every": int,
-              "keep_last": int, "peak_tflops": (int, float, type(None))},
+              "keep_last": int, "peak_tflops": (int, float, type(None)), "report_to": list},
     "deepspeed": (str, type(None)),
     "output_dir": str,
 }
@@ -57,7 +59,7 @@ DEFAULTS = {
     "packing": {"max_tokens": 1024, "examples_per_step": 8, "token_budget": None, "overlong": "truncate"},
     "train": {"steps": 1000, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 50, "grad_accum": 1,
               "clip_grad": 1.0, "seed": 0, "log_every": 10, "eval_every": 0, "eval_examples": 16,
-              "save_every": 0, "keep_last": 2, "peak_tflops": None},
+              "save_every": 0, "keep_last": 2, "peak_tflops": None, "report_to": ["tensorboard"]},
     "deepspeed": None,
 }
 REQUIRED = ("model", "data", "output_dir")
@@ -136,6 +138,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         raise ValueError(f"{path}: packing.token_budget sizes the streaming reader's micro-batches; the "
                          f"in-memory reader takes packing.examples_per_step examples (set it to null)")
     _check_loss(cfg["model"].get("loss") or {}, path)
+    try:
+        check_trackers(cfg["train"]["report_to"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     _resolve_paths(cfg, path.parent)
     return cfg
 
@@ -170,7 +176,7 @@ def _fill_defaults(cfg: dict, path: Path) -> None:
             if not isinstance(given, dict):
                 raise ValueError(f"{path}: {section} must be a mapping of keys (e.g. {section}.steps=5), "
                                  f"got {given!r}")
-            cfg[section] = {**default, **given}
+            cfg[section] = {**copy.deepcopy(default), **given}
         else:
             cfg.setdefault(section, default)
     if "model" in cfg and not isinstance(cfg["model"], dict):

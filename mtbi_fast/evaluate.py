@@ -3,9 +3,10 @@
 On held-out utterances, for three splits of the recorded task split (seen tasks with seen
 wordings, seen tasks with held-out wordings, held-out tasks), the SLLM answers from the speech and
 the teacher (the frozen LLM, LoRA off) from the transcript; the SLLM's answer is scored against
-the teacher's: ROUGE-L (F1 of the longest common word subsequence), chrF (sacrebleu) and semantic
+the teacher's: ROUGE-L (rouge-score's, stemmed), chrF (sacrebleu) and semantic
 similarity (cosine of all-MiniLM-L6-v2 sentence embeddings, from ``mtbi-fast models fetch
-minilm``); on the repeat task also the word error rate against the transcript (jiwer); and the
+minilm``); on the repeat task also the word error rate against the transcript (jiwer; with
+mtbi-fast's normalization and with Whisper's English normalizer, ``whisper_wer``); and the
 imitation KL on the teacher's answers (teacher-forced, speech only), also with each clip swapped
 for another utterance's ("KL, other speech": a model that uses what is said does worse with the
 wrong clip; one that has only learned what speech in general sounds like does not). Reference
@@ -23,6 +24,7 @@ baseline, then per task) and ``eval.png`` (a bar chart).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import random
 import time
@@ -43,26 +45,59 @@ from .tasks import SPLITS, TaskLibrary, TaskSplit
 
 SPLIT_NAMES = {"train": "seen task, seen wording", "heldout_wording": "seen task, new wording",
                "heldout_task": "new task"}
-METRICS = ("rouge_l", "chrf", "similarity", "kl", "kl_other", "wer")
+METRICS = ("rouge_l", "chrf", "similarity", "kl", "kl_other", "wer", "wer_whisper")
 DELTA_METRICS = ("rouge_l", "chrf", "similarity", "kl")  # compared with the baseline, per prompt
 
 
 def rouge_l(hyp: str, ref: str) -> float:
-    """ROUGE-L F1 on lower-cased words."""
-    a, b = hyp.lower().split(), ref.lower().split()
-    if not a or not b:
-        return float(a == b)
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(a), lcs / len(b)
-    return 2 * p * r / (p + r)
+    """ROUGE-L F1 as ``rouge-score`` computes it (the package of Google Research's reference
+    implementation): lower-cased alphanumeric tokens, Porter-stemmed. Two empty texts agree (1.0)."""
+    if not _rouge_tokens(hyp) and not _rouge_tokens(ref):
+        return 1.0
+    return float(_rouge_scorer().score(ref, hyp)["rougeL"].fmeasure)
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def _rouge_tokens(text: str) -> list[str]:
+    from rouge_score import tokenize
+
+    return tokenize.tokenize(text, None)
+
+
+@functools.lru_cache(maxsize=1)
+def whisper_normalizer():
+    """Whisper's English text normalizer (transformers' ``EnglishTextNormalizer``: numbers spelled
+    as digits, contractions and fillers, British spellings to American from the
+    ``whisper-normalizer`` package's mapping), as Whisper's and most speech-LLM papers' WERs use."""
+    import importlib.resources
+
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    mapping = json.loads(importlib.resources.files("whisper_normalizer").joinpath(
+        "normalizers", "english.json").read_text(encoding="utf-8"))
+    return EnglishTextNormalizer(mapping)
+
+
+def whisper_wer(transcripts: str | list[str], answers: str | list[str]) -> float | None:
+    """The word error rate with both sides through ``whisper_normalizer``, corpus-level over all
+    pairs; a pair whose transcript normalizes to nothing is left out (Whisper's evaluation does
+    the same), None when every one is. An empty answer misses every word."""
+    import jiwer
+
+    if isinstance(transcripts, str):
+        transcripts, answers = [transcripts], [answers]
+    norm = whisper_normalizer()
+    pairs = [(norm(t), norm(a)) for t, a in zip(transcripts, answers)]
+    pairs = [(t, a or "-") for t, a in pairs if t.strip()]
+    if not pairs:
+        return None
+    return float(jiwer.wer([t for t, _ in pairs], [a for _, a in pairs]))
 
 
 class Embedder:
@@ -195,6 +230,9 @@ def score_rows(jobs: list[dict], answers: dict, kls: dict, kls_other: dict,
                 row["similarity"] = float(emb[name][i] @ emb["teacher"][i])
             if j["task"] == "repeat":
                 row["wer"] = repeat_wer(j["text"], hyp)
+                wer = whisper_wer(j["text"], hyp)
+                if wer is not None:
+                    row["wer_whisper"] = wer
             if name in kls and kls[name][i] is not None:  # None: an empty teacher answer
                 row["kl"] = kls[name][i]
             if name in kls_other and kls_other[name][i] is not None:
@@ -342,17 +380,18 @@ def markdown(summary: dict, deltas: dict | None = None, baseline: str | None = N
              per_task: bool = True) -> str:
     """The summary table per model and split, the differences from ``baseline`` when given, then
     (``per_task``) ROUGE-L / chrF per task."""
-    lines = ["| model | split | ROUGE-L | chrF | similarity | imitation KL | KL, other speech | repeat WER | n |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | split | ROUGE-L | chrF | similarity | imitation KL | KL, other speech | repeat WER "
+             "| repeat WER (Whisper norm.) | n |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for model in summary:
         for split in SPLITS:
             s = summary[model].get(f"all|{split}")
             if s is None:
                 continue
             cells = [_f(s.get(m)) for m in ("rouge_l", "chrf", "similarity", "kl", "kl_other")]
-            wer = summary[model].get(f"repeat|{split}", {}).get("wer")
+            repeat = summary[model].get(f"repeat|{split}", {})
             lines.append(f"| {model} | {SPLIT_NAMES[split]} | " + " | ".join(cells)
-                         + f" | {_f(wer)} | {s['n']} |")
+                         + f" | {_f(repeat.get('wer'))} | {_f(repeat.get('wer_whisper'))} | {s['n']} |")
     if deltas:
         lines += ["", delta_markdown(deltas, baseline).rstrip("\n")]
     if not per_task:
@@ -476,3 +515,56 @@ def _signed(x: float) -> str:
 
 def _f(x) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+def asr_prompt(library: TaskLibrary) -> str:
+    """The plain-transcription prompt of ``mtbi-fast eval --asr``: the task config's first
+    ``repeat`` wording, with ``{speech}`` where the transcript went."""
+    if "repeat" not in library.tasks:
+        raise ValueError("the task config has no repeat task to take the transcription prompt from; "
+                         "pass --asr-prompt")
+    from .tasks import PLACEHOLDER
+
+    return library.tasks["repeat"][0].replace(PLACEHOLDER, SPEECH)
+
+
+def evaluate_asr(model, utts: list[Utterance], prompt: str, out: str | Path, *, batch_size: int = 8,
+                 max_new_tokens: int = 128, decoding: dict | None = None, progress: bool = True) -> dict:
+    """Plain transcription of ``utts`` (a LibriSpeech-style test set) by ``model`` with ``prompt``:
+    the corpus WER with mtbi-fast's normalization (``wer_words``) and with Whisper's English
+    normalizer (``whisper_wer``, the figure papers report), substitutions / deletions /
+    insertions, and every hypothesis. Writes ``asr.json`` and ``asr.md`` into ``out``."""
+    if SPEECH not in prompt:
+        raise ValueError(f"the ASR prompt has no {SPEECH}: {prompt!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    out = Path(out)
+    start = time.time()
+    hyps: list[str] = []
+    bar = tqdm(total=len(utts), desc="asr", unit="utt", disable=not progress)
+    for b in range(0, len(utts), batch_size):
+        chunk = utts[b:b + batch_size]
+        waves = [load_audio(u.audio, max_seconds=model.config.max_audio_seconds) for u in chunk]
+        hyps += [h.strip() for h in model.generate_batch(waves, [prompt] * len(chunk),
+                                                         max_new_tokens=max_new_tokens, **(decoding or {}))]
+        bar.update(len(chunk))
+    bar.close()
+    refs = [u.text for u in utts]
+    seconds = time.time() - start
+    audio_s = sum(u.duration or 0.0 for u in utts)
+    result = {"prompt": prompt, "utterances": len(utts), "wer": repeat_wer(refs, hyps),
+              "wer_whisper": whisper_wer(refs, hyps), "parts": repeat_wer_parts(refs, hyps),
+              "seconds": round(seconds, 1), "audio_seconds": round(audio_s, 1),
+              "rows": [{"id": u.id, "reference": u.text, "hypothesis": h} for u, h in zip(utts, hyps)]}
+    atomic_write_text(out / "asr.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "asr.md", asr_markdown(result))
+    return result
+
+
+def asr_markdown(result: dict) -> str:
+    p = result["parts"]
+    return ("| utterances | WER (Whisper norm.) | WER (mtbi-fast norm.) | sub | del | ins |\n"
+            "|---:|---:|---:|---:|---:|---:|\n"
+            f"| {result['utterances']} | {_f(result['wer_whisper'])} | {_f(result['wer'])} | "
+            f"{_f(p['sub'])} | {_f(p['del'])} | {_f(p['ins'])} |\n\n"
+            f"Prompt: `{result['prompt']!r}`. Greedy decoding.\n")

@@ -45,6 +45,7 @@ from torch import nn
 from .attention import TORCH_VARLEN, VARLEN_SDPA, TORCH_VARLEN_KERNEL, padded_attention
 from .audio import ENCODER_STRIDE, FRAMES_PER_SECOND, encoder_frames, load_audio, log_mel, mel_frames
 from .embeddings import check_pack_source, pack_embeddings
+from .hf_code.modeling_mtbi_speech import MtbiSpeechAdapter
 from .hub import load_encoder, load_llm, resolve_dtype
 from .loss import ImitationLoss, gathered
 from .packing import PackedBatch, gather_loss_rows, model_inputs
@@ -182,22 +183,9 @@ class SpeechEncoder(nn.Module):
         return x[0], out_lengths
 
 
-class Adapter(nn.Module):
-    """Encoder frames [T, d_enc] -> LLM frames [ceil(T / stride), d_llm]."""
-
-    def __init__(self, d_enc: int, d_llm: int, stride: int = 4, hidden: int | None = None,
-                 kind: str = "stack"):
-        super().__init__()
-        self.stride, self.kind = stride, kind
-        hidden = hidden or d_llm
-        if kind == "stack":
-            self.proj = nn.Sequential(nn.Linear(stride * d_enc, hidden), nn.GELU(), nn.Linear(hidden, d_llm))
-        else:
-            self.conv = nn.Conv1d(d_enc, d_enc, kernel_size=stride, stride=stride)
-            self.proj = nn.Sequential(nn.GELU(), nn.Linear(d_enc, hidden), nn.GELU(), nn.Linear(hidden, d_llm))
-
-    def n_frames(self, n_encoder_frames: int) -> int:
-        return math.ceil(n_encoder_frames / self.stride)
+class Adapter(MtbiSpeechAdapter):
+    """Encoder frames [T, d_enc] -> LLM frames [ceil(T / stride), d_llm] (the exported model's
+    ``MtbiSpeechAdapter``, with the packed pass over many clips)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One clip's encoder frames [T, d_enc] -> [ceil(T / stride), d_llm]."""
@@ -529,6 +517,8 @@ class SpeechLLM(nn.Module):
 
 
 FUSED_OPS = ("auto", "liger", "compile", "none")
+# peft LoraConfig arguments a model.lora mapping is laid over
+LORA_DEFAULTS = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 LIGER_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
@@ -618,6 +608,4 @@ def _apply_lora(llm, lora: dict):
         import peft
     except ImportError:
         raise ImportError("model.lora needs peft: pip install -e '.[lora]'") from None
-    cfg = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    cfg.update(lora)
-    return peft.get_peft_model(llm, peft.LoraConfig(task_type="CAUSAL_LM", **cfg))
+    return peft.get_peft_model(llm, peft.LoraConfig(task_type="CAUSAL_LM", **{**LORA_DEFAULTS, **lora}))

@@ -12,26 +12,16 @@ from __future__ import annotations
 
 import torch
 
+from .hf_code.modeling_mtbi_speech import SPEECH, chat_halves
 from .tasks import PLACEHOLDER
 
-SPEECH = "{speech}"
+__all__ = ["SPEECH", "left_pad", "prompt_halves", "template_halves"]
 
 
 def template_halves(tokenizer, prompt: str, marker: str = PLACEHOLDER) -> tuple[list[int], list[int]]:
-    """Token ids of the chat-formatted ``prompt`` before and after ``marker`` (exactly once)."""
-    if prompt.count(marker) > 1:
-        raise ValueError(f"the prompt has {marker} {prompt.count(marker)} times; it marks the one "
-                         f"place the utterance goes: {prompt!r}")
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = f"User: {prompt}\nAssistant:"
-    if marker not in text:
-        raise ValueError(f"the prompt has no {marker} to put the utterance in: {prompt!r}")
-    a, b = text.split(marker, 1)
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return enc(a), enc(b)
+    """Token ids of the chat-formatted ``prompt`` before and after ``marker`` (exactly once);
+    the exported model formats its prompts with the same function."""
+    return chat_halves(tokenizer, prompt, marker)
 
 
 def prompt_halves(tokenizer, prompt: str) -> tuple[list[int], list[int]]:

@@ -46,7 +46,7 @@ RESUME_MAY_CHANGE = frozenset({
     "data.verify_shards",
     "model.loss.backend",
     "model.loss.chunk_size", "model.loss.memory_budget", "model.loss.check_finite",
-    "model.gradient_checkpointing", "model.fused_ops", "train.peak_tflops", "packing.max_tokens",
+    "model.gradient_checkpointing", "model.fused_ops", "train.peak_tflops", "train.report_to", "packing.max_tokens",
     "output_dir"})
 DATA_KEYS = ("data.train_manifest", "data.behaviors", "data.train_shards", "data.eval_manifest",
              "data.eval_behaviors")
@@ -514,7 +514,7 @@ def _contents(out: Path) -> list[str]:
 
 
 def _listing(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+    return ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "")
 
 
 def _named(out: Path) -> str:

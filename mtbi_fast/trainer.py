@@ -27,7 +27,7 @@ window with a NaN or inf loss stops the run there, naming its steps, so no check
 what it did). Off a GPU, where a read costs nothing, a non-finite loss stops the run at its step,
 before the weights are updated. On a GPU the loss therefore runs with ``check_finite=False`` unless the config sets
 ``model.loss.check_finite``.
-TensorBoard events are written too when tensorboard is installed. The run folder's other files,
+The rows go to the trackers of ``train.report_to`` too (``mtbi_fast.tracking``). The run folder's other files,
 checkpoints and resume: ``mtbi_fast.runfolder``. ``.lock`` holds the folder for one training at a
 time.
 
@@ -94,6 +94,7 @@ class Trainer:
             ds_json = read_deepspeed_config(cfg["deepspeed"]) if cfg["deepspeed"] else None
         if ds_json is not None:
             self._init_distributed(ds_json)
+        self.trackers = None  # opened when the run starts (rank 0)
         self._on_rank0(self._take_lock)
         try:
             torch.manual_seed(cfg["train"]["seed"])
@@ -109,7 +110,6 @@ class Trainer:
         self.skipped_audio = 0  # examples left out for bad audio (this process, this run)
         self.skipped_cuts = 0  # streaming: cuts of bad shards left out (this process, this run)
         self.stream_positions = {}  # streaming: each reader's position after its last batch used
-        self.tb = None
         self.peak, self.peak_source = peak_tflops(self._device(), cfg["train"]["peak_tflops"])
         self.totals = _Totals()  # this run's steps, seconds, tokens and model FLOPs (this process)
 
@@ -136,7 +136,7 @@ class Trainer:
             self._load_checkpoint(self.out / "checkpoints" / start)
         if self.rank == 0:
             trim_metrics(self.out, self.step)
-            self._open_tensorboard()
+            self._open_trackers()
         if self.cfg["train"]["eval_every"] and self.step == 0:
             self.evaluate()  # the starting point of the held-out curve
 
@@ -190,8 +190,6 @@ class Trainer:
             raise ValueError(f"step {self.step}: cannot write {self.out / 'final'} ({_write_error(exc)}; the "
                              f"disk may be full); the checkpoints are intact: free space and rerun to "
                              f"export it") from None
-        if self.tb is not None:
-            self.tb.close()
 
     def _micro_step(self, batches, device: torch.device, window: _Window):
         """Forward and backward of the next micro-batch (under DeepSpeed also its engine step,
@@ -362,20 +360,13 @@ class Trainer:
     def _write_metrics(self, row: dict):
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "time"):
-                    self.tb.add_scalar(k, v, row["step"])
+        if self.trackers is not None:
+            self.trackers.log(row)
 
-    def _open_tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return
-        try:
-            self.tb = SummaryWriter(str(self.out / "tensorboard"))
-        except Exception:  # noqa: BLE001 - tensorboard missing or broken: metrics.jsonl suffices
-            self.tb = None
+    def _open_trackers(self):
+        from mtbi_fast.tracking import Trackers
+
+        self.trackers = Trackers(self.cfg["train"]["report_to"], self.out, self.cfg)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -601,7 +592,10 @@ class Trainer:
         weakref.finalize(self, self._lock.release)  # a Trainer dropped without train()
 
     def close(self):
-        """Release the output folder (``train()`` does this when it ends)."""
+        """Close the trackers and release the output folder (``train()`` does this when it ends)."""
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
         if self._lock is not None:
             self._lock.release()
 

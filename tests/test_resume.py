@@ -86,7 +86,7 @@ def test_no_resume_refuses_or_moves_the_old_run_aside(data, tmp_path, capsys, mo
     assert run(data, out, *args, flags=["--no-resume"]) == 2
     line = error_line(capsys)
     assert re.search(r"--no-resume: .*run already holds a run \(checkpoints, config\.yaml, final, "
-                     r"metrics\.jsonl, run\.json\); .* add --overwrite to move it aside to "
+                     r"metrics\.jsonl, run\.json, tensorboard\); .* add --overwrite to move it aside to "
                      r"run\.replaced-<time>", line), line
     # a new run (another learning rate) started clean and killed before its first checkpoint
     real_log = Trainer._log
