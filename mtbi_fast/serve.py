@@ -15,7 +15,6 @@ undecodable audio or a clip over the model's length limit is a 4xx answer naming
 (OpenAI's error body: ``{"error": {"message", "type", "param"}}``).
 """
 
-from __future__ import annotations
 
 import base64
 import binascii

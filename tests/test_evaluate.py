@@ -8,7 +8,8 @@ import yaml
 
 from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors, read_behaviors
 from mtbi_fast.data import read_manifest
-from mtbi_fast.evaluate import Embedder, evaluate, repeat_wer, repeat_wer_parts, rouge_l
+from mtbi_fast.evaluate import (Embedder, asr_prompt, evaluate, evaluate_asr, repeat_wer, repeat_wer_parts,
+                                rouge_l, whisper_normalizer, whisper_wer)
 from mtbi_fast.model import ModelConfig, SpeechLLM, decoding_kwargs
 from mtbi_fast.tasks import TaskLibrary
 
@@ -20,6 +21,59 @@ def test_rouge_l():
     assert rouge_l("a b c d", "x y") == 0.0
     # LCS "the cat mat" = 3 of 4 and 3 of 6 words
     assert rouge_l("the cat the mat", "the cat sat on a mat") == pytest.approx(2 * 0.75 * 0.5 / 1.25)
+
+
+def test_rouge_l_is_rouge_scores_stemmed_lcs_f1():
+    # tokens lower-cased, punctuation dropped, Porter-stemmed: cats -> cat, running/runs -> run;
+    # LCS "cat run" = 2 of 4 and 2 of 3 tokens: F1 = 2 (1/2)(2/3) / (1/2 + 2/3) = 4/7
+    assert rouge_l("The cats are running!", "a cat runs") == pytest.approx(4 / 7)
+    assert rouge_l("Hello, world.", "hello world") == 1.0
+    assert rouge_l("", "") == 1.0 and rouge_l("", "a word") == 0.0
+
+
+def test_whisper_normalized_wer_matches_a_hand_count():
+    norm = whisper_normalizer()
+    assert norm("Mr. Smith's colour is twenty-five, um, OK?") == "mister smith is color is 25 ok"
+    # spelled-out numbers, British spellings and fillers are not errors after Whisper's normalizer...
+    refs = ["I have twenty-five apples.", "The colour of the sea.", "the cat sat"]
+    hyps = ["i have 25 apples", "uh the color of the sea", "the dog sat"]
+    assert whisper_wer(refs, hyps) == pytest.approx(1 / (4 + 5 + 3))  # one substitution in 12 words
+    # ...while mtbi-fast's own normalization counts them: 25 for "twentyfive" (1 sub), colour/color
+    # (1 sub), "uh" (1 ins), dog (1 sub) over the same 4 + 5 + 3 words
+    assert repeat_wer(refs, hyps) == pytest.approx(4 / 12)
+    assert whisper_wer(["um"], ["anything"]) is None  # a transcript that normalizes to nothing is left out
+    assert whisper_wer("one two", "") == 1.0
+
+
+def test_asr_evaluation_scores_every_utterance(tmp_path):
+    from mtbi_fast.data import Utterance
+
+    utts = [Utterance(f"u{i}", str(ROOT / "tests" / "data" / "clip1.flac"), text, 1.0)
+            for i, text in enumerate(["I have twenty-five apples.", "the cat sat"])]
+
+    class Model:  # answers fixed transcripts: the scoring is what is checked here
+        config = type("C", (), {"max_audio_seconds": 30.0})
+
+        def __init__(self):
+            self.prompts = []
+
+        def generate_batch(self, waves, prompts, max_new_tokens, **kw):
+            self.prompts += prompts
+            return [" i have 25 apples ", "the dog sat"][len(self.prompts) - len(prompts):len(self.prompts)]
+
+    model = Model()
+    lib = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
+    prompt = asr_prompt(lib)
+    assert prompt == lib.tasks["repeat"][0].replace("{transcript}", "{speech}")
+    result = evaluate_asr(model, utts, prompt, tmp_path, batch_size=1, progress=False)
+    assert model.prompts == [prompt, prompt]
+    assert result["wer_whisper"] == pytest.approx(1 / 7)
+    assert result["wer"] == pytest.approx(2 / 7)  # 25 for "twentyfive" (1), dog (1) over 4 + 3 words
+    assert [r["hypothesis"] for r in result["rows"]] == ["i have 25 apples", "the dog sat"]
+    assert json.loads((tmp_path / "asr.json").read_text())["wer_whisper"] == result["wer_whisper"]
+    assert "| 2 | 0.143 | 0.286 |" in (tmp_path / "asr.md").read_text()
+    with pytest.raises(ValueError, match="no {speech}"):
+        evaluate_asr(model, utts, "Transcribe.", tmp_path)
 
 
 def test_sentence_similarity_is_semantic():
@@ -268,3 +322,23 @@ def test_repeat_wer_counts_edits_over_transcript_words():
     assert repeat_wer("one two three", "?!") == 1.0
     # corpus level: all edits over all words (1 of 6), not the mean of 1/2 and 0/4
     assert repeat_wer(["a b", "c d e f"], ["a x", "C, d e f"]) == pytest.approx(1 / 6)
+
+
+def test_eval_asr_command_writes_the_wer_of_the_test_set(tmp_path, capsys):
+    from mtbi_fast.cli import main as cli
+    from mtbi_fast.data import write_manifest
+
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"]
+    SpeechLLM.from_config(ModelConfig.from_dict(cfg)).save_pretrained(tmp_path / "model")
+    utts = read_manifest(ROOT / "data" / "demo" / "test.jsonl")[:3]
+    write_manifest(tmp_path / "test.jsonl", utts)
+    assert cli(["eval", "--model", str(tmp_path / "model"), "--asr", str(tmp_path / "test.jsonl"),
+                "-o", str(tmp_path / "asr"), "--max-new-tokens", "6", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| utterances | WER (Whisper norm.) |" in out and "x real time" in out
+    result = json.loads((tmp_path / "asr" / "asr.json").read_text())
+    assert [r["id"] for r in result["rows"]] == [u.id for u in utts]
+    assert result["wer_whisper"] == pytest.approx(whisper_wer([u.text for u in utts],
+                                                              [r["hypothesis"] for r in result["rows"]]))
+    assert cli(["eval", "--model", str(tmp_path / "model"), "-o", str(tmp_path / "x")]) == 2
+    assert "pass --manifest (prompt and task generalization) or --asr" in capsys.readouterr().err
