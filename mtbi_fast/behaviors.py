@@ -71,7 +71,7 @@ from tqdm import tqdm
 
 from .attention import padded_attention
 from .data import Utterance
-from .hub import ASSETS, TINY_LLM, source_config
+from .hub import ASSETS, TINY_LLM, hub_snapshot, parse_source, source_config
 from .io import atomic_write_text
 from .lock import LOCK_NAME, FolderLock, FolderLockedError, describe_lock
 from .prompts import left_pad, template_halves
@@ -552,7 +552,7 @@ def _indexed_shards(out: Path, files: list[Path]) -> dict | None:
 # provenance
 
 PLAN_FORMAT = 2
-TEACHER_IDENTITY = ("config_sha256", "tokenizer_sha256", "weights")  # what check_teacher compares
+TEACHER_IDENTITY = ("config_sha256", "tokenizer_sha256", "weights", "commit")  # what check_teacher compares
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
@@ -571,22 +571,23 @@ def teacher_fingerprint(model_config) -> dict:
       ``"sha256:..."`` of a folder's weight files: names, sizes and 17 samples of 64 KiB of
       each, the first, the last and 15 evenly spaced (about 1 MiB read a file: any change of
       shape or dtype and any change of values that touches a sample shows; a full hash of a 7B
-      model would take a minute); ``"hub:ID"`` for a hub id (no local files to read).
+      model would take a minute);
+    - ``commit``: for a hub source, the commit its revision resolved to (its snapshot's files are
+      hashed as a folder's).
     """
     if is_dataclass(model_config):
         model_config = asdict(model_config)
     source = model_config.get("llm") or {"tiny": {}}
-    if not isinstance(source, dict) or len(source) != 1:
-        raise ValueError(f"model.llm must be a one-key mapping (tiny, path, name or hub), got {source!r}")
-    kind, value = next(iter(source.items()))
+    kind, value, revision = parse_source(source, "llm")
     if kind == "tiny":
         return {"source": {"tiny": dict(value or {})},
                 "config_sha256": _sha_json({**TINY_LLM, **(value or {})}),
                 "tokenizer_sha256": _sha_files([ASSETS / "tiny_tokenizer.json"]),
-                "weights": f"random init (seed {int(model_config.get('init_seed', 0))})"}
-    if kind == "hub":
-        return {"source": {"hub": value}, "config_sha256": None, "tokenizer_sha256": None,
-                "weights": f"hub:{value}"}
+                "weights": f"random init (seed {int(model_config.get('init_seed', 0))})", "commit": None}
+    commit = None
+    if kind == "hub":  # its snapshot, as a folder; the commit it resolved to is part of its identity
+        folder, commit = hub_snapshot(value, revision)
+        kind, value = "path", str(folder)
     if kind == "path" and not Path(value).is_dir():
         raise FileNotFoundError(f"model folder not found: {value}")
     folder, config = source_config(kind, value, "llm")
@@ -596,10 +597,13 @@ def teacher_fingerprint(model_config) -> dict:
         p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json")))
     if not weights:
         raise FileNotFoundError(f"model folder {folder} has no weight files (*.safetensors, *.bin)")
-    return {"source": {kind: str(folder.resolve()) if kind == "path" else value},
-            "config_sha256": _sha_json(config),
-            "tokenizer_sha256": _sha_files([folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]),
-            "weights": "sha256:" + _sha_weights(weights)}
+    out = {"source": {kind: str(folder.resolve()) if kind == "path" else value},
+           "config_sha256": _sha_json(config),
+           "tokenizer_sha256": _sha_files([folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]),
+           "weights": "sha256:" + _sha_weights(weights), "commit": commit}
+    if commit is not None:
+        out["source"] = {"hub": source["hub"], "revision": revision}
+    return out
 
 
 def check_teacher(behaviors_dir: str | os.PathLike, model_config) -> None:

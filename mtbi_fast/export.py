@@ -181,15 +181,17 @@ def _eval_report(run: Path, given: str | Path | None) -> str | None:
 
 def base_model(source: dict) -> tuple[str, str]:
     """(what a model source is, its license) for the model card."""
-    kind, value = next(iter(source.items()))
+    from .hub import parse_source
+
+    kind, value, revision = parse_source(source)
     if kind == "tiny":
         return "a random tiny model (tests)", "none (random weights)"
     if kind == "name":
         spec = MODELS.get(value, {})
         return f"`{value}`: {spec.get('about', 'converted by mtbi-fast models fetch')}", spec.get("license", "unknown")
     if kind == "hub":
-        repo = value if isinstance(value, str) else value.get("id", value)
-        return f"[{repo}](https://huggingface.co/{repo})", "see the model's page"
+        at = f" at `{revision}`" if revision else ""
+        return f"[{value}](https://huggingface.co/{value}){at}", "see the model's page"
     record = Path(value) / "mtbi_fast_source.json"
     lic = "see the model's folder"
     if record.is_file():

@@ -1,8 +1,11 @@
 """Where models come from: random tiny models, checkpoint folders, converted offline models.
 
-A model source is a one-key mapping (see ``ModelConfig``): ``{"tiny": {overrides}}``,
+A model source is a mapping with one kind (see ``ModelConfig``): ``{"tiny": {overrides}}``,
 ``{"path": folder}``, ``{"name": converted-model-name}`` (from ``mtbi-fast models fetch``, kept
-under ``$MTBI_FAST_CACHE``, default ``~/.cache/mtbi_fast``) or ``{"hub": "org/model"}``.
+under ``$MTBI_FAST_CACHE``, default ``~/.cache/mtbi_fast``) or ``{"hub": "org/model"}`` with an
+optional ``revision`` (a commit, branch or tag; default main). A hub source is loaded from its
+snapshot in the Hugging Face cache (downloaded when missing, read offline when
+``HF_HUB_OFFLINE=1``), and the commit it resolved to is what runs and behaviors record.
 """
 
 from __future__ import annotations
@@ -26,6 +29,62 @@ TINY_ENCODER = dict(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_atten
 TINY_LLM = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+SOURCE_KINDS = ("tiny", "path", "name", "hub")
+# the files of a hub snapshot that loading reads (not the .bin / .gguf / .onnx copies some repos carry)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def parse_source(source, key: str = "llm") -> tuple[str, object, str | None]:
+    """(kind, value, revision) of a model source ``model.<key>``, checked: exactly one kind of
+    ``SOURCE_KINDS``, and a ``revision`` only beside ``hub``."""
+    usage = (f"model.{key} must be one of {{tiny: {{...}}}}, {{path: ...}}, {{name: ...}}, "
+             f"{{hub: ..., revision: ...}}; got {source!r}")
+    if not isinstance(source, dict):
+        raise ValueError(usage)
+    kinds = [k for k in source if k in SOURCE_KINDS]
+    extra = sorted(set(source) - set(SOURCE_KINDS) - {"revision"})
+    if len(kinds) != 1 or extra:
+        raise ValueError(usage)
+    kind = kinds[0]
+    revision = source.get("revision")
+    if "revision" in source and kind != "hub":
+        raise ValueError(f"model.{key}.revision pins a hub model; a {kind} source has none")
+    if "revision" in source and (not isinstance(revision, str) or not revision.strip()):
+        raise ValueError(f"model.{key}.revision must be a commit, branch or tag name, got {revision!r}")
+    if kind == "hub" and (not isinstance(source["hub"], str) or source["hub"].count("/") != 1):
+        raise ValueError(f"model.{key}.hub must be a repo id like org/name, got {source['hub']!r}")
+    return kind, source[kind], revision
+
+
+_SNAPSHOTS: dict[tuple[str, str | None], Path] = {}
+
+
+def hub_snapshot(repo: str, revision: str | None = None) -> tuple[Path, str]:
+    """(the local snapshot folder, its commit sha) of hub model ``repo`` at ``revision`` (default
+    main), from the Hugging Face cache, downloaded when missing. Resolved once per process: a
+    run loads and records the same commit even if the branch moves meanwhile."""
+    if (repo, revision) not in _SNAPSHOTS:
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS))
+        except Exception as exc:  # noqa: BLE001 - hub errors come in many types (offline, 404, auth)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"hub model {repo} at {revision or 'main'}: cannot resolve it ({first}); "
+                             f"log in, check the id and revision, or fill the cache and set HF_HUB_OFFLINE=1") from None
+        _SNAPSHOTS[repo, revision] = path
+    path = _SNAPSHOTS[repo, revision]
+    return path, path.name
+
+
+def hub_commit(source: dict, key: str = "llm") -> str | None:
+    """``"hub:ID@<commit sha>"`` for a hub source (resolving it), None for any other kind."""
+    kind, value, revision = parse_source(source, key)
+    if kind != "hub":
+        return None
+    return f"hub:{value}@{hub_snapshot(value, revision)[1]}"
 
 
 def cache_dir() -> Path:
@@ -101,13 +160,13 @@ def load_encoder(source: dict, seed: int = 0):
     import transformers
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    kind, value = next(iter(source.items()))
+    kind, value, revision = parse_source(source, "encoder")
     if kind == "tiny":
         cfg = tiny_encoder_config(value)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             return WhisperEncoder(cfg).eval()
-    path = _folder(kind, value)
+    path = _folder(kind, value, revision)
     model = transformers.WhisperForConditionalGeneration.from_pretrained(path)
     return model.get_encoder().eval()
 
@@ -117,14 +176,14 @@ def load_llm(source: dict, seed: int = 0, attn_implementation: str = "auto"):
     import transformers
 
     attn = resolve_attn(attn_implementation)
-    kind, value = next(iter(source.items()))
+    kind, value, revision = parse_source(source, "llm")
     if kind == "tiny":
         cfg = tiny_llm_config(value)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             llm = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
         return llm.eval(), tiny_tokenizer()
-    path = _folder(kind, value)
+    path = _folder(kind, value, revision)
     llm = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return llm.eval(), tokenizer
@@ -177,20 +236,18 @@ def tiny_tokenizer():
                                    eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def _folder(kind: str, value: str) -> str:
+def _folder(kind: str, value: str, revision: str | None = None) -> str:
     if kind == "path":
         if not Path(value).is_dir():
             raise FileNotFoundError(f"model folder not found: {value}")
         return str(value)
     if kind == "name":
         return str(model_dir(value))
-    return value  # hub id
+    return str(hub_snapshot(value, revision)[0])
 
 
 def _encoder_positions(source: dict) -> int | None:
-    if not isinstance(source, dict) or len(source) != 1:
-        raise ValueError(f"model.encoder must be a one-key mapping (tiny, path, name or hub), got {source!r}")
-    kind, value = next(iter(source.items()))
+    kind, value, _ = parse_source(source, "encoder")
     if kind == "tiny":
         return int({**TINY_ENCODER, **(value or {})}["max_source_positions"])
     if kind == "hub":

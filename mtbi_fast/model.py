@@ -46,7 +46,7 @@ from .attention import TORCH_VARLEN, VARLEN_SDPA, TORCH_VARLEN_KERNEL, padded_at
 from .audio import ENCODER_STRIDE, FRAMES_PER_SECOND, encoder_frames, load_audio, log_mel, mel_frames
 from .embeddings import check_pack_source, pack_embeddings
 from .hf_code.modeling_mtbi_speech import MtbiSpeechAdapter
-from .hub import load_encoder, load_llm, resolve_dtype
+from .hub import load_encoder, load_llm, parse_source, resolve_dtype
 from .loss import ImitationLoss, gathered
 from .packing import PackedBatch, gather_loss_rows, model_inputs
 from .prompts import left_pad, prompt_halves
@@ -62,7 +62,9 @@ class ModelConfig:
     - ``{"tiny": {...config overrides}}``: a random model from a transformers config (tests);
     - ``{"path": "/a/folder"}``: a transformers checkpoint folder;
     - ``{"name": "smollm2-135m-instruct"}``: a model converted by ``mtbi-fast models fetch``;
-    - ``{"hub": "Qwen/Qwen2.5-7B-Instruct"}``: a model hub id (needs hub access).
+    - ``{"hub": "Qwen/Qwen2.5-7B-Instruct", "revision": "<commit or tag>"}``: a model hub id (the
+      Hugging Face cache, or hub access), pinned to ``revision`` (default main; the commit it
+      resolved to is recorded in the run and checked on resume).
     """
 
     encoder: dict = field(default_factory=lambda: {"tiny": {}})
@@ -86,10 +88,10 @@ class ModelConfig:
                 raise ValueError(f"unknown key {where}.{key} (allowed: {sorted(names)})")
         out = cls(**cfg)
         for key in ("encoder", "llm"):
-            src = getattr(out, key)
-            if not isinstance(src, dict) or len(src) != 1 or next(iter(src)) not in ("tiny", "path", "name", "hub"):
-                raise ValueError(f"{where}.{key} must be one of {{tiny: {{...}}}}, {{path: ...}}, "
-                                 f"{{name: ...}}, {{hub: ...}}; got {src!r}")
+            try:
+                parse_source(getattr(out, key), key)
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("model.", f"{where}.", 1)) from None
         unknown = set(out.adapter) - {"kind", "stride", "hidden"}
         if unknown:
             raise ValueError(f"unknown key {where}.adapter.{sorted(unknown)[0]}")

@@ -46,8 +46,9 @@ RESUME_MAY_CHANGE = frozenset({
     "data.verify_shards",
     "model.loss.backend",
     "model.loss.chunk_size", "model.loss.memory_budget", "model.loss.check_finite",
-    "model.gradient_checkpointing", "model.fused_ops", "train.peak_tflops", "train.report_to", "packing.max_tokens",
-    "output_dir"})
+    "model.gradient_checkpointing", "model.fused_ops", "train.peak_tflops", "train.report_to",
+    "packing.max_tokens", "output_dir",
+    "model.llm.revision", "model.encoder.revision"})  # the commits they resolve to are compared instead
 DATA_KEYS = ("data.train_manifest", "data.behaviors", "data.train_shards", "data.eval_manifest",
              "data.eval_behaviors")
 # Keys added after runs began whose recorded value is not the default: a run recorded without
@@ -166,8 +167,22 @@ def data_fingerprint(cfg: dict) -> dict[str, str]:
     if d["eval_manifest"] and d["eval_behaviors"]:
         files["data.eval_manifest"] = [Path(d["eval_manifest"])]
         files["data.eval_behaviors"] = _behavior_files(d["eval_behaviors"], False)
-    return {key: _sha256(paths, names=len(paths) > 1 or key.endswith("behaviors"))
-            for key, paths in files.items()}
+    out = {key: _sha256(paths, names=len(paths) > 1 or key.endswith("behaviors"))
+           for key, paths in files.items()}
+    return {**out, **model_fingerprint(cfg)}
+
+
+def model_fingerprint(cfg: dict) -> dict[str, str]:
+    """The commit each hub model source resolved to (``"hub:ID@sha"``), keyed ``model.llm`` /
+    ``model.encoder``: a branch or tag that moved upstream is another model."""
+    from mtbi_fast.hub import hub_commit
+
+    out = {}
+    for key in ("encoder", "llm"):
+        commit = hub_commit(cfg["model"].get(key) or {"tiny": {}}, key)
+        if commit is not None:
+            out[f"model.{key}"] = commit
+    return out
 
 
 def run_differences(recorded: dict, cfg: dict, fingerprint: dict) -> list[str]:
@@ -187,9 +202,11 @@ def run_differences(recorded: dict, cfg: dict, fingerprint: dict) -> list[str]:
             diffs.append(f"{key} ({_short(old.get(key, _MISSING))} -> {_short(new.get(key, _MISSING))})")
     was = recorded.get("data") or {}
     for key in sorted(set(was) | set(fingerprint)):
+        if key.startswith("model.") and key not in was:
+            continue  # recorded before hub commits were: the config's own keys still compare
         if was.get(key) != fingerprint.get(key):
             state = "not used" if key not in fingerprint else "not used before" if key not in was \
-                else "other contents"
+                else f"{was[key]} -> {fingerprint[key]}" if key.startswith("model.") else "other contents"
             diffs.append(f"{key} ({state})")
     return diffs
 

@@ -253,9 +253,7 @@ def _source_config(source: dict, key: str):
     builds it, else read with ``AutoConfig.from_pretrained`` (a ``hub`` id needs hub access)."""
     import transformers
 
-    if not isinstance(source, dict) or len(source) != 1:
-        raise ValueError(f"model.{key} must be a one-key mapping (tiny, path, name or hub), got {source!r}")
-    kind, value = next(iter(source.items()))
+    kind, value, revision = hub.parse_source(source, key)
     if kind == "tiny":
         return hub.tiny_encoder_config(value) if key == "encoder" else hub.tiny_llm_config(value)
     try:
@@ -267,8 +265,8 @@ def _source_config(source: dict, key: str):
             where = str(value)
         elif kind == "hub":  # the local hub cache first: no network round trips when it has it
             with contextlib.suppress(OSError):
-                return transformers.AutoConfig.from_pretrained(value, local_files_only=True)
-            where = value
+                return transformers.AutoConfig.from_pretrained(value, revision=revision, local_files_only=True)
+            return transformers.AutoConfig.from_pretrained(value, revision=revision)
         else:
             raise ValueError(f"must be tiny, path, name or hub, got {kind!r}")
         return transformers.AutoConfig.from_pretrained(where)
