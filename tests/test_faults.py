@@ -65,8 +65,9 @@ def run(cmd, ready: Path | None = None, fraction: float | None = None,
 def training_outcome(out: Path) -> dict:
     rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
             for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # TensorBoard writes one event file per process start, named by its time and pid
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                   if p.is_file() and p.name != ".lock")
+                   if p.is_file() and p.name != ".lock" and p.relative_to(out).parts[0] != "tensorboard")
     weights = {str(p.relative_to(out)): load_file(p) for p in sorted(out.rglob("*.safetensors"))}
     return dict(rows=rows, files=files, weights=weights,
                 latest=(out / "checkpoints" / "latest").read_text())
