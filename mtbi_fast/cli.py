@@ -155,6 +155,10 @@ def _add_export(sub):
     ex.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the LLM's weights "
                     "(otherwise they stay peft adapters, and loading needs peft)")
     ex.add_argument("--dtype", default="float32", help="weights' dtype: float32, bfloat16 (bf16) or float16")
+    ex.add_argument("--as", dest="as_", choices=["mtbi", "audioflamingo3"], default="mtbi",
+                    help="mtbi: mtbi-fast's own classes as remote code (any adapter); audioflamingo3: "
+                    "transformers' AudioFlamingo3ForConditionalGeneration, no remote code (a run trained "
+                    "with model.adapter.kind: audioflamingo3)")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     ex.add_argument("--eval-report", help="eval.md for the model card (default: RUN/eval/eval.md)")
     ex.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this model repo "
@@ -322,12 +326,15 @@ def _export(args) -> int:
 
     start = time.time()
     out = export(args.run, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
-                 overwrite=args.overwrite, eval_report=args.eval_report)
+                 overwrite=args.overwrite, eval_report=args.eval_report, as_=args.as_)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"exported {args.run} -> {out} ({size / 2**20:.1f} MiB, {time.time() - start:.1f} s):")
     for f in sorted(out.iterdir()):
         print(f"  {f.name}")
-    print(f"load it with: AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    if args.as_ == "audioflamingo3":
+        print(f"load it with: AudioFlamingo3ForConditionalGeneration.from_pretrained({str(out)!r})")
+    else:
+        print(f"load it with: AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)")
     if args.push_to_hub:
         url = push_to_hub(out, args.push_to_hub, private=args.private)
         print(f"pushed to {url}")

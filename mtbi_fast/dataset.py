@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from mtbi_fast.audio import (HOP_LENGTH, SAMPLE_RATE, encoder_frames, load_audio, log_mel, mel_frames,
                              spec_augment)
 from mtbi_fast.behaviors import read_behaviors
+from mtbi_fast.hf_code.modeling_mtbi_speech import adapter_frames
 from mtbi_fast.data import DURATION_TOLERANCE, Utterance
 from mtbi_fast.lhotse_io import read_utterances
 from mtbi_fast.errors import USER_ERRORS
@@ -52,6 +53,7 @@ class BatchBuilder:
         self.tokenizer, self.n_mels = model.tokenizer, model.encoder.num_mel_bins
         self.vocab = model.vocab_size  # token ids of records must be below it
         self.stride, self.frame_rate = model.adapter.stride, model.frame_rate
+        self.adapter_kind = model.adapter.kind
         self.spec_augment = spec_augment  # SpecAugment's settings for training inputs, or None
         self.skip_bad_audio = skip_bad_audio
 
@@ -92,12 +94,12 @@ class BatchBuilder:
 
     def n_frames(self, n_samples: int) -> int:
         """The model's speech frames for a clip of ``n_samples`` samples (``SpeechLLM.n_frames``)."""
-        return math.ceil(encoder_frames(mel_frames(n_samples)) / self.stride)
+        return adapter_frames(encoder_frames(mel_frames(n_samples)), self.stride, self.adapter_kind)
 
     def example_pair(self, item: Item, mel: torch.Tensor, ratio: float, salt: int):
         """The item's student (interleaved) and teacher (text) examples, truncated together."""
         r, u = item.record, item.utterance
-        n_frames = math.ceil(encoder_frames(mel.shape[1]) / self.stride)  # Adapter.n_frames
+        n_frames = adapter_frames(encoder_frames(mel.shape[1]), self.stride, self.adapter_kind)
         g = torch.Generator().manual_seed(self.seed * 7919 + salt * 104_729 + item.key)
         s, t = example_pair(r["id"], u.words, n_frames, self.frame_rate, ratio,
                             r["prefix_ids"], r["suffix_ids"], r["response_ids"], self.tokenize,

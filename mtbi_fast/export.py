@@ -16,6 +16,7 @@ target and renamed when complete.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -38,30 +39,43 @@ def model_folder(path: str | Path) -> Path:
     return folder / "final" if (folder / "final" / "config.json").is_file() else folder
 
 
+EXPORT_AS = ("mtbi", "audioflamingo3")
+
+
 def export(run: str | Path, out: str | Path, *, merge_lora: bool = False, dtype: str = "float32",
-           overwrite: bool = False, eval_report: str | Path | None = None) -> Path:
+           overwrite: bool = False, eval_report: str | Path | None = None, as_: str = "mtbi") -> Path:
     """Write ``run`` (a run folder or a ``save_pretrained`` folder) to ``out`` as a transformers
     model folder; returns ``out``. ``merge_lora``: fold LoRA adapters into the LLM's weights
     (otherwise they stay peft adapters, and loading needs peft). ``eval_report``: an ``eval.md``
     for the model card (default: the run folder's ``eval/eval.md`` or ``eval.md`` when present).
-    Refuses a non-empty ``out`` unless ``overwrite``."""
+    Refuses a non-empty ``out`` unless ``overwrite``. ``as_="audioflamingo3"``: transformers' own
+    ``AudioFlamingo3ForConditionalGeneration`` layout, no remote code (a run trained with
+    ``model.adapter.kind: audioflamingo3``; LoRA is merged)."""
     from .model import SpeechLLM
 
     run, out = Path(run), Path(out)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if as_ not in EXPORT_AS:
+        raise ValueError(f"--as must be one of {', '.join(EXPORT_AS)}, got {as_!r}")
     source = model_folder(run)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{run} is neither a run folder with final/ nor a save_pretrained "
                                 f"folder (no config.json)")
     _check_target(out, overwrite)
     model = SpeechLLM.from_pretrained(source).eval()
-    hf = build_hf_model(model, merge_lora=merge_lora, dtype=DTYPES[dtype])
+    if as_ == "audioflamingo3":
+        hf, processor = build_audioflamingo3(model, dtype=DTYPES[dtype])
+    else:
+        hf, processor = build_hf_model(model, merge_lora=merge_lora, dtype=DTYPES[dtype]), None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
     try:
         hf.save_pretrained(tmp)
-        _save_processing(model, tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        else:
+            _save_processing(model, tmp)
         report = _eval_report(run, eval_report)
         (tmp / "README.md").write_text(model_card(model, hf, run, source, report, dtype), encoding="utf-8")
         _replace(tmp, out)
@@ -115,6 +129,77 @@ def build_hf_model(model, *, merge_lora: bool = False, dtype: torch.dtype = torc
     MtbiSpeechConfig.register_for_auto_class()
     MtbiSpeechForConditionalGeneration.register_for_auto_class("AutoModel")
     return hf.eval()
+
+
+AUDIO_TOKEN = "<sound>"  # AudioFlamingo3Processor's placeholder
+
+
+def build_audioflamingo3(model, *, dtype: torch.dtype = torch.float32):
+    """(``AudioFlamingo3ForConditionalGeneration``, ``AudioFlamingo3Processor``) holding a
+    ``SpeechLLM`` trained with the ``audioflamingo3`` adapter: the Whisper layers as its audio tower
+    (the adapter's LayerNorm as the tower's final one), the adapter's MLP as its projector, the LLM
+    (LoRA merged) as its language model and head. The tokenizer gains the ``<sound>`` token (a new
+    embedding row, zero, and a head row the generation config suppresses) unless it has one."""
+    from transformers import (AudioFlamingo3Config, AudioFlamingo3EncoderConfig,
+                              AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor,
+                              WhisperFeatureExtractor)
+
+    if model.adapter.kind != "audioflamingo3":
+        raise ValueError(f"--as audioflamingo3 needs a run trained with model.adapter.kind: audioflamingo3 "
+                         f"(AudioFlamingo3's pooling and projector); this run's adapter is {model.adapter.kind!r}: "
+                         f"export it without --as")
+    llm = model.llm.merge_and_unload() if model.config.lora else model.llm
+    tokenizer = copy.deepcopy(model.tokenizer)
+    if AUDIO_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]})
+    audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    enc = model.encoder.encoder.config
+    audio_config = AudioFlamingo3EncoderConfig(
+        num_mel_bins=enc.num_mel_bins, hidden_size=enc.d_model, num_hidden_layers=enc.encoder_layers,
+        num_attention_heads=enc.encoder_attention_heads, intermediate_size=enc.encoder_ffn_dim,
+        activation_function=enc.activation_function, max_source_positions=enc.max_source_positions,
+        scale_embedding=bool(getattr(enc, "scale_embedding", False)))
+    text_config = llm.config.to_dict()
+    for key in ("_attn_implementation", "_attn_implementation_internal", "attn_implementation", "torch_dtype", "dtype"):
+        text_config.pop(key, None)
+    vocab = llm.get_input_embeddings().weight.shape[0]
+    rows = max(vocab, audio_token_id + 1)
+    text_config["vocab_size"] = rows
+    config = AudioFlamingo3Config(audio_config=audio_config, text_config=text_config, audio_token_id=audio_token_id,
+                                  projector_hidden_act="gelu", projector_bias=True,
+                                  dtype=str(dtype).removeprefix("torch."))
+    state = {}
+    for key, value in model.encoder.encoder.state_dict().items():
+        if not key.startswith("layer_norm."):  # unused: the adapter applies it after pooling
+            state[f"model.audio_tower.{key}"] = value
+    for key, value in model.adapter.norm.state_dict().items():
+        state[f"model.audio_tower.layer_norm.{key}"] = value
+    for i, name in ((0, "linear_1"), (2, "linear_2")):
+        for key, value in model.adapter.proj[i].state_dict().items():
+            state[f"model.multi_modal_projector.{name}.{key}"] = value
+    body = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.model
+    for key, value in body.state_dict().items():
+        state[f"model.language_model.{key}"] = value
+    head = llm.get_output_embeddings().weight
+    state["lm_head.weight"] = head
+    if llm.get_output_embeddings().bias is not None:
+        raise ValueError("AudioFlamingo3's head has no bias; this LLM's has one: export it without --as")
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        w = state[key]
+        if rows > w.shape[0]:
+            state[key] = torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])])
+    state = {k: v.detach().to(dtype).clone() if v.is_floating_point() else v.detach() for k, v in state.items()}
+    with torch.device("meta"):
+        hf = AudioFlamingo3ForConditionalGeneration(config)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"the AudioFlamingo3 layout does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    gen = generation_config(llm, tokenizer)
+    gen.suppress_tokens = [audio_token_id]
+    hf.generation_config = gen
+    processor = AudioFlamingo3Processor(WhisperFeatureExtractor(feature_size=enc.num_mel_bins), tokenizer,
+                                        chat_template=getattr(tokenizer, "chat_template", None), audio_token=AUDIO_TOKEN)
+    return hf.eval(), processor
 
 
 def lora_arguments(lora: dict) -> dict:
@@ -214,27 +299,39 @@ def model_card(model, hf, run: Path, source: Path, report: str | None, dtype: st
     config_text = config_path.read_text() if config_path.is_file() else yaml.safe_dump(
         {"model": cfg.to_dict()}, sort_keys=False)
     n_params = sum(p.numel() for p in hf.parameters())
-    lines = ["---", "library_name: transformers", "pipeline_tag: audio-text-to-text",
-             "tags: [speech, mtbi, mtbi-fast, custom_code]"]
+    af3 = hf.config.model_type == "audioflamingo3"
+    tags = "[speech, mtbi, mtbi-fast, audioflamingo3]" if af3 else "[speech, mtbi, mtbi-fast, custom_code]"
+    lines = ["---", "library_name: transformers", "pipeline_tag: audio-text-to-text", f"tags: {tags}"]
     if len(licenses) == 1:
         lines.append(f"license: {licenses[0].lower()}")
+    lora = "none" if not cfg.lora else ("kept as peft adapters (needs peft)" if getattr(hf.config, "lora", None)
+                                        else "merged into the LLM")
     lines += ["---", "", f"# {run.resolve().name}", "",
               "A speech LLM trained with MTBI (multi-task behavior imitation) by mtbi-fast: a Whisper "
-              "encoder run at each clip's true length, an adapter, and a causal LM that answers prompts "
-              "about the speech.", "",
+              "encoder, an adapter, and a causal LM that answers prompts about the speech.", "",
               "| part | base model | license |", "|---|---|---|",
               f"| speech encoder | {enc} | {enc_license} |",
               f"| LLM | {llm} | {llm_license} |",
               f"| adapter | {model.adapter.kind}, stride {model.adapter.stride} (trained) | - |", "",
-              f"{n_params / 1e6:.1f} M parameters in {dtype}; LoRA "
-              f"{'none' if not cfg.lora else ('merged into the LLM' if not hf.config.lora else 'kept as peft adapters (needs peft)')}.",
-              "", "## Use", "", "```python", "from transformers import AutoFeatureExtractor, AutoModel, AutoTokenizer",
-              "", 'model = AutoModel.from_pretrained("PATH", trust_remote_code=True)',
-              'tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)',
-              'features = AutoFeatureExtractor.from_pretrained("PATH")',
-              "# wave: a 16 kHz mono waveform; {speech} marks where it goes (at the end when absent)",
-              'print(model.answer([wave], ["Summarize what the speaker says: {speech}"], tokenizer, features))',
-              "```", ""]
+              f"{n_params / 1e6:.1f} M parameters in {dtype}; LoRA {lora}.", "", "## Use", ""]
+    if af3:
+        lines += ["transformers' own `AudioFlamingo3ForConditionalGeneration` (no remote code). mtbi-fast "
+                  "trained the encoder at each clip's true length; this class pads every clip to 30 s "
+                  "with a mask, which changes the last frames a little (docs/export.md in mtbi-fast).", "",
+                  "```python", "from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor", "",
+                  'model = AudioFlamingo3ForConditionalGeneration.from_pretrained("PATH")',
+                  'processor = AutoProcessor.from_pretrained("PATH")',
+                  "# the prompt in the chat template, <sound> where the speech goes; wave: 16 kHz mono",
+                  'inputs = processor(text=[prompt_with_sound], audio=[wave])',
+                  "answer = model.generate(**inputs)", "```", ""]
+    else:
+        lines += ["```python", "from transformers import AutoFeatureExtractor, AutoModel, AutoTokenizer", "",
+                  'model = AutoModel.from_pretrained("PATH", trust_remote_code=True)',
+                  'tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)',
+                  'features = AutoFeatureExtractor.from_pretrained("PATH")',
+                  "# wave: a 16 kHz mono waveform; {speech} marks where it goes (at the end when absent)",
+                  'print(model.answer([wave], ["Summarize what the speaker says: {speech}"], tokenizer, features))',
+                  "```", ""]
     if report:
         lines += ["## Evaluation", "", report.strip(), ""]
     else:

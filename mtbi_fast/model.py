@@ -45,7 +45,7 @@ from torch import nn
 from .attention import TORCH_VARLEN, VARLEN_SDPA, TORCH_VARLEN_KERNEL, padded_attention
 from .audio import ENCODER_STRIDE, FRAMES_PER_SECOND, encoder_frames, load_audio, log_mel, mel_frames
 from .embeddings import check_pack_source, pack_embeddings
-from .hf_code.modeling_mtbi_speech import MtbiSpeechAdapter
+from .hf_code.modeling_mtbi_speech import ADAPTER_KINDS, MtbiSpeechAdapter
 from .hub import load_encoder, load_llm, parse_source, resolve_dtype
 from .loss import ImitationLoss, gathered
 from .packing import PackedBatch, gather_loss_rows, model_inputs
@@ -69,7 +69,7 @@ class ModelConfig:
 
     encoder: dict = field(default_factory=lambda: {"tiny": {}})
     llm: dict = field(default_factory=lambda: {"tiny": {}})
-    adapter: dict = field(default_factory=dict)        # kind: stack|conv, stride, hidden
+    adapter: dict = field(default_factory=dict)        # kind: stack|conv|audioflamingo3, stride, hidden
     train_encoder_layers: int = 0                     # top k encoder layers trained
     lora: dict | None = None                          # peft LoraConfig arguments
     loss: dict = field(default_factory=dict)           # ImitationLoss arguments
@@ -95,8 +95,9 @@ class ModelConfig:
         unknown = set(out.adapter) - {"kind", "stride", "hidden"}
         if unknown:
             raise ValueError(f"unknown key {where}.adapter.{sorted(unknown)[0]}")
-        if out.adapter.get("kind", "stack") not in ("stack", "conv"):
-            raise ValueError(f"{where}.adapter.kind must be 'stack' or 'conv', got {out.adapter['kind']!r}")
+        if out.adapter.get("kind", "stack") not in ADAPTER_KINDS:
+            raise ValueError(f"{where}.adapter.kind must be one of {', '.join(ADAPTER_KINDS)}, got "
+                             f"{out.adapter['kind']!r}")
         if out.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"{where}.dtype must be auto, float32, bfloat16 or float16, got {out.dtype!r}")
         if not isinstance(out.gradient_checkpointing, bool):
@@ -120,6 +121,7 @@ class SpeechEncoder(nn.Module):
     def __init__(self, encoder):
         super().__init__()
         self.encoder = encoder
+        self.final_norm = True  # False: the adapter applies the encoder's LayerNorm (audioflamingo3)
         # the layers run on packed clips through mtbi_fast.attention (which follows Whisper's
         # is_causal=False); torch's varlen kernel where it runs, SDPA per clip elsewhere
         encoder.config._attn_implementation = TORCH_VARLEN if TORCH_VARLEN_KERNEL is not None else VARLEN_SDPA
@@ -181,12 +183,13 @@ class SpeechEncoder(nn.Module):
                       max_length_k=max(out_lengths), mtbi_bounds=tuple(bounds))
         for layer in enc.layers:  # trained top layers may be float32 below frozen bf16 ones
             x = layer(x.to(layer.fc1.weight.dtype), None, **packed)
-        x = enc.layer_norm(x.to(enc.layer_norm.weight.dtype))
+        if self.final_norm:
+            x = enc.layer_norm(x.to(enc.layer_norm.weight.dtype))
         return x[0], out_lengths
 
 
 class Adapter(MtbiSpeechAdapter):
-    """Encoder frames [T, d_enc] -> LLM frames [ceil(T / stride), d_llm] (the exported model's
+    """Encoder frames [T, d_enc] -> LLM frames [adapter_frames(T), d_llm] (the exported model's
     ``MtbiSpeechAdapter``, with the packed pass over many clips)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,6 +202,12 @@ class Adapter(MtbiSpeechAdapter):
         with zero frames to a multiple of ``stride`` (one gather), so no window straddles clips."""
         x = x.to(self.proj[-1].weight.dtype)
         d = x.shape[1]
+        if self.kind == "audioflamingo3":  # each clip's frame pairs, an odd last frame left out
+            starts = torch.cumsum(torch.tensor([0, *lengths[:-1]]), 0)
+            index = torch.cat([s + torch.arange(t // 2 * 2) for s, t in zip(starts.tolist(), lengths)]) \
+                if lengths else torch.zeros(0, dtype=torch.long)
+            pairs = x.index_select(0, _to(index, x.device)).reshape(-1, 2, d).mean(1)
+            return self.proj(self.norm(pairs))
         if any(t % self.stride for t in lengths):
             lens = torch.tensor(lengths)
             padded = -(-lens // self.stride) * self.stride
@@ -224,8 +233,12 @@ class SpeechLLM(nn.Module):
         a = config.adapter
         with torch.random.fork_rng():
             torch.manual_seed(config.init_seed + 1)
-            self.adapter = Adapter(self.encoder.d_model, d_llm, stride=a.get("stride", 4),
-                                   hidden=a.get("hidden"), kind=a.get("kind", "stack"))
+            kind = a.get("kind", "stack")
+            self.adapter = Adapter(self.encoder.d_model, d_llm, stride=a.get("stride", 2 if kind == "audioflamingo3" else 4),
+                                   hidden=a.get("hidden"), kind=kind)
+        if not self.adapter.encoder_final_norm:  # the pretrained LayerNorm, after the pooling
+            self.encoder.final_norm = False
+            self.adapter.norm.load_state_dict(encoder.layer_norm.state_dict())
         self.llm = llm
         self.tokenizer = tokenizer
         self.loss_fn = ImitationLoss(**config.loss)
@@ -274,7 +287,8 @@ class SpeechLLM(nn.Module):
         if k:
             for layer in self.encoder.encoder.layers[-k:]:
                 layer.requires_grad_(True)
-            self.encoder.encoder.layer_norm.requires_grad_(True)
+            if self.encoder.final_norm:  # else unused: the adapter holds the LayerNorm
+                self.encoder.encoder.layer_norm.requires_grad_(True)
         self.adapter.requires_grad_(True)
         if not self.config.lora:
             self.llm.requires_grad_(False)

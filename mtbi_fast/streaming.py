@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from .audio import SAMPLE_RATE, encoder_frames, mel_frames, wave_from_samples
+from .audio import SAMPLE_RATE, wave_from_samples
 from .behaviors import check_record_ids
 from .data import Utterance
 from .dataset import BatchBuilder, Item, check_fits, mel_or_bad_audio
@@ -260,7 +260,7 @@ class ShardData:
     def _length(self, item: Item) -> int:
         """The example's length in tokens with the whole transcript as speech (the most it takes)."""
         r, u = item.record, item.utterance
-        frames = math.ceil(encoder_frames(mel_frames(round(u.duration * SAMPLE_RATE))) / self.builder.stride)
+        frames = self.builder.n_frames(round(u.duration * SAMPLE_RATE))
         return len(r["prefix_ids"]) + frames + len(r["suffix_ids"]) + len(r["response_ids"])
 
 

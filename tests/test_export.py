@@ -234,3 +234,57 @@ def test_push_to_hub_uploads_the_folder(runs, tmp_path, monkeypatch):
     assert cli(["export", str(runs["plain"]), "-o", str(folder), "--push-to-hub", "me/tiny", "--private"]) == 0
     assert calls[0] == ("create", "me/tiny", True)
     assert calls[1][0] == "upload" and "model.safetensors" in calls[1][2] and "README.md" in calls[1][2]
+
+
+def test_audioflamingo3_export_loads_in_plain_transformers_within_its_measured_bound(data, tmp_path):
+    """``--as audioflamingo3``: transformers' own class, no remote code. Its encoder pads every clip
+    to 30 s with a mask (mtbi-fast encodes the true length): only the frames at the clip's end see
+    other inputs. Measured on this tiny run: max |logit diff| 1.8% of the logits' spread, every
+    argmax the same (docs/export.md)."""
+    import numpy as np
+    import soundfile as sf
+    from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
+
+    run = tmp_path / "run"
+    assert cli(["train", str(CONFIG), *overrides(data, run, "train.steps=4", "train.eval_every=100",
+                                                 "train.save_every=100", "model.dtype=float32",
+                                                 "model.adapter={kind: audioflamingo3}")]) == 0
+    folder = tmp_path / "af3"
+    assert cli(["export", str(run), "-o", str(folder), "--as", "audioflamingo3"]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "audioflamingo3" and "auto_map" not in config
+    assert not list(folder.glob("*.py"))  # nothing to trust: no remote code
+    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    wave, _ = sf.read(str(CLIP), dtype="float32")
+    wave = wave[: len(wave) // 320 * 320]  # whole mel frames: both count the same speech frames
+    text = "User: " + PROMPT.replace("{speech}", "<sound>") + "\nAssistant:"  # the tiny tokenizer's format
+    inputs = processor(text=[text], audio=[wave])
+    inputs.pop("num_audio_tokens", None)
+    with torch.no_grad():
+        got = model(**inputs).logits[0].float()
+
+    mtbi = SpeechLLM.from_pretrained(run / "final").eval()
+    frames = mtbi.speech_frames([log_mel(torch.from_numpy(np.ascontiguousarray(wave)), mtbi.encoder.num_mel_bins)])[0]
+    before, after = prompt_halves(mtbi.tokenizer, PROMPT)
+    embed = mtbi.llm.get_input_embeddings()
+    with torch.no_grad():
+        x = torch.cat([embed(torch.tensor(before)), frames, embed(torch.tensor(after))])
+        want = mtbi.llm(inputs_embeds=x[None]).logits[0].float()
+    assert got.shape[0] == want.shape[0] and got.shape[1] == want.shape[1] + 1  # + the <sound> row
+    got = got[:, : want.shape[1]]
+    torch.testing.assert_close(got[: len(before)], want[: len(before)], atol=1e-5, rtol=1e-5)  # text only
+    assert float((got - want).abs().max() / want.std()) < 0.05
+    assert bool(got.argmax(-1).eq(want.argmax(-1)).all())
+    # a run with another adapter is refused by name
+    with pytest.raises(ValueError, match=r"--as audioflamingo3 needs a run trained with model.adapter.kind: audioflamingo3"):
+        from mtbi_fast.export import export
+
+        export(_plain_run(data, tmp_path), tmp_path / "x", as_="audioflamingo3")
+
+
+def _plain_run(data, tmp_path):
+    run = tmp_path / "plain"
+    assert cli(["train", str(CONFIG), *overrides(data, run, "train.steps=1", "train.eval_every=100",
+                                                 "train.save_every=100")]) == 0
+    return run

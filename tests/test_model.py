@@ -106,6 +106,39 @@ def test_packed_encoder_and_adapter_equal_the_padded_masked_reference():
             torch.testing.assert_close(got, m.adapter(state), atol=2e-5, rtol=2e-5)
 
 
+def test_audioflamingo3_adapter_pools_pairs_then_applies_the_encoders_layernorm():
+    """adapter.kind audioflamingo3: the encoder stops before its final LayerNorm; each clip's
+    frame pairs are averaged (an odd last frame dropped), then LayerNorm (initialized from the
+    encoder's) and the MLP, checked against a float64 hand computation; packed equals per clip."""
+    from mtbi_fast.audio import encoder_frames
+    from mtbi_fast.reference import padded_encoder_states
+
+    m = SpeechLLM.from_config(tiny_config(adapter={"kind": "audioflamingo3"}))
+    enc = m.encoder.encoder
+    assert not m.encoder.final_norm and m.adapter.stride == 2
+    torch.testing.assert_close(m.adapter.norm.weight, enc.layer_norm.weight)
+    mels = [log_mel(clip(s, i)) for i, s in enumerate((1.33, 3.07, 0.52))]  # 67, 154, 26 encoder frames
+    with torch.no_grad():
+        ref = padded_encoder_states(enc, mels, [encoder_frames(x.shape[1]) for x in mels])  # with the LN
+        states = m.encoder(mels)
+        frames = m.speech_frames(mels)
+    lengths = [s.shape[0] for s in states]
+    assert any(n % 2 for n in lengths)
+    assert [f.shape[0] for f in frames] == [n // 2 for n in lengths] == [m.adapter.n_frames(n) for n in lengths]
+    a = m.adapter
+    for state, want_ln, got in zip(states, ref, frames):
+        # the states are the layers' output without the LayerNorm: applying it gives the reference
+        torch.testing.assert_close(enc.layer_norm(state), want_ln, atol=2e-5, rtol=2e-5)
+        x = state.double()[: state.shape[0] // 2 * 2].reshape(-1, 2, state.shape[1]).mean(1)
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:], a.norm.weight.double(), a.norm.bias.double())
+        x = torch.nn.functional.gelu(x @ a.proj[0].weight.double().T + a.proj[0].bias.double())
+        x = x @ a.proj[2].weight.double().T + a.proj[2].bias.double()
+        torch.testing.assert_close(got.double(), x, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, m.adapter(state), atol=2e-6, rtol=2e-6)
+    with pytest.raises(ValueError, match="stride 2 and hidden"):
+        SpeechLLM.from_config(tiny_config(adapter={"kind": "audioflamingo3", "stride": 4}))
+
+
 def test_gradient_checkpointing_recomputes_the_llm_and_gives_the_same_gradients():
     """With model.gradient_checkpointing every decoder layer runs again in backward (counted by a
     pre-hook on its MLP), also with the frozen LLM in eval mode as the trainer keeps it, and the loss

@@ -49,17 +49,42 @@ def chat_halves(tokenizer, prompt: str, marker: str) -> tuple[list[int], list[in
             [int(i) for i in tokenizer(second, add_special_tokens=False)["input_ids"]])
 
 
+ADAPTER_KINDS = ("stack", "conv", "audioflamingo3")
+
+
+def adapter_frames(n_encoder_frames: int, stride: int, kind: str) -> int:
+    """LLM speech frames an adapter gives ``n_encoder_frames`` encoder frames: ceil(T / stride)
+    (``stack``, ``conv``: a clip is padded to a multiple of the stride), or floor(T / 2) for
+    ``audioflamingo3`` (average pooling of frame pairs; an odd last frame is dropped)."""
+    if kind == "audioflamingo3":
+        return n_encoder_frames // 2
+    return math.ceil(n_encoder_frames / stride)
+
+
 class MtbiSpeechAdapter(nn.Module):
-    """Encoder frames [T, d_enc] -> LLM frames [ceil(T / stride), d_llm]: ``stride`` consecutive
-    frames stacked into a 2-layer MLP (``kind="stack"``), or a strided convolution before it
-    (``kind="conv"``). A clip is padded with zero frames to a multiple of ``stride``."""
+    """Encoder frames [T, d_enc] -> LLM frames [adapter_frames(T), d_llm]:
+
+    - ``stack``: ``stride`` consecutive frames stacked into a 2-layer MLP;
+    - ``conv``: a strided convolution before the MLP;
+    - ``audioflamingo3``: transformers' AudioFlamingo3 layout: frame pairs average-pooled, then the
+      encoder's final LayerNorm (``norm``, here after the pooling), then a 2-layer MLP to the LLM's
+      width (``hidden`` is the LLM's width; the encoder runs without its own final LayerNorm).
+
+    A ``stack`` / ``conv`` clip is padded with zero frames to a multiple of ``stride``."""
 
     def __init__(self, d_enc: int, d_llm: int, stride: int = 4, hidden: int | None = None,
                  kind: str = "stack"):
         super().__init__()
-        if kind not in ("stack", "conv"):
-            raise ValueError(f"adapter kind must be 'stack' or 'conv', got {kind!r}")
+        if kind not in ADAPTER_KINDS:
+            raise ValueError(f"adapter kind must be one of {', '.join(ADAPTER_KINDS)}, got {kind!r}")
         self.stride, self.kind = stride, kind
+        if kind == "audioflamingo3":
+            if stride != 2 or hidden not in (None, d_llm):
+                raise ValueError("the audioflamingo3 adapter pools frame pairs into an MLP as wide as the "
+                                 f"LLM: stride 2 and hidden {d_llm} (or unset), got stride {stride}, hidden {hidden}")
+            self.norm = nn.LayerNorm(d_enc)
+            self.proj = nn.Sequential(nn.Linear(d_enc, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
+            return
         hidden = hidden or d_llm
         if kind == "stack":
             self.proj = nn.Sequential(nn.Linear(stride * d_enc, hidden), nn.GELU(), nn.Linear(hidden, d_llm))
@@ -67,11 +92,19 @@ class MtbiSpeechAdapter(nn.Module):
             self.conv = nn.Conv1d(d_enc, d_enc, kernel_size=stride, stride=stride)
             self.proj = nn.Sequential(nn.GELU(), nn.Linear(d_enc, hidden), nn.GELU(), nn.Linear(hidden, d_llm))
 
+    @property
+    def encoder_final_norm(self) -> bool:
+        """Whether the encoder applies its own final LayerNorm before this adapter."""
+        return self.kind != "audioflamingo3"
+
     def n_frames(self, n_encoder_frames: int) -> int:
-        return math.ceil(n_encoder_frames / self.stride)
+        return adapter_frames(n_encoder_frames, self.stride, self.kind)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.proj[-1].weight.dtype)
+        if self.kind == "audioflamingo3":
+            pairs = x[: x.shape[0] // 2 * 2].reshape(-1, 2, x.shape[1]).mean(1)
+            return self.proj(self.norm(pairs))
         extra = -x.shape[0] % self.stride
         if extra:
             x = torch.cat([x, x.new_zeros(extra, x.shape[1])])
@@ -124,7 +157,8 @@ class MtbiSpeechForConditionalGeneration(PreTrainedModel):
         return self.adapter.n_frames(math.ceil(n_mel_frames / 2))
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
-        """One clip's log-mel [n_mels, T] -> Whisper encoder states [ceil(T / 2), d_model]."""
+        """One clip's log-mel [n_mels, T] -> Whisper encoder states [ceil(T / 2), d_model] (without
+        the final LayerNorm when the adapter applies it after pooling)."""
         enc = self.encoder
         limit = enc.embed_positions.num_embeddings
         if mel.dim() != 2 or mel.shape[0] != enc.config.num_mel_bins:
@@ -137,7 +171,7 @@ class MtbiSpeechForConditionalGeneration(PreTrainedModel):
         for layer in enc.layers:
             out = layer(x, None)
             x = out[0] if isinstance(out, tuple) else out
-        return enc.layer_norm(x)[0]
+        return (enc.layer_norm(x) if self.adapter.encoder_final_norm else x)[0]
 
     def speech_frames(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None
                       ) -> torch.Tensor:
