@@ -328,9 +328,8 @@ def _export(args) -> int:
     out = export(args.run, args.output, merge_lora=args.merge_lora, dtype=args.dtype,
                  overwrite=args.overwrite, eval_report=args.eval_report, as_=args.as_)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"exported {args.run} -> {out} ({size / 2**20:.1f} MiB, {time.time() - start:.1f} s):")
-    for f in sorted(out.iterdir()):
-        print(f"  {f.name}")
+    print(f"exported {args.run} -> {out} ({size / 2**20:.1f} MiB, {time.time() - start:.1f} s): "
+          + ", ".join(sorted(f.name for f in out.iterdir())))
     if args.as_ == "audioflamingo3":
         print(f"load it with: AudioFlamingo3ForConditionalGeneration.from_pretrained({str(out)!r})")
     else:

@@ -131,6 +131,19 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if _cpu_has_bf16() else torch.float32
 
 
+def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module.to(dtype)`` for its weights, with its non-persistent float buffers (the rotary
+    embeddings' ``inv_freq``) kept as they were: transformers computes RoPE in float32, and
+    frequencies rounded to bf16 would shift every position's rotation (the exported model, built
+    without the cast, would then differ from the run)."""
+    kept = [(m, name, buf) for m in module.modules() for name, buf in m.named_buffers(recurse=False)
+            if name in m._non_persistent_buffers_set and buf.is_floating_point()]
+    module.to(dtype)
+    for m, name, buf in kept:
+        setattr(m, name, buf)
+    return module
+
+
 def _cpu_has_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -194,7 +207,7 @@ def load_teacher(llm: dict, seed: int = 0, dtype: str = "float32"):
     ``model.llm``) in ``dtype`` (its ``model.dtype``), so that the teacher computes as the
     student's LLM will."""
     model, tokenizer = load_llm(llm, seed=seed)
-    model.to(resolve_dtype(dtype))
+    cast_weights(model, resolve_dtype(dtype))
     return model, tokenizer
 
 

@@ -46,7 +46,7 @@ from .attention import TORCH_VARLEN, VARLEN_SDPA, TORCH_VARLEN_KERNEL, padded_at
 from .audio import ENCODER_STRIDE, FRAMES_PER_SECOND, encoder_frames, load_audio, log_mel, mel_frames
 from .embeddings import check_pack_source, pack_embeddings
 from .hf_code.modeling_mtbi_speech import ADAPTER_KINDS, MtbiSpeechAdapter
-from .hub import load_encoder, load_llm, parse_source, resolve_dtype
+from .hub import cast_weights, load_encoder, load_llm, parse_source, resolve_dtype
 from .loss import ImitationLoss, gathered
 from .packing import PackedBatch, gather_loss_rows, model_inputs
 from .prompts import left_pad, prompt_halves
@@ -274,8 +274,9 @@ class SpeechLLM(nn.Module):
         """Frozen weights (encoder, LLM) to ``dtype``, trained ones (adapter, trained encoder
         layers, LoRA) kept in float32: bfloat16 halves the frozen LLM's matmul time on CPUs with
         bf16 instructions and on GPUs, while the optimizer still updates float32 weights. Each
-        part casts its input to its own weights' dtype."""
-        self.to(dtype)
+        part casts its input to its own weights' dtype. The rotary frequencies stay float32
+        (``hub.cast_weights``)."""
+        cast_weights(self, dtype)
         for p in self.parameters():
             if p.requires_grad and p.is_floating_point():
                 p.data = p.data.float()

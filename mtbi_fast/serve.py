@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import queue
+import re
 import threading
 import time
 import uuid
@@ -177,7 +178,8 @@ def decode_audio(audio, where: str, max_seconds: float):
     try:
         data, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
     except Exception as exc:  # noqa: BLE001 - soundfile raises several types
-        raise RequestError(f"{where}.input_audio.data is not a readable {fmt} file ({exc})", param=where) from None
+        reason = re.sub(r"^Error opening <[^>]*>: ", "", str(exc)).strip()  # not the buffer's repr
+        raise RequestError(f"{where}.input_audio.data is not a readable {fmt} file ({reason})", param=where) from None
     seconds = data.shape[0] / rate if rate else 0.0
     if seconds > max_seconds:
         raise RequestError(f"{where}: the clip is {seconds:.2f} s long, over the model's limit of "

@@ -409,7 +409,7 @@ def test_decoding_kwargs_maps_to_generate_names():
     ({"encoderr": {}}, r"unknown key model.encoderr"),
     ({"llm": {"weights": "x"}}, r"model.llm must be one of"),
     ({"adapter": {"strid": 4}}, r"unknown key model.adapter.strid"),
-    ({"adapter": {"kind": "qformer"}}, r"model.adapter.kind must be 'stack' or 'conv'"),
+    ({"adapter": {"kind": "qformer"}}, r"model.adapter.kind must be one of stack, conv, audioflamingo3, got 'qformer'"),
     ({"dtype": "fp8"}, r"model.dtype must be auto, float32, bfloat16 or float16, got 'fp8'"),
 ])
 def test_config_errors(cfg, message):
