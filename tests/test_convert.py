@@ -224,8 +224,10 @@ def test_a_changed_cached_model_is_found_and_fetched_again(tmp_path, monkeypatch
     weights.write_bytes(bytes(blob))
     assert fetch_mod.verify_model(folder) == [f"{weights}: sha256 differs from the conversion's"]
     capsys.readouterr()
-    assert cli(["models", "verify", "minilm"]) == 1
-    assert "minilm: 1 problem(s): " in capsys.readouterr().out
+    assert cli(["models", "verify", "minilm"]) == 2
+    captured = capsys.readouterr()
+    assert "minilm: 1 problem(s): " in captured.out
+    assert captured.err.strip() == "mtbi-fast: error: models verify: 1 of 1 models failed (each is named above)"
 
     def offline(*a, **k):
         raise RuntimeError("no network in this test")
@@ -234,6 +236,8 @@ def test_a_changed_cached_model_is_found_and_fetched_again(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="no network"):
         fetch_mod.fetch("minilm")
     assert "changed since it was converted" in capsys.readouterr().out
+    assert cli(["models", "fetch", "minilm"]) == 2  # a download error goes through the one error path
+    assert "mtbi-fast: error: models fetch minilm: no network in this test\n" in capsys.readouterr().err
 
     weights.write_bytes(bytes(blob[: 1 << 20]))
     with pytest.raises(ValueError, match=rf"{weights}: 1048576 bytes, converted as 3145728: the cached model "

@@ -342,3 +342,23 @@ def test_eval_asr_command_writes_the_wer_of_the_test_set(tmp_path, capsys):
                                                               [r["hypothesis"] for r in result["rows"]]))
     assert cli(["eval", "--model", str(tmp_path / "model"), "-o", str(tmp_path / "x")]) == 2
     assert "pass --manifest (prompt and task generalization) or --asr" in capsys.readouterr().err
+
+
+def test_the_eval_split_comes_from_the_runs_data_also_when_streaming(tmp_path):
+    from mtbi_fast.evaluate import run_task_split
+
+    lib = TaskLibrary.load(ROOT / "configs" / "tasks.yaml")
+    split = lib.split(seed=7)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "split.json").write_text(json.dumps(split.to_dict()))
+    run = tmp_path / "run"
+    run.mkdir()
+    # a streaming run: data.behaviors is null, the shard folder keeps the behaviors' split
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"reader": "streaming", "behaviors": None,
+                                                              "train_shards": str(shards)}}))
+    assert run_task_split(run, lib).to_dict() == split.to_dict()
+    assert run_task_split(tmp_path / "not-a-run", lib).to_dict() == lib.split().to_dict()
+    (shards / "split.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"the task split .*split.json is not there .*pass --split"):
+        run_task_split(run, lib)
