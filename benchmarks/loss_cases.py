@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from mtbi_fast.loss import LOSS_BACKENDS
+
 # (name, N, H, V, dtype, device)
 CPU_CASES = [
     ("smollm2-N1024", 1024, 576, 49152, "float32", "cpu"),
@@ -33,9 +35,9 @@ CUDA_CASES = [  # Llama-3 8B's head at three row counts, and Qwen2.5-7B's head
 # Triton LigerFusedLinearJSD at jsd_beta=0 (forward KL); "liger_chunked": its chunked
 # LigerFusedLinearJSDLoss at beta=0 (forward KL, torch.compile'd chunks), which always computes
 # the head's gradient too (frozen here), so it does 1.5x the GEMM work of the others.
-# "chunked" is the CPU path (fp32 GEMMs on a copy of the head): not timed on a GPU. Liger's chunked
+# "torch" is the CPU path (fp32 GEMMs on a copy of the head): not timed on a GPU. Liger's chunked
 # loss is torch.compile'd once per shape (20-40 s each), so it runs on the N=8192 cases only.
-CPU_BACKENDS = ("eager", "chunked")
+CPU_BACKENDS = tuple(n for n, b in LOSS_BACKENDS.items() if "cpu" in b.devices)  # the registry
 CUDA_BACKENDS = ("eager", "triton", "triton@256MiB", "liger_jsd", "liger_chunked")
 CUDA_ONLY_AT_N8192 = ("liger_chunked",)
 

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--case", default=None, choices=sorted(cases),
                    help="default: llama3-8b-N8192 on CUDA, smollm2-N1024 on the CPU")
     p.add_argument("--backends", nargs="+", default=None,
-                   help="default: eager triton liger_jsd on CUDA, eager chunked on the CPU")
+                   help="default: eager triton liger_jsd on CUDA, eager torch on the CPU")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     case = cases[args.case or ("llama3-8b-N8192" if cuda else "smollm2-N1024")]
     if case[5] == "cuda" and not cuda:
         p.error(f"case {case[0]} needs a CUDA GPU")
-    backends = args.backends or (["eager", "triton", "liger_jsd"] if cuda else ["eager", "chunked"])
+    backends = args.backends or (["eager", "triton", "liger_jsd"] if cuda else ["eager", "torch"])
     results = []
     for b in backends:
         print(f"profiling {b} on {case[0]} ...", flush=True)

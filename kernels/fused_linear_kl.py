@@ -73,7 +73,7 @@ def fused_linear_kl(
     [V, H] fp32 | None, grad_bias [V] fp32 | None)``: the unweighted KL and CE of each row (0 on
     ignored rows; CE 0 when ``ce_weight`` is 0).
     """
-    require_triton_device(student_hidden, "the triton loss backend", "backend='chunked'")
+    require_triton_device(student_hidden, "the triton loss backend", "backend='torch'")
     device = student_hidden.device
     n, hidden = student_hidden.shape
     vocab = weight.shape[0]

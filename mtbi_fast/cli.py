@@ -619,15 +619,10 @@ def _info(args) -> int:
     except Exception as exc:
         print(f"triton unavailable: {exc}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from mtbi_kernels import triton_available
-
     from .attention import TORCH_VARLEN_KERNEL, resolve_attn
-    from .loss import AUTO_BACKEND
+    from .loss import AUTO_BACKEND, available_backends
 
-    backends = ["chunked", "eager"]
-    if triton_available(device):
-        backends += ["triton"]
-    print(f"loss backends on {device}: {', '.join(backends)} (auto -> {AUTO_BACKEND[device]})")
+    print(f"loss backends on {device}: {', '.join(available_backends(device))} (auto -> {AUTO_BACKEND[device]})")
     kernel = "none" if TORCH_VARLEN_KERNEL is None else "torch.nn.attention.varlen.varlen_attn"
     print(f"attention: auto -> {resolve_attn('auto')} (torch varlen kernel: {kernel})")
     return 0

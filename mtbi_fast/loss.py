@@ -15,11 +15,14 @@ Backends (one signature, see ``_chunked_linear_kl``):
   with ``TRITON_INTERPRET=1``): per chunk of rows one fp32-output GEMM of ``[h_s; h_t]`` against
   the head, one Triton pass per row for the statistics and the logit gradient, then ``G @ W``.
   The chunk's logits are the extra memory, bounded by ``memory_budget`` (1 GiB by default).
-- ``"chunked"``: plain PyTorch over chunks of rows (the same 3-GEMM structure as ``"triton"``,
-  with three or four chunk x V buffers); the default on CPU.
+- ``"torch"``: plain PyTorch over chunks of rows (the same 3-GEMM structure as ``"triton"``,
+  with three or four chunk x V buffers); the default on CPU. Its former name ``"chunked"`` is
+  still accepted.
 - ``"eager"``: ``mtbi_fast.reference.eager_row_losses``, everything materialized through autograd.
 
-``backend="auto"`` picks from measured data (see ``AUTO_BACKEND``).
+``backend="auto"`` picks by device (``AUTO_BACKEND``). ``LOSS_BACKENDS`` is the registry: name,
+implementation and the devices each runs on (``mtbi-fast info``, the tests and the benchmarks read
+it).
 
 The fused backends compute the gradients in the forward pass (the loss is the last op of a step)
 and only scale them in backward, so the head weight is not needed after the call. That is what
@@ -29,34 +32,68 @@ lets a DeepSpeed ZeRO-3 partitioned head be gathered just for the call.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .reference import eager_row_losses
 
-BACKENDS = ("auto", "triton", "chunked", "eager")
-# Backends that existed once, and why they went (named in the error when one is asked for).
+@dataclass(frozen=True)
+class LossBackend:
+    """One implementation of the imitation loss: its name, what runs it (``impl``: the fused
+    ``(h_s, h_t, weight, teacher_weight, bias, teacher_bias, target, row_scale, **options)``
+    function, or None for the eager reference), and where it runs."""
+
+    name: str
+    about: str
+    devices: tuple[str, ...]              # device types it runs on natively
+    impl: Callable[[], Callable] | None   # returns the fused function (imported lazily), or None: eager
+
+    def available(self, device: str) -> bool:
+        """Whether it runs on ``device`` ("cpu" or "cuda") here (Triton: also its CPU interpreter)."""
+        if self.name == "triton":
+            from mtbi_kernels import triton_available
+
+            return triton_available(device)
+        return device in self.devices
+
+
+def _triton_impl():
+    import mtbi_kernels  # slow to import: only when the backend runs
+
+    return mtbi_kernels.fused_linear_kl
+
+
+# The registry: a new backend is one entry here (and its tests pick it up from LOSS_BACKENDS).
+LOSS_BACKENDS = {
+    "torch": LossBackend("torch", "plain PyTorch over chunks of rows (the same 3-GEMM structure)",
+                         ("cpu", "cuda"), lambda: _chunked_linear_kl),
+    "eager": LossBackend("eager", "the reference: every logit materialized through autograd",
+                         ("cpu", "cuda"), None),
+    "triton": LossBackend("triton", "3-GEMM floor, Triton row pass (CUDA; CPU interpreter in tests)",
+                          ("cuda",), lambda: _triton_impl()),
+}
+BACKENDS = ("auto", *LOSS_BACKENDS)
+# Former names, still accepted: "chunked" is "torch" (renamed 2026-12-03, docs/loss.md).
+BACKEND_ALIASES = {"chunked": "torch"}
+# Backends that were removed, and what to use instead (named in the error when one is asked for).
 RETIRED_BACKENDS = {
-    "triton_recompute": "the two-pass kernel that formed every logit tile twice was retired after "
-                        "the GPU suite measured it 5.3-5.8x slower than 'triton' at every shape "
-                        "on an H200, and 'triton' under a 256 MiB budget used less memory "
-                        "(docs/gpu.md); use backend='triton' with a smaller memory_budget instead",
+    "triton_recompute": "the two-pass kernel was removed (docs/gpu.md says why); use backend='triton' "
+                        "with a smaller memory_budget instead",
 }
 REDUCTIONS = ("mean", "sum", "none")
 # Temperatures a distillation can use: below 1e-3 the tempered logits (z / T) overflow float32 to
 # inf and the loss is NaN; above 1e3 both distributions are uniform to float32 precision.
 TEMPERATURE_RANGE = (1e-3, 1e3)
+# What backend="auto" runs, by device (the measurements behind it: docs/loss.md).
+AUTO_BACKEND = {"cpu": "torch", "cuda": "triton"}
 
-# What ``backend="auto"`` runs, by device, and the measurement behind it.
-# - cpu: "chunked". benchmarks/bench_loss.py on 2 CPU cores (benchmarks/results/loss_cpu.md):
-#   the chunked PyTorch path beats eager; the Triton kernels only run in the interpreter there.
-# - cuda: "triton", the 3-GEMM design. benchmarks/gpu_suite.sh on an NVIDIA H200
-#   (benchmarks/results/loss_cuda.md): 0.50-0.52x eager's time at every measured shape (Llama-3 8B's
-#   head at N=8192/16384/32768, Qwen2.5-7B's at N=8192), 79-91% of the measured matmul roofline,
-#   and 1.5x faster than the faster Liger-Kernel loss; the retired two-pass kernel was 5.3-5.8x
-#   slower.
-AUTO_BACKEND = {"cpu": "chunked", "cuda": "triton"}
+
+def available_backends(device: str) -> list[str]:
+    """The registered backends that run on ``device`` here."""
+    return [name for name, b in LOSS_BACKENDS.items() if b.available(device)]
 
 
 def imitation_loss(
@@ -86,11 +123,11 @@ def imitation_loss(
     Returns a scalar (``reduction`` "mean" or "sum") or per-row losses with the leading shape
     ("none"). The loss is float64 for float64 inputs and float32 for any other input dtype, on
     every backend; "triton" computes in float32 whatever the inputs (its kernels have no float64
-    path), so use "chunked" or "eager" for float64 accuracy (gradcheck). The fused backends form
+    path), so use "torch" or "eager" for float64 accuracy (gradcheck). The fused backends form
     the gradients in the forward pass: a second derivative (``create_graph=True``) is a
     NotImplementedError there ("eager" has one). ``memory_budget``: bytes of extra
     memory a fused backend may use for its chunk buffers (default 1 GiB; the chunks are rows for
-    "triton" and "chunked"); ``chunk_size`` sets the rows per chunk directly. Ignored rows (``target_ids ==
+    "triton" and "torch"); ``chunk_size`` sets the rows per chunk directly. Ignored rows (``target_ids ==
     ignore_index``) are zeroed before any GEMM, so whatever they hold (NaN padding) changes
     nothing; ``check_finite`` (default on) raises a ``ValueError`` naming the tensor and row when a
     counted row of either hidden state holds NaN or inf (one fused reduction over the N x H
@@ -225,7 +262,7 @@ class _FusedImitation(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_kl=None, _grad_ce=None):
         if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative was asked for
             raise NotImplementedError(
-                "the fused imitation-loss backends ('chunked', 'triton') have no second derivative "
+                "the fused imitation-loss backends ('torch', 'triton') have no second derivative "
                 "(their gradients are formed in the forward pass); use backend='eager' for "
                 "create_graph=True / double backward")
         need_h, need_w, need_b = ctx.need
@@ -399,15 +436,12 @@ def _rowdot(a, b):
 
 
 def _fused_impl(name: str):
-    """The function behind a fused backend (Triton is imported lazily: its import is slow)."""
-    if name == "chunked":
-        return _chunked_linear_kl
-    import mtbi_kernels
-
-    return mtbi_kernels.fused_linear_kl
+    """The function behind a fused backend (``LOSS_BACKENDS[name].impl``)."""
+    return LOSS_BACKENDS[name].impl()
 
 
 def _resolve_backend(backend: str, h_s: torch.Tensor) -> str:
+    backend = BACKEND_ALIASES.get(backend, backend)
     if backend == "auto":
         return AUTO_BACKEND["cuda" if h_s.is_cuda else "cpu"]
     if backend.startswith("triton"):
@@ -417,7 +451,7 @@ def _resolve_backend(backend: str, h_s: torch.Tensor) -> str:
             raise ValueError(
                 f"backend={backend!r} needs CUDA tensors, but student_hidden is on {h_s.device}; "
                 "set TRITON_INTERPRET=1 before importing triton to run the kernels in the CPU "
-                "interpreter (slow, for tests), or use backend='chunked' or 'auto'")
+                "interpreter (slow, for tests), or use backend='torch' or 'auto'")
     return backend
 
 
@@ -475,7 +509,7 @@ def _check_options(temperature, reduction, backend, chunk_size=None, memory_budg
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend in RETIRED_BACKENDS:
         raise ValueError(f"backend={backend!r} is no longer available: {RETIRED_BACKENDS[backend]}")
-    if backend not in BACKENDS:
+    if backend not in BACKENDS and backend not in BACKEND_ALIASES:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     low, high = TEMPERATURE_RANGE
     if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)

@@ -8,9 +8,10 @@ from helpers import make_inputs
 
 import mtbi_fast
 from mtbi_fast import ImitationLoss, imitation_loss
+from mtbi_fast.loss import LOSS_BACKENDS
 from mtbi_fast.reference import eager_row_losses
 
-BACKENDS = ["eager", "chunked", "triton"]
+BACKENDS = list(LOSS_BACKENDS)  # the registry: a new backend is tested here without an edit
 GRAD_KEYS = ("student_hidden", "lm_head_weight", "lm_head_bias")
 
 
@@ -147,7 +148,7 @@ def test_nan_in_ignored_rows_changes_nothing(backend):
         torch.testing.assert_close(grads[k].double(), ref_grads[k], rtol=2e-5, atol=2e-6, msg=k)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "eager"])
+@pytest.mark.parametrize("backend", ["torch", "eager"])
 def test_non_finite_counted_rows_are_refused(backend):
     x = {k: (v.float() if v.is_floating_point() else v) for k, v in make_inputs(n=9, ignore=(2,)).items()}
     x["teacher_hidden"][5, 3] = float("inf")
@@ -178,7 +179,7 @@ def test_huge_logits(backend):
     assert_matches(out, grads, ref_out, ref_grads, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_error_within_twice_eager(backend, dtype):
     """At bf16/fp16 the fused paths' error (vs float64 on the same rounded inputs) is at most twice
@@ -225,7 +226,7 @@ def test_chunked_gradcheck_float64():
         def f(hs, w, b, reduction=reduction):
             return imitation_loss(hs, x["teacher_hidden"], w, x["target_ids"], b, w_t,
                                   temperature=1.7, ce_weight=0.3, reduction=reduction,
-                                  backend="chunked", chunk_size=3)
+                                  backend="torch", chunk_size=3)
         assert torch.autograd.gradcheck(f, (hs, w, b))
 
 
@@ -243,7 +244,7 @@ def test_frozen_head_gets_no_grad_and_module_api():
     x = make_inputs(bias=True)
     hs = x["student_hidden"].float().requires_grad_()
     w = x["lm_head_weight"].float()
-    module = ImitationLoss(temperature=2.0, ce_weight=0.5, backend="chunked")
+    module = ImitationLoss(temperature=2.0, ce_weight=0.5, backend="torch")
     assert "temperature=2.0" in repr(module)
     loss = module(hs, x["teacher_hidden"].float(), w, x["target_ids"], x["lm_head_bias"].float())
     loss.backward()
@@ -259,21 +260,23 @@ def test_no_grad_forward_matches():
     x = make_inputs()
     with torch.no_grad():
         a = imitation_loss(x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"],
-                           backend="chunked")
+                           backend="torch")
     b = imitation_loss(x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"],
                        backend="eager")
     torch.testing.assert_close(a, b)
 
 
-def test_auto_picks_chunked_on_cpu(monkeypatch):
+def test_auto_picks_torch_on_cpu_and_chunked_is_its_former_name(monkeypatch):
     import mtbi_fast.loss as loss_mod
 
     calls = []
     real = loss_mod._chunked_linear_kl
     monkeypatch.setattr(loss_mod, "_chunked_linear_kl", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = make_inputs(dtype=torch.float32)
-    imitation_loss(x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"])
-    assert calls == [1]
+    a = imitation_loss(x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"])
+    b = imitation_loss(x["student_hidden"], x["teacher_hidden"], x["lm_head_weight"], backend="chunked")
+    assert calls == [1, 1] and torch.equal(a, b)
+    assert loss_mod.available_backends("cpu")[:2] == ["torch", "eager"]
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -343,7 +346,7 @@ def test_module_rejects_bad_options():
         ImitationLoss(ce_weight=float("nan"))
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_memory_budget_changes_chunks_not_results(backend):
     """A budget too small for more than one row at a time gives the same loss and gradients as the
     default."""
@@ -370,7 +373,7 @@ def test_return_parts(backend):
     assert row_parts["kl"].shape == rows.shape and row_parts["kl"][1] == 0
 
 
-@pytest.mark.parametrize("backend", ["eager", "chunked", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "torch", "triton"])
 def test_the_dtype_contract_and_double_backward(backend):
     """float64 in, float64 out; float32, bf16 and fp16 in, float32 out; gradients in the input's
     dtype (docs/loss.md). A second derivative works on eager (against float64 autograd of the

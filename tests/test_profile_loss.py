@@ -20,7 +20,7 @@ def test_is_gemm_names_cublas_and_aten_products():
         assert not profile_loss.is_gemm(name), name
 
 
-@pytest.mark.parametrize("backend", ["eager", "chunked"])
+@pytest.mark.parametrize("backend", ["eager", "torch"])
 def test_profile_splits_a_cpu_step(backend):
     r = profile_loss.profile_backend(backend, CASE, steps=1)
     assert r["gemm_ms"] > 0 and r["other_ms"] > 0
