@@ -60,7 +60,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, is_dataclass
@@ -72,7 +71,7 @@ from tqdm import tqdm
 from .attention import padded_attention
 from .data import Utterance
 from .hub import ASSETS, TINY_LLM, hub_snapshot, parse_source, source_config
-from .io import atomic_write_text
+from .io import atomic_write_text, move_aside, sha256_and_lines, sha256_files
 from .lock import LOCK_NAME, FolderLock, FolderLockedError, describe_lock
 from .prompts import left_pad, template_halves
 from .tasks import TaskLibrary, TaskSplit
@@ -393,26 +392,17 @@ def write_index(out_dir: str | os.PathLike, n_shards: int) -> dict:
     hidden = all((out / shard_name(k, "safetensors")).exists() for k in range(n_shards))
     files, total = [], 0
     for k in range(n_shards):
-        sha, lines = _sha_and_lines(out / shard_name(k))
+        sha, lines = sha256_and_lines(out / shard_name(k))
         files.append({"name": shard_name(k), "records": lines, "sha256": sha})
         total += lines
         if hidden:
             path = out / shard_name(k, "safetensors")
             files.append({"name": path.name, "records": _safetensors_count(path),
-                          "sha256": _sha_and_lines(path)[0]})
+                          "sha256": sha256_and_lines(path)[0]})
     index = {"format": INDEX_FORMAT, "shards": n_shards, "records": total, "hidden_states": hidden,
              "files": files}
     atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2) + "\n")
     return index
-
-
-def _sha_and_lines(path: Path) -> tuple[str, int]:
-    h, lines = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            lines += chunk.count(b"\n")
-    return h.hexdigest(), lines
 
 
 def _safetensors_count(path: Path) -> int:
@@ -582,7 +572,7 @@ def teacher_fingerprint(model_config) -> dict:
     if kind == "tiny":
         return {"source": {"tiny": dict(value or {})},
                 "config_sha256": _sha_json({**TINY_LLM, **(value or {})}),
-                "tokenizer_sha256": _sha_files([ASSETS / "tiny_tokenizer.json"]),
+                "tokenizer_sha256": sha256_files([ASSETS / "tiny_tokenizer.json"], names=True, digest_each=True),
                 "weights": f"random init (seed {int(model_config.get('init_seed', 0))})", "commit": None}
     commit = None
     if kind == "hub":  # its snapshot, as a folder; the commit it resolved to is part of its identity
@@ -599,7 +589,8 @@ def teacher_fingerprint(model_config) -> dict:
         raise FileNotFoundError(f"model folder {folder} has no weight files (*.safetensors, *.bin)")
     out = {"source": {kind: str(folder.resolve()) if kind == "path" else value},
            "config_sha256": _sha_json(config),
-           "tokenizer_sha256": _sha_files([folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]),
+           "tokenizer_sha256": sha256_files([folder / n for n in TOKENIZER_FILES if (folder / n).is_file()], names=True,
+                                         digest_each=True),
            "weights": "sha256:" + _sha_weights(weights), "commit": commit}
     if commit is not None:
         out["source"] = {"hub": source["hub"], "revision": revision}
@@ -699,15 +690,9 @@ def _check_folder(out: Path, record: dict, split: TaskSplit, overwrite: bool,
                          "output folder, or --overwrite (overwrite=True) to move the old files aside")
     if before_move is not None:
         before_move()
-    aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-    aside.mkdir()
     # plan.json first: a move cut short leaves shards without a plan, which is refused again
-    for p in sorted(present, key=lambda p: p.name != "plan.json"):
-        shutil.move(str(p), str(aside / p.name))
+    aside = move_aside(out, first="plan.json",
+                       keep=lambda p: p.name == LOCK_NAME or p.name.startswith(LOCK_NAME + "."))
     print(f"behaviors: {out} was made differently ({'; '.join(diffs)}); its files were moved to "
           f"{aside}")
     return aside
@@ -739,14 +724,6 @@ def _short(v) -> str:
 
 def _sha_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def _sha_files(paths) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(f"{Path(p).name}\0".encode())
-        h.update(hashlib.sha256(Path(p).read_bytes()).digest())
-    return h.hexdigest()
 
 
 def _sha_weights(paths) -> str:

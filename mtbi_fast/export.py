@@ -336,7 +336,7 @@ def model_card(model, hf, run: Path, source: Path, report: str | None, dtype: st
         lines += ["## Evaluation", "", report.strip(), ""]
     else:
         lines += ["## Evaluation", "", "No evaluation was found in the run folder (`mtbi-fast eval "
-                  f"--model RUN -o RUN/eval` writes one).", ""]
+                  "--model RUN -o RUN/eval` writes one).", ""]
     data = record.get("data") or {}
     if data:
         lines += ["## Training data (fingerprint)", "", "| input | sha256 |", "|---|---|"]

@@ -18,14 +18,12 @@ a folder that already holds a run unless told to move that run aside to
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import json
 import math
 import os
 import shutil
 import socket
-import time
 import zipfile
 from pathlib import Path
 
@@ -33,7 +31,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mtbi_fast.io import atomic_write_text
+from mtbi_fast.io import atomic_write_text, move_aside, sha256_files
 from mtbi_fast.lock import LOCK_NAME
 
 # Keys that may differ between a checkpoint and the run that resumes it (docs/resume.md): how
@@ -167,7 +165,7 @@ def data_fingerprint(cfg: dict) -> dict[str, str]:
     if d["eval_manifest"] and d["eval_behaviors"]:
         files["data.eval_manifest"] = [Path(d["eval_manifest"])]
         files["data.eval_behaviors"] = _behavior_files(d["eval_behaviors"], False)
-    out = {key: _sha256(paths, names=len(paths) > 1 or key.endswith("behaviors"))
+    out = {key: sha256_files(paths, names=len(paths) > 1 or key.endswith("behaviors"), separator=b"\0")
            for key, paths in files.items()}
     return {**out, **model_fingerprint(cfg)}
 
@@ -211,26 +209,6 @@ def run_differences(recorded: dict, cfg: dict, fingerprint: dict) -> list[str]:
     return diffs
 
 
-def move_aside(out: Path) -> Path:
-    """Move everything in ``out`` but its lock to a new sibling ``<out>.replaced-<time>`` (the
-    checkpoints first, so that a move cut short never leaves them for a later resume)."""
-    base = out.parent / f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-    dest, k = base, 1
-    while dest.exists():
-        k += 1
-        dest = base.with_name(f"{base.name}-{k}")
-    dest.mkdir()
-    entries = sorted((p for p in out.iterdir() if p.name != LOCK_NAME),
-                     key=lambda p: (p.name != "checkpoints", p.name))
-    for p in entries:
-        try:
-            os.rename(p, dest / p.name)
-        except OSError as exc:
-            raise ValueError(f"cannot move {p} aside to {dest} ({exc.strerror or exc}); move the "
-                             f"old run away yourself or use another output_dir") from None
-    return dest
-
-
 def read_json(path: Path) -> dict:
     """A JSON file of the run folder; unreadable: a user error naming it."""
     try:
@@ -271,7 +249,7 @@ def check_checkpoint_sums(folder: Path) -> None:
         f = folder / rel
         if not f.is_file():
             raise ValueError(f"cannot resume: {f} is missing (listed in {folder / 'COMPLETE'})")
-        if _sha256([f], names=False) != want:
+        if sha256_files([f], names=False, separator=b"\0") != want:
             raise ValueError(f"cannot resume: {f}: its sha256 differs from the one {folder / 'COMPLETE'} "
                              f"recorded when the checkpoint was written (the file changed); resume from an "
                              f"earlier checkpoint by removing this one, or start clean with --no-resume --overwrite")
@@ -306,7 +284,7 @@ def publish_checkpoint(tmp: Path, name: str, record: dict, keep_last: int) -> No
     root = tmp.parent
     atomic_write_text(tmp / "run.json", json.dumps(record, indent=1) + "\n")
     # the sha256 of every file: what resume checks before it loads any of them
-    sums = {str(f.relative_to(tmp)): _sha256([f], names=False) for f in sorted(tmp.rglob("*")) if f.is_file()}
+    sums = {str(f.relative_to(tmp)): sha256_files([f], names=False, separator=b"\0") for f in sorted(tmp.rglob("*")) if f.is_file()}
     (tmp / "COMPLETE").write_text(json.dumps({"step": record["step"], "sha256": sums}, indent=1) + "\n")
     shutil.rmtree(root / name, ignore_errors=True)
     tmp.rename(root / name)
@@ -510,7 +488,7 @@ def _start_clean(out: Path, overwrite: bool) -> None:
             f"to {out.name}.replaced-<time>")
     if previous:
         what = "run" if is_run_folder(out) else "contents"
-        moved = move_aside(out)
+        moved = move_aside(out, first="checkpoints", keep=lambda p: p.name == LOCK_NAME)
         print(f"moved the previous {what} of {out} to {moved}")
 
 
@@ -543,18 +521,6 @@ def _behavior_files(folder: str, with_states: bool) -> list[Path]:
     if with_states:
         files += sorted(Path(folder).glob("shard-*.safetensors"))
     return files
-
-
-def _sha256(paths: list[Path], names: bool) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        if names:
-            h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def _jsonable(obj):

@@ -51,9 +51,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import Utterance
-from .io import atomic_write_text
+from .io import atomic_write_text, move_aside, sha256_files
 from .lhotse_io import manifest_to_cutset, read_utterances
-from .lock import FolderLock
+from .lock import LOCK_NAME, FolderLock
 from .procs import pool_initializer
 
 FORMAT = 1
@@ -93,8 +93,8 @@ def write_shards(manifest: str | os.PathLike, behaviors: str | os.PathLike, out_
         ids, n_records = _utterances_with_behaviors(bfiles, utts, manifest)
         _check_behaviors_complete(behaviors, n_records)
         settings = {"format": FORMAT, "shard_size": shard_size, "teacher_hidden": teacher_hidden,
-                    "manifest_sha256": _sha256_files([Path(manifest)]),
-                    "behaviors_sha256": _sha256_files(bfiles), "utterances": len(ids)}
+                    "manifest_sha256": sha256_files([Path(manifest)]),
+                    "behaviors_sha256": sha256_files(bfiles), "utterances": len(ids)}
         _check_settings(out, settings, overwrite)
         atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
         for name in ("plan.json", "split.json"):  # the teacher's provenance (check_teacher)
@@ -195,7 +195,7 @@ def read_index(folder: str | os.PathLike, verify: str = "quick", progress: bool 
                        f"after `mtbi-fast shard` wrote it")
         elif quick is not None and quick_fingerprint(file) != quick:
             problem = f"{file}: its contents differ from what {path} recorded (quick fingerprint)"
-        elif verify == "full" and _sha256_files([file]) != shard["sha256"][field]:
+        elif verify == "full" and sha256_files([file]) != shard["sha256"][field]:
             problem = f"{file}: its sha256 differs from {path}'s: the file changed after `mtbi-fast shard` wrote it"
         if problem is not None:
             if bad is None:
@@ -352,7 +352,6 @@ def _iter_records(bfiles: list[Path]):
 
 def _check_settings(out: Path, settings: dict, overwrite: bool) -> None:
     """A folder made from other inputs or settings is refused, or moved aside with ``overwrite``."""
-    from .runfolder import move_aside
 
     path = out / SETTINGS
     if not path.is_file():
@@ -360,7 +359,7 @@ def _check_settings(out: Path, settings: dict, overwrite: bool) -> None:
             raise ValueError(f"{out} is not empty and holds no shards; pick another folder or pass "
                              f"--overwrite to move its contents aside")
         if overwrite and any(p.name != ".lock" for p in out.iterdir()):
-            print(f"shard: moved the old contents of {out} to {move_aside(out)}")
+            print(f"shard: moved the old contents of {out} to {move_aside(out, keep=lambda p: p.name == LOCK_NAME)}")
         return
     old = json.loads(path.read_text(encoding="utf-8"))
     diffs = [f"{k} ({old.get(k)!r} -> {settings[k]!r})" for k in settings if old.get(k) != settings[k]]
@@ -369,7 +368,7 @@ def _check_settings(out: Path, settings: dict, overwrite: bool) -> None:
     if not overwrite:
         raise ValueError(f"{out} holds shards made from other inputs or settings: {', '.join(diffs)}; "
                          f"pass --overwrite to move them aside and start again")
-    print(f"shard: moved the old shards of {out} to {move_aside(out)}")
+    print(f"shard: moved the old shards of {out} to {move_aside(out, keep=lambda p: p.name == LOCK_NAME)}")
 
 
 def _summarize(folder: Path, k: int, teacher_hidden: bool) -> dict:
@@ -385,7 +384,7 @@ def _summarize(folder: Path, k: int, teacher_hidden: bool) -> dict:
     with gzip.open(folder / files["cuts"], "rt", encoding="utf-8") as f:
         longest = max((json.loads(line)["duration"] for line in f), default=0.0)
     return {"files": files, "cuts": cuts, "records": records, "max_duration": longest, "tasks": dict(tasks),
-            "sha256": {field: _sha256_files([folder / name]) for field, name in files.items()},
+            "sha256": {field: sha256_files([folder / name]) for field, name in files.items()},
             "bytes": {field: (folder / name).stat().st_size for field, name in files.items()},
             "quick": {field: quick_fingerprint(folder / name) for field, name in files.items()}}
 
@@ -418,10 +417,3 @@ def _make_index(out: Path, n_shards: int, settings: dict, without_behaviors: int
             "settings": settings}
 
 
-def _sha256_files(paths) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()

@@ -38,7 +38,6 @@ in-memory reader.
 
 from __future__ import annotations
 
-import math
 import random
 import tarfile
 import zlib
