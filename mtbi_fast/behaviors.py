@@ -72,13 +72,11 @@ from .attention import padded_attention
 from .data import Utterance
 from .hub import ASSETS, TINY_LLM, hub_snapshot, parse_source, source_config
 from .io import atomic_write_text, move_aside, sha256_and_lines, sha256_files
-from .lock import LOCK_NAME, FolderLock, FolderLockedError, describe_lock
+from .lock import LOCK_NAME, RANKS_LOCK, FolderLock, RanksLock, rank_lock_name
 from .prompts import left_pad, template_halves
 from .tasks import TaskLibrary, TaskSplit
 
 PLAN_TIMEOUT_S = 600.0  # how long a rank > 0 waits for rank 0's plan.json
-RANKS_LOCK = LOCK_NAME + ".ranks"  # shared by the working ranks > 0; exclusive to move files aside
-RANKS_LOCK_PATIENCE_S = 10.0  # how long a rank > 0 waits out an exclusive .lock.ranks
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1
 BATCHING = "prompt_length"  # plan.json settings.batching: batches cut by prompt length (module docstring)
@@ -166,14 +164,14 @@ def generate_behaviors(utterances: list[Utterance], library: TaskLibrary, llm, t
                                           else f"behaviors, rank 0 of {world}"))
             ranks_held = world == 1 and (out / RANKS_LOCK).exists()
             if ranks_held:  # no ranks of a launch write meanwhile
-                held.enter_context(_RanksLock(out, fcntl.LOCK_EX))
+                held.enter_context(RanksLock(out, fcntl.LOCK_EX))
         jobs = plan(utterances, split, library, cfg)
         record = _provenance(jobs, split, library, llm, cfg, model_config)
         if rank == 0:
             with contextlib.ExitStack() as moving:
                 def before_move():  # ranks of another launch may still write the old files
                     if not ranks_held:
-                        moving.enter_context(_RanksLock(out, fcntl.LOCK_EX))
+                        moving.enter_context(RanksLock(out, fcntl.LOCK_EX))
 
                 replaced = _check_folder(out, record, split, overwrite, before_move)
                 # plan.json first: a run killed before split.json is written still resumes
@@ -181,10 +179,8 @@ def generate_behaviors(utterances: list[Utterance], library: TaskLibrary, llm, t
                 split.save(out / "split.json")
         else:
             _wait_for_plan(out, record, split, overwrite, plan_timeout, rank)
-            lock = FolderLock(out, f"behaviors, rank {rank} of {world}")
-            lock.path = out / rank_lock_name(rank)
-            held.enter_context(lock)
-            held.enter_context(_RanksLock(out, fcntl.LOCK_SH))
+            held.enter_context(FolderLock(out, f"behaviors, rank {rank} of {world}", name=rank_lock_name(rank)))
+            held.enter_context(RanksLock(out, fcntl.LOCK_SH))
             _check_folder(out, record, split, False)  # still the plan it waited for
         summary = _generate(jobs, library, llm, tokenizer, out, cfg, progress, rank, world)
         n_shards = summary["shards"]
@@ -299,10 +295,6 @@ def _generate(jobs, library, llm, tokenizer, out: Path, cfg: BehaviorConfig, pro
 # ---------------------------------------------------------------------------------------------
 # ranks: the plan they wait for, their locks, the index at the end
 
-def rank_lock_name(rank: int) -> str:
-    return f"{LOCK_NAME}.rank-{rank:05d}"
-
-
 class PlanTimeoutError(TimeoutError, ValueError):
     """Rank 0's plan.json did not appear in time (a ``ValueError`` too: the command line prints
     it as one line)."""
@@ -329,55 +321,6 @@ def _wait_for_plan(out: Path, record: dict, split: TaskSplit, overwrite: bool, t
                 f"rank {rank}: {out / 'plan.json'} (rank 0 writes it) did not appear within "
                 f"{timeout:g} s{why}; did rank 0 fail? Its error comes first")
         time.sleep(min(0.2, max(timeout / 10, 0.01)))
-
-
-class _RanksLock:
-    """``flock`` on ``<folder>/.lock.ranks``: shared by the working ranks > 0, exclusive for a
-    single process while it works, and for moving a folder aside. A shared lock waits out an
-    exclusive one a few seconds (rank 0 holds it while it writes a new plan)."""
-
-    def __init__(self, folder: Path, mode: int):
-        self.folder, self.mode, self._fd = Path(folder), mode, None
-
-    def __enter__(self):
-        path = self.folder / RANKS_LOCK
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + (RANKS_LOCK_PATIENCE_S if self.mode == fcntl.LOCK_SH else 0)
-        while True:
-            try:
-                fcntl.flock(fd, self.mode | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    continue
-                os.close(fd)
-                raise FolderLockedError(
-                    f"{self.folder} is in use by {self._holders()} (lock file {path}); wait for it "
-                    "to finish or stop it, or use another folder") from None
-        self._fd = fd
-        return self
-
-    def _holders(self) -> str:
-        if self.mode == fcntl.LOCK_SH:  # a single process, or rank 0 moving files aside
-            return describe_lock(self.folder / LOCK_NAME)
-        ranks = []
-        for p in sorted(self.folder.glob(LOCK_NAME + ".rank-*")):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                ranks.append(describe_lock(p))
-            finally:
-                os.close(fd)
-        return "the ranks of a launch: " + ("; ".join(ranks) or "(ranks unknown)")
-
-    def __exit__(self, *exc):
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
 
 
 def _all_shards_there(out: Path, n_shards: int, hidden: bool) -> bool:

@@ -448,16 +448,19 @@ def test_ranks_wait_for_rank_0s_plan_and_refuse_another(tmp_path, setup):
 
 
 def test_ranks_refuse_a_second_run(tmp_path, setup, monkeypatch):
-    from mtbi_fast.lock import FolderLock, FolderLockedError
+    import fcntl
 
-    monkeypatch.setattr(beh, "RANKS_LOCK_PATIENCE_S", 0.2)
+    import mtbi_fast.lock as lock_mod
+    from mtbi_fast.lock import FolderLock, FolderLockedError, RanksLock, rank_lock_name
+
+    monkeypatch.setattr(lock_mod, "RANKS_LOCK_PATIENCE_S", 0.2)
     model, utts, lib = setup
     cfg = BehaviorConfig(per_utterance=1, max_new_tokens=2, shard_size=1)
     run_ranks(utts, lib, model, tmp_path, cfg, 2, order=[0])
     # rank 1 of a launch at work: its own lock, and its share of .lock.ranks
-    live = FolderLock(tmp_path, "behaviors, rank 1 of 2")
-    live.path = tmp_path / ".lock.rank-00001"
-    with live, beh._RanksLock(tmp_path, beh.fcntl.LOCK_SH):
+    live = FolderLock(tmp_path, "behaviors, rank 1 of 2", name=rank_lock_name(1))
+    assert live.path == tmp_path / ".lock.rank-00001"
+    with live, RanksLock(tmp_path, fcntl.LOCK_SH):
         with pytest.raises(FolderLockedError, match=rf"{tmp_path} is in use by the ranks of a launch: "
                                                     r"process \d+ on .* \(behaviors, rank 1 of 2"):
             generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path, cfg, progress=False)
@@ -472,7 +475,7 @@ def test_ranks_refuse_a_second_run(tmp_path, setup, monkeypatch):
     with FolderLock(tmp_path, "behaviors"):  # a single process at work: ranks 0 and 1 refused
         with pytest.raises(FolderLockedError, match=r"is in use by process \d+ on .* \(behaviors, since"):
             run_ranks(utts, lib, model, tmp_path, cfg, 2, order=[0])
-        with beh._RanksLock(tmp_path, beh.fcntl.LOCK_EX), pytest.raises(
+        with RanksLock(tmp_path, fcntl.LOCK_EX), pytest.raises(
                 FolderLockedError, match=r"is in use by process \d+ on .* \(behaviors, since"):
             generate_behaviors(utts, lib, model.llm, model.tokenizer, tmp_path, cfg, progress=False,
                                rank=1, world=2, model_config=MODEL)
