@@ -26,9 +26,7 @@ Per chunk of rows (the chunk size comes from a memory budget, 1 GiB by default):
    weight or bias requires grad.
 
 That is 3 GEMMs of N x H x V per step (6 N H V flops), the floor for a frozen head shared by
-teacher and student. (An earlier two-pass design formed every logit tile twice inside Triton, 5
-GEMM-equivalents, to keep only O(N) extra memory; on an H200 it ran 5.3-5.8x slower than this one,
-which used less memory under a 256 MiB budget, so it was retired: docs/gpu.md.)
+teacher and student. (Why not a two-pass design that keeps only O(N) extra memory: docs/gpu.md.)
 """
 
 from __future__ import annotations

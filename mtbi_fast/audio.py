@@ -89,6 +89,11 @@ def mel_frames(n_samples: int) -> int:
     return n_samples // HOP_LENGTH
 
 
+def encoder_seconds(encoder_frames_: int) -> float:
+    """Seconds of audio that ``encoder_frames_`` Whisper encoder frames cover (1500 -> 30 s)."""
+    return encoder_frames_ * ENCODER_STRIDE / FRAMES_PER_SECOND
+
+
 def encoder_frames(mel_frames_: int) -> int:
     """Whisper encoder output frames for a log-mel of ``mel_frames_`` frames (conv stride 2)."""
     return math.ceil(mel_frames_ / ENCODER_STRIDE)

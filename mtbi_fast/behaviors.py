@@ -71,7 +71,7 @@ from tqdm import tqdm
 from .attention import padded_attention
 from .data import Utterance
 from .hub import ASSETS, TINY_LLM, hub_snapshot, parse_source, source_config
-from .io import atomic_write_text, move_aside, sha256_and_lines, sha256_files
+from .io import atomic_write_text, derived_seed, move_aside, sha256_and_lines, sha256_files
 from .lock import LOCK_NAME, RANKS_LOCK, FolderLock, RanksLock, rank_lock_name
 from .prompts import left_pad, template_halves
 from .tasks import TaskLibrary, TaskSplit
@@ -263,7 +263,7 @@ def _generate(jobs, library, llm, tokenizer, out: Path, cfg: BehaviorConfig, pro
         shard, by_pos, hidden = shards[k], {}, {}
         for b, positions in enumerate(batches(shard, library, tokenizer, cfg.batch_size)):
             batch = [shard[i] for i in positions]
-            # the seed key is the batch's start in the shard, as before batches were sorted
+            # the seed key is the batch's position in the shard (its first job's index)
             records = answer(batch, library, llm, tokenizer, cfg,
                              derived_seed(cfg.seed, f"{k}/{b * cfg.batch_size}"),
                              hidden=hidden if cfg.cache_hidden else None)
@@ -693,7 +693,3 @@ def _write_hidden(path: Path, states: dict[str, torch.Tensor]):
     os.replace(tmp, path)
 
 
-def derived_seed(seed: int, key: str) -> int:
-    """A 64-bit seed of its own for ``key`` under the run seed ``seed`` (independent of what ran
-    before: plans and sampling are the same whichever part runs first)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")

@@ -22,7 +22,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from mtbi_fast.audio import (HOP_LENGTH, SAMPLE_RATE, encoder_frames, load_audio, log_mel, mel_frames,
+from mtbi_fast.audio import (SAMPLE_RATE, encoder_frames, encoder_seconds, load_audio, log_mel, mel_frames,
                              spec_augment)
 from mtbi_fast.behaviors import read_behaviors
 from mtbi_fast.hf_code.modeling_mtbi_speech import adapter_frames
@@ -282,7 +282,7 @@ def check_durations(utts, max_frames: int, manifest) -> None:
     """Every utterance fits the speech encoder (``max_frames`` output frames: Whisper's 1500 are
     30 s), judged from the manifest's durations and, near the limit, the audio header's exact
     length. The error lists the utterances that do not."""
-    limit = max_frames * 2 * HOP_LENGTH / SAMPLE_RATE
+    limit = encoder_seconds(max_frames)
     bad = []
     for u in utts:
         if u.duration <= limit - DURATION_TOLERANCE:

@@ -35,9 +35,9 @@ import torch
 from tqdm import tqdm
 
 from .audio import load_audio, log_mel
-from .behaviors import BehaviorConfig, answer, derived_seed, job
+from .behaviors import BehaviorConfig, answer, job
 from .data import Utterance
-from .io import atomic_write_text
+from .io import atomic_write_text, derived_seed
 from .loss import imitation_loss
 from .packing import Example, Speech, Text, pack
 from .prompts import SPEECH

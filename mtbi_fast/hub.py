@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .attention import resolve_attn
-from .audio import ENCODER_STRIDE, FRAMES_PER_SECOND
+from .audio import encoder_seconds
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -220,8 +220,8 @@ def max_audio_seconds(model_config: dict) -> tuple[float, str]:
     limit = float(model_config.get("max_audio_seconds", 30.0))
     why = f"model.max_audio_seconds = {limit:g}"
     positions = _encoder_positions(model_config.get("encoder") or {"tiny": {}})
-    if positions is not None and positions * ENCODER_STRIDE / FRAMES_PER_SECOND < limit:
-        limit = positions * ENCODER_STRIDE / FRAMES_PER_SECOND
+    if positions is not None and encoder_seconds(positions) < limit:
+        limit = encoder_seconds(positions)
         why = f"the encoder's max_source_positions = {positions} (x 2 / 100 = {limit:g} s)"
     return limit, why
 

@@ -1,5 +1,5 @@
 """Small file helpers shared by the modules that write results: atomic writes, file hashes,
-moving a folder's contents aside."""
+moving a folder's contents aside, seeds derived from a run seed and a key."""
 
 from __future__ import annotations
 
@@ -76,3 +76,10 @@ def move_aside(folder: Path, *, first: str | None = None, keep=lambda p: False) 
             raise ValueError(f"cannot move {p} aside to {dest} ({exc.strerror or exc}); move it away "
                              f"yourself or use another folder") from None
     return dest
+
+
+def derived_seed(seed: int, key: str) -> int:
+    """A 64-bit seed of its own for ``key`` under the run seed ``seed`` (independent of what ran
+    before: plans, splits and sampling are the same whichever part runs first, and whatever else
+    exists)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")

@@ -30,9 +30,8 @@ from . import hub
 
 GIB = 1024 ** 3
 # ``reserve_bytes`` default: what a rank keeps free beyond the model states for activations, the
-# loss buffers, NCCL and allocator slack: a quarter of the free memory, on a GPU at least 4 GiB
-# (35.0 GiB of an H200's 139.8 GiB, 19.8 GiB of an H100's 79.1 GiB); on a CPU (tests, smoke runs)
-# the quarter alone
+# loss buffers, NCCL and allocator slack: a quarter of the free memory, on a GPU at least 4 GiB;
+# on a CPU (tests, smoke runs) the quarter alone
 RESERVE_SHARE = 0.25
 RESERVE_MIN_BYTES = 4 * GIB
 # bytes per trained parameter (ZeRO paper's mixed-precision Adam count): the float32 weight (kept

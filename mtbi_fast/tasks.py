@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .io import atomic_write_text
+from .io import atomic_write_text, derived_seed
 
 PLACEHOLDER = "{transcript}"
 SPLITS = ("train", "heldout_wording", "heldout_task")  # the parts of a TaskSplit
@@ -97,12 +97,13 @@ class TaskLibrary:
         """The seeded split (the library's ``split`` section, ``seed`` overriding its seed)."""
         cfg = self.split_config
         seed = cfg.get("seed", 0) if seed is None else seed
-        rng = random.Random(seed)
         names = sorted(self.tasks)
         heldout = list(cfg.get("heldout_task_names") or [])
         n_tasks = cfg.get("heldout_tasks", len(heldout))
-        rest = [t for t in names if t not in heldout]
-        rng.shuffle(rest)
+        # each task's rank and each task's wording shuffle come from the seed and its own name:
+        # adding a task moves no other task's wordings, and changes the held-out tasks only if
+        # the new one ranks among them
+        rest = sorted((t for t in names if t not in heldout), key=lambda t: derived_seed(seed, f"task/{t}"))
         heldout += rest[:max(0, n_tasks - len(heldout))]
         if len(heldout) >= len(names):
             raise ValueError("the split holds out every task: nothing is left to train on")
@@ -114,7 +115,7 @@ class TaskLibrary:
             idx = list(range(len(self.tasks[t])))
             if n_words >= len(idx):
                 raise ValueError(f"task {t!r} has {len(idx)} wordings; holding out {n_words} leaves none")
-            rng.shuffle(idx)
+            random.Random(derived_seed(seed, f"wordings/{t}")).shuffle(idx)
             held_w[t] = sorted(idx[:n_words])
             train[t] = sorted(idx[n_words:])
         return TaskSplit(seed, train, held_w, sorted(heldout))

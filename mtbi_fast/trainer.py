@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mtbi_fast.audio import HOP_LENGTH, SAMPLE_RATE
+from mtbi_fast.audio import encoder_seconds
 from mtbi_fast.behaviors import check_teacher
 from mtbi_fast.config import interleave_schedule
 from mtbi_fast.dataset import BatchBuilder, MicroBatches, MTBIData
@@ -492,7 +492,7 @@ class Trainer:
                       skip_bad_audio=d["skip_bad_audio"])
         if d["reader"] == "streaming":
             builder = BatchBuilder(self.model, spec_augment=d["spec_augment"], **common)
-            limit = self.model.encoder.max_frames * 2 * HOP_LENGTH / SAMPLE_RATE
+            limit = encoder_seconds(self.model.encoder.max_frames)
             data = ShardData(d["train_shards"], builder, seed=cfg["train"]["seed"],
                              examples=cfg["packing"]["examples_per_step"], shuffle_cuts=d["shuffle_cuts"],
                              length_buckets=d["length_buckets"], token_budget=cfg["packing"]["token_budget"],

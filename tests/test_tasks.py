@@ -6,6 +6,8 @@ import pytest
 
 from mtbi_fast.tasks import TaskLibrary, TaskSplit
 
+ROOT = Path(__file__).parents[1]
+
 LIB = Path(__file__).parents[1] / "configs" / "tasks.yaml"
 
 
@@ -51,3 +53,21 @@ def test_split_cannot_hold_out_everything():
                                  "split": {"heldout_tasks": 1}})
     with pytest.raises(ValueError, match="holds out every task"):
         lib.split()
+
+
+def test_adding_a_task_changes_no_other_tasks_wordings():
+    """Each task's wording shuffle and held-out rank come from the seed and its own name: a new
+    task leaves every other task's held-out wordings as they were (and the held-out tasks, unless
+    it ranks among them)."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs" / "tasks.yaml").read_text())
+    before = TaskLibrary.from_dict(raw).split()
+    grown = dict(raw, tasks={**raw["tasks"], "zz_new_task": [f"wording {i}: {{transcript}}" for i in range(6)]})
+    after = TaskLibrary.from_dict(grown).split()
+    for task, held in before.heldout_wordings.items():
+        if task in after.heldout_wordings:
+            assert after.heldout_wordings[task] == held and after.train[task] == before.train[task], task
+    kept = set(before.heldout_tasks) & set(after.heldout_tasks)
+    assert len(kept) >= len(before.heldout_tasks) - 1  # at most the one the new task displaced
+    assert set(after.heldout_tasks) <= set(before.heldout_tasks) | {"zz_new_task"}
