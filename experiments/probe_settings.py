@@ -22,7 +22,7 @@ plain PyTorch without intermediate evaluation or checkpoints, into ``--output`` 
 DEMO/probes/<overrides>), and appends a JSON line per HELDOUT folder to DEMO/probes/results.jsonl.
 ``--model DIR`` scores a trained model (a ``save_pretrained`` folder, e.g. a demo's ``run/final``)
 instead of training one
-(the 300-step probes of docs/results.md: ``benchmarks/results/demo_probes.jsonl``).
+(the 300-step probes of docs/results.md: ``experiments/results/demo_probes.jsonl``).
 ``--repeat-wer`` also has the model answer every repeat wording (seen and held-out) for every
 utterance of ``--manifest`` from its speech and adds the mean WER against the transcript per
 wording kind, as the demo's evaluation computes it, and the corpus-level WER with its
