@@ -115,7 +115,7 @@ def check_fits(records: list[dict], utts: dict, model, max_tokens: int, overlong
     mid-run, the same batch would fail at the same step on every resume). Its prompt as pure
     speech (prefix + the clip's frames + suffix) and as text (the teacher's) must leave room for a
     response token; with ``overlong: error`` the response must fit whole. An interleaved prompt
-    lies between the two, but for a few tokens where spans meet."""
+    lies between the two, but for a few tokens where spans meet. The error names the longest first."""
     bad = []
     for r in records:
         u = utts[r["utt_id"]]
@@ -124,9 +124,10 @@ def check_fits(records: list[dict], utts: dict, model, max_tokens: int, overlong
         prompt = around + max(frames, len(r["transcript_ids"]))
         need = prompt + (len(r["response_ids"]) if overlong == "error" else 1)
         if need > max_tokens:
-            bad.append(f"{r['id']} (prompt {around + frames} tokens as speech, "
-                       f"{around + len(r['transcript_ids'])} as text, response {len(r['response_ids'])})")
+            bad.append((-need, f"{r['id']} (prompt {around + frames} tokens as speech, "
+                        f"{around + len(r['transcript_ids'])} as text, response {len(r['response_ids'])})"))
     if bad:
+        bad = [text for _, text in sorted(bad, key=lambda b: b[0])]  # the longest first
         raise ValueError(
             f"{where}: {len(bad)} behavior record(s) can never fit packing.max_tokens={max_tokens} "
             f"(overlong: {overlong}): {'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}. Raise "

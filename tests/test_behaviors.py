@@ -494,8 +494,13 @@ def test_ranks_launched_as_processes_at_once(tmp_path, setup):
     llm, tok = load_teacher(model_cfg.llm, seed=model_cfg.init_seed, dtype=model_cfg.dtype)
     cfg = BehaviorConfig(per_utterance=5, max_new_tokens=4, batch_size=3, shard_size=2,
                          cache_hidden=True)
-    generate_behaviors(utts, lib, llm, tok, tmp_path / "one", cfg, progress=False,
-                       model_config=model_cfg.to_dict())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the rank processes (OMP_NUM_THREADS=1): bf16 GEMMs split by thread count
+    try:
+        generate_behaviors(utts, lib, llm, tok, tmp_path / "one", cfg, progress=False,
+                           model_config=model_cfg.to_dict())
+    finally:
+        torch.set_num_threads(threads)
     args = [sys.executable, "-m", "mtbi_fast.cli", "behaviors", "--manifest",
             ROOT / "tests" / "data" / "clips.jsonl", "--config", ROOT / "configs" / "tiny.yaml",
             "-o", tmp_path / "ranks", "--per-utterance", 5, "--max-new-tokens", 4, "--batch-size", 3,
