@@ -99,12 +99,8 @@ def build_hf_model(model, *, merge_lora: bool = False, dtype: torch.dtype = torc
         else:
             lora = lora_arguments(model.config.lora)
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    text_config = base.config.to_dict()
-    encoder_config = model.encoder.encoder.config.to_dict()
-    for cfg in (text_config, encoder_config):  # mtbi-fast's own attention names mean nothing elsewhere
-        for key in ("_attn_implementation", "_attn_implementation_internal", "attn_implementation",
-                    "torch_dtype", "dtype"):
-            cfg.pop(key, None)
+    text_config = portable_config(base.config)
+    encoder_config = portable_config(model.encoder.encoder.config)
     adapter = {"kind": model.adapter.kind, "stride": model.adapter.stride,
                "hidden": model.adapter.proj[-1].in_features}
     config = MtbiSpeechConfig(encoder_config=encoder_config, text_config=text_config, adapter=adapter,
@@ -159,9 +155,7 @@ def build_audioflamingo3(model, *, dtype: torch.dtype = torch.float32):
         num_attention_heads=enc.encoder_attention_heads, intermediate_size=enc.encoder_ffn_dim,
         activation_function=enc.activation_function, max_source_positions=enc.max_source_positions,
         scale_embedding=bool(getattr(enc, "scale_embedding", False)))
-    text_config = llm.config.to_dict()
-    for key in ("_attn_implementation", "_attn_implementation_internal", "attn_implementation", "torch_dtype", "dtype"):
-        text_config.pop(key, None)
+    text_config = portable_config(llm.config)
     vocab = llm.get_input_embeddings().weight.shape[0]
     rows = max(vocab, audio_token_id + 1)
     text_config["vocab_size"] = rows
@@ -200,6 +194,16 @@ def build_audioflamingo3(model, *, dtype: torch.dtype = torch.float32):
     processor = AudioFlamingo3Processor(WhisperFeatureExtractor(feature_size=enc.num_mel_bins), tokenizer,
                                         chat_template=getattr(tokenizer, "chat_template", None), audio_token=AUDIO_TOKEN)
     return hf.eval(), processor
+
+
+def portable_config(config) -> dict:
+    """A transformers config as a dict without the attention implementation (mtbi-fast's own
+    names mean nothing elsewhere) or the dtype (the export's ``--dtype`` sets it)."""
+    out = config.to_dict()
+    for key in ("_attn_implementation", "_attn_implementation_internal", "attn_implementation",
+                "torch_dtype", "dtype"):
+        out.pop(key, None)
+    return out
 
 
 def lora_arguments(lora: dict) -> dict:

@@ -196,6 +196,13 @@ def test_export_refuses_a_non_empty_folder_and_replaces_it_atomically(runs, tmp_
     assert not (folder / "keep.txt").exists() and (folder / "model.safetensors").is_file()
     assert cli(["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "x")]) == 2
     assert "neither a run folder with final/ nor a save_pretrained folder" in capsys.readouterr().err
+    assert cli(["export", str(runs["plain"]), "-o", str(tmp_path / "y"), "--dtype", "int8"]) == 2
+    assert "--dtype must be one of float32, fp32, bfloat16, bf16, float16, fp16, got 'int8'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--as must be one of mtbi, audioflamingo3, got 'onnx'"):
+        export_mod.export(runs["plain"], tmp_path / "z", as_="onnx")
+    with pytest.raises(FileNotFoundError, match=r"is not an exported model folder \(no config.json\)"):
+        export_mod.push_to_hub(tmp_path / "nothing", "me/x")
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_tied_embeddings_stay_tied(tmp_path):
@@ -239,7 +246,7 @@ def test_push_to_hub_uploads_the_folder(runs, tmp_path, monkeypatch):
 def test_audioflamingo3_export_loads_in_plain_transformers_within_its_measured_bound(data, tmp_path):
     """``--as audioflamingo3``: transformers' own class, no remote code. Its encoder pads every clip
     to 30 s with a mask (mtbi-fast encodes the true length): only the frames at the clip's end see
-    other inputs. Measured on this tiny run: max |logit diff| 1.8% of the logits' spread, every
+    other inputs. Measured on this tiny run: max |logit diff| 2.7% of the logits' spread (printed with -s), every
     argmax the same (docs/export.md)."""
     import numpy as np
     import soundfile as sf
@@ -274,7 +281,10 @@ def test_audioflamingo3_export_loads_in_plain_transformers_within_its_measured_b
     assert got.shape[0] == want.shape[0] and got.shape[1] == want.shape[1] + 1  # + the <sound> row
     got = got[:, : want.shape[1]]
     torch.testing.assert_close(got[: len(before)], want[: len(before)], atol=1e-5, rtol=1e-5)  # text only
-    assert float((got - want).abs().max() / want.std()) < 0.05
+    spread = float((got - want).abs().max() / want.std())
+    print(f"audioflamingo3 export: max |logit diff| {float((got - want).abs().max()):.4f} = {spread:.1%} of the "
+          f"logits' std; argmax agreement {float(got.argmax(-1).eq(want.argmax(-1)).float().mean()):.0%}")
+    assert spread < 0.05
     assert bool(got.argmax(-1).eq(want.argmax(-1)).all())
     # a run with another adapter is refused by name
     with pytest.raises(ValueError, match=r"--as audioflamingo3 needs a run trained with model.adapter.kind: audioflamingo3"):
