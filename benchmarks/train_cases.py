@@ -44,7 +44,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.environ.get("MTBI_PACKAGE_ROOT", str(ROOT)))  # another tree: the overhead probe's "before"
 
-from mtbi_fast.audio import encoder_frames, load_audio, log_mel  # noqa: E402
+from mtbi_fast.audio import load_audio  # noqa: E402
 from mtbi_fast.data import Word, read_manifest  # noqa: E402
 from mtbi_fast.interleave import example_pair, transcript  # noqa: E402
 from mtbi_fast.model import ModelConfig, SpeechLLM  # noqa: E402
@@ -85,8 +85,8 @@ class Step:
         for b in range(n_batches):
             students, teachers, mels = [], [], []
             for u in utts[b * EXAMPLES_PER_STEP:(b + 1) * EXAMPLES_PER_STEP]:
-                mel = log_mel(load_audio(u.audio), self.model.encoder.num_mel_bins)
-                n_frames = self.model.adapter.n_frames(encoder_frames(mel.shape[1]))
+                mel = self.model.features(load_audio(u.audio))
+                n_frames = self.model.adapter.n_frames(self.model.front.frames(mel.shape[1]))
                 response = [rng.randrange(vocab) for _ in range(rng.randint(10, 100))]
                 s, t = example_pair(u.id, u.words, n_frames, self.model.frame_rate, 0.3, prefix,
                                     suffix, response, enc, generator=torch.Generator().manual_seed(b))
@@ -102,7 +102,7 @@ class Step:
         batch = self.batches[self.i % len(self.batches)]
         self.i += 1
         kw = {k: v for k, v in batch.items() if k in ("teacher", "teacher_hidden")}
-        out = self.model(batch["student"], mels=batch["mels"], **kw)
+        out = self.model(batch["student"], features=batch["features"], **kw)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.opt.step()
@@ -125,7 +125,7 @@ def saved_activation_bytes(step: "Step") -> int:
 
     kw = {k: v for k, v in batch.items() if k in ("teacher", "teacher_hidden")}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = step.model(batch["student"], mels=batch["mels"], **kw)
+        out = step.model(batch["student"], features=batch["features"], **kw)
     del out
     return sum(seen.values())
 
@@ -136,7 +136,7 @@ def step_batch(model, students, teachers, mels, on) -> dict:
     bins = None if "packing" in on else [[i] for i in range(len(students))]
     student = pack(students, 2048, bins=bins)
     teacher = pack(teachers, 2048, bins=bins)
-    batch = {"student": student, "mels": mels}
+    batch = {"student": student, "features": mels}
     if "cached_teacher" in on:
         batch["teacher_hidden"] = model.teacher_states(teacher)
     else:
@@ -145,15 +145,17 @@ def step_batch(model, students, teachers, mels, on) -> dict:
 
 
 def _pad_encoder_to_30s(model):
-    """The reference encoder: transformers' WhisperEncoder on 3000 padded frames, then cut."""
-    enc = model.encoder.encoder
+    """The reference encoder: transformers' WhisperEncoder on 3000 padded frames, then cut (in
+    place of ``packed``, which the model calls)."""
+    enc, front = model.encoder.encoder, model.front
 
-    def forward(mels):
+    def packed(mels):
         x = torch.stack([torch.nn.functional.pad(m, (0, 3000 - m.shape[1])) for m in mels])
         h = enc(x.to(enc.conv1.weight.dtype)).last_hidden_state
-        return [h[i, :encoder_frames(m.shape[1])] for i, m in enumerate(mels)]
+        lengths = [front.frames(m.shape[1]) for m in mels]
+        return torch.cat([h[i, :n] for i, n in enumerate(lengths)]), lengths
 
-    model.encoder.forward = forward
+    model.encoder.packed = packed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +290,7 @@ class Zero3Step:
         from mtbi_fast.flops import step_flops
 
         return statistics.mean(step_flops(self.trainer.model, b["student"], b.get("teacher"),
-                                          [m.shape[-1] for m in b["mels"]])["total"] for b in self.batches)
+                                          [m.shape[-1] for m in b["features"]])["total"] for b in self.batches)
 
     def measure(self, warmup: int = ZERO3_WARMUP, steps: int = ZERO3_STEPS, profile: bool = False) -> dict:
         """Median s/step, mean real tokens per step, model TFLOP/s and MFU, (CUDA) the peak memory
@@ -350,8 +352,8 @@ def synthetic_batches(model, on: set, n_batches: int, utterances: int | None, to
             seconds = rng.uniform(*SECONDS)
             scale = seconds / u["duration"]  # the demo transcript, stretched to the clip
             words = [Word(w["word"], w["start"] * scale, w["end"] * scale) for w in u["words"]]
-            mel = log_mel(0.1 * torch.randn(int(seconds * 16000), generator=g), model.encoder.num_mel_bins)
-            n_frames = model.adapter.n_frames(encoder_frames(mel.shape[1]))
+            mel = model.features(0.1 * torch.randn(int(seconds * 16000), generator=g))
+            n_frames = model.adapter.n_frames(model.front.frames(mel.shape[1]))
             prefix = [rng.randrange(vocab) for _ in range(rng.randint(15, 25))]
             suffix = [rng.randrange(vocab) for _ in range(rng.randint(5, 10))]
             response = [rng.randrange(vocab) for _ in range(rng.randint(*RESPONSE))]
@@ -381,7 +383,7 @@ def count_flops(case: str, utterances: int | None = None, tokens: int | None = N
         model = SpeechLLM.from_config(cfg)
     on = VARIANTS["mtbi-fast"] - {"cached_teacher"}  # pack the teacher, do not run it
     batches = synthetic_batches(model, on, ZERO3_BATCHES, None if tokens else (utterances or n_utts), tokens)
-    parts = [step_flops(model, b["student"], None, [m.shape[-1] for m in b["mels"]]) for b in batches]
+    parts = [step_flops(model, b["student"], None, [m.shape[-1] for m in b["features"]]) for b in batches]
     mean = {k: statistics.mean(p[k] for p in parts) for k in parts[0]}
     return dict(case=case, utterances=None if tokens else (utterances or n_utts), token_budget=tokens,
                 tokens=statistics.mean(b["student"].n_tokens for b in batches),

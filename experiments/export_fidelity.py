@@ -18,10 +18,9 @@ import torch
 
 
 def mtbi_logits(model, wave, prompt: str) -> torch.Tensor:
-    from mtbi_fast.audio import log_mel
     from mtbi_fast.prompts import prompt_halves
 
-    frames = model.speech_frames([log_mel(wave, model.encoder.num_mel_bins)])[0]
+    frames = model.speech_frames([model.features(wave)])[0]
     before, after = prompt_halves(model.tokenizer, prompt)
     embed = model.llm.get_input_embeddings()
     with torch.no_grad():

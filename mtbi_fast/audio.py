@@ -1,4 +1,4 @@
-"""Audio front-end: read, mix to mono, resample to 16 kHz, Whisper log-mel at the true length.
+"""Audio: read, mix to mono, resample to 16 kHz; Whisper log-mel at the true length; SpecAugment.
 
     wave = load_audio("clip.flac", max_seconds=35)       # float32 [T] at 16 kHz
     mel = log_mel(wave, n_mels=80)                        # [80, T // 160], Whisper's features
@@ -9,6 +9,7 @@ at max - 8, then (x + 4) / 4) but for the utterance's own length instead of 30 s
 Files are read with ``soundfile`` (``torchaudio.load`` needs torchcodec, whose PyPI build is
 CUDA-linked); torchaudio is needed only to resample audio that is not at 16 kHz (the mel filters
 are computed here, so a GPU machine without torchaudio still trains). Every failure names the file.
+What each encoder reads is its front end's (``mtbi_fast.encoders``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
-ENCODER_STRIDE = 2  # mel frames per Whisper encoder frame (its second convolution's stride)
 
 
 def load_audio(path: str | os.PathLike, *, max_seconds: float | None = None,
@@ -87,16 +87,6 @@ def log_mel(wave: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
 def mel_frames(n_samples: int) -> int:
     """Mel frames ``log_mel`` gives for ``n_samples`` samples at 16 kHz."""
     return n_samples // HOP_LENGTH
-
-
-def encoder_seconds(encoder_frames_: int) -> float:
-    """Seconds of audio that ``encoder_frames_`` Whisper encoder frames cover (1500 -> 30 s)."""
-    return encoder_frames_ * ENCODER_STRIDE / FRAMES_PER_SECOND
-
-
-def encoder_frames(mel_frames_: int) -> int:
-    """Whisper encoder output frames for a log-mel of ``mel_frames_`` frames (conv stride 2)."""
-    return math.ceil(mel_frames_ / ENCODER_STRIDE)
 
 
 @lru_cache(maxsize=8)

@@ -556,7 +556,7 @@ def _shard(args) -> int:
 
 def _manifest(args) -> int:
     from .data import ManifestError, import_librispeech, read_manifest, write_manifest
-    from .hub import max_audio_seconds
+    from .encoders import max_audio_seconds
 
     if args.manifest_command == "convert":
         from .lhotse_io import is_cutset_manifest, manifest_to_cutset, read_utterances

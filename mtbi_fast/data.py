@@ -10,7 +10,7 @@ with ``skip_bad=True`` it keeps the good lines and returns the problems instead.
 audio checks read only the file headers (readable, duration matches); ``decode=True`` also decodes
 every file (``load_audio``: truncated or unreadable data, NaN or infinite samples, a decoded length
 short of the header's), and ``max_seconds`` rejects clips longer than the model takes
-(``hub.max_audio_seconds`` of a model config). ``import_librispeech`` turns the LibriSpeech folder
+(``encoders.max_audio_seconds`` of a model config). ``import_librispeech`` turns the LibriSpeech folder
 layout (``*.trans.txt`` beside the flac files) into this format.
 
 The data model: an ``Utterance`` (one manifest line) with its ``Word`` list (a transcript word and

@@ -2,7 +2,7 @@
 micro-batches.
 
 ``MTBIData`` reads a manifest and a behaviors folder and builds any micro-batch from its index
-alone (audio decode, log-mel, SpecAugment, interleaving, packing); ``MicroBatches`` is the
+alone (audio decode, the encoder's features, SpecAugment, interleaving, packing); ``MicroBatches`` is the
 ``torch.utils.data.Dataset`` of one rank's micro-batches that DataLoader workers build ahead of the
 training step. Teacher hidden states cached with the behaviors (``data.teacher_cache``) come with
 each batch, cut like its responses.
@@ -22,8 +22,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from mtbi_fast.audio import (SAMPLE_RATE, encoder_frames, encoder_seconds, load_audio, log_mel, mel_frames,
-                             spec_augment)
+from mtbi_fast.audio import SAMPLE_RATE, load_audio, spec_augment
 from mtbi_fast.behaviors import read_behaviors
 from mtbi_fast.hf_code.modeling_mtbi_speech import adapter_frames
 from mtbi_fast.data import DURATION_TOLERANCE, Utterance
@@ -35,25 +34,28 @@ from mtbi_fast.packing import pack, truncate_together
 if TYPE_CHECKING:  # the model is read for plain values only, never kept
     from mtbi_fast.model import SpeechLLM
 
-# log-mels kept per process: 256 clips of 15 s are about 120 MB (80 bins, fp32); the demo's 200
-# training clips all fit
-MEL_CACHE_CLIPS = 256
+# encoder features kept per process: 256 clips of 15 s are about 120 MB as log-mels (80 bins,
+# fp32) or 250 MB as waveforms; the demo's 200 training clips all fit
+FEATURE_CACHE_CLIPS = 256
 
 
 class BatchBuilder:
     """Builds packed micro-batches from behavior records and their utterances; shared by the
     in-memory reader (``MTBIData``) and the streaming reader (``mtbi_fast.streaming``). Holds what
-    the batches need from the model as plain values (tokenizer, mel bins, adapter stride, frame
-    rate), never the model: it goes to DataLoader worker processes."""
+    the batches need from the model as plain values (tokenizer, the encoder's front end, adapter
+    stride, frame rate), never the model: it goes to DataLoader worker processes."""
 
     def __init__(self, model: SpeechLLM, seed: int, mean_span: float, max_tokens: int,
                  overlong: str, spec_augment: dict | None = None, skip_bad_audio: bool = False):
         self.seed, self.mean_span = seed, mean_span
         self.max_tokens, self.overlong = max_tokens, overlong
-        self.tokenizer, self.n_mels = model.tokenizer, model.encoder.num_mel_bins
+        self.tokenizer, self.front = model.tokenizer, model.front
         self.vocab = model.vocab_size  # token ids of records must be below it
         self.stride, self.frame_rate = model.adapter.stride, model.frame_rate
         self.adapter_kind = model.adapter.kind
+        if spec_augment is not None and not self.front.spectral:
+            raise ValueError(f"data.spec_augment masks log-mel features; this model's {model.encoder.family} "
+                             f"encoder reads waveforms (set data.spec_augment: null)")
         self.spec_augment = spec_augment  # SpecAugment's settings for training inputs, or None
         self.skip_bad_audio = skip_bad_audio
 
@@ -62,13 +64,13 @@ class BatchBuilder:
 
     def build(self, items: list[Item], ratio: float, salt: int) -> dict:
         """The packed student and teacher inputs of ``items`` at text ratio ``ratio`` (interleaving
-        and SpecAugment seeded by ``salt`` and each item's key), their log-mels, the bad audio left
+        and SpecAugment seeded by ``salt`` and each item's key), their encoder features, the bad audio left
         out (``skipped_audio``) and, when every item has them, the teacher's cached states cut
         like the responses (``teacher_hidden``)."""
-        students, teachers, mels, kept, skipped = [], [], [], [], []
+        students, teachers, feats, kept, skipped = [], [], [], [], []
         for item in items:
             try:
-                mel = item.mel()
+                feat = item.features()
             except BadAudioError as exc:
                 if not self.skip_bad_audio:
                     raise
@@ -76,16 +78,16 @@ class BatchBuilder:
                 continue
             if self.spec_augment is not None:  # masks seeded by example and step (resumable)
                 ga = torch.Generator().manual_seed(self.seed * 6007 + salt * 15_485_863 + item.key)
-                mel = spec_augment(mel, generator=ga, **self.spec_augment)
-            s, t = self.example_pair(item, mel, ratio, salt)
+                feat = spec_augment(feat, generator=ga, **self.spec_augment)
+            s, t = self.example_pair(item, feat, ratio, salt)
             students.append(s)
             teachers.append(t)
-            mels.append(mel)
+            feats.append(feat)
             kept.append(item)
         if not students:
             raise BadAudioError(f"every example of this batch has bad audio: {'; '.join(skipped)}")
         out = {"student": pack(students, self.max_tokens, overlong=self.overlong),
-               "teacher": pack(teachers, self.max_tokens, overlong=self.overlong), "mels": mels,
+               "teacher": pack(teachers, self.max_tokens, overlong=self.overlong), "features": feats,
                "skipped_audio": skipped}
         if kept[0].hidden is not None:  # cached states, cut like the (possibly truncated) responses
             counts = torch.bincount(out["student"].loss_example, minlength=len(kept)).tolist()
@@ -94,12 +96,12 @@ class BatchBuilder:
 
     def n_frames(self, n_samples: int) -> int:
         """The model's speech frames for a clip of ``n_samples`` samples (``SpeechLLM.n_frames``)."""
-        return adapter_frames(encoder_frames(mel_frames(n_samples)), self.stride, self.adapter_kind)
+        return adapter_frames(self.front.n_frames(n_samples), self.stride, self.adapter_kind)
 
-    def example_pair(self, item: Item, mel: torch.Tensor, ratio: float, salt: int):
+    def example_pair(self, item: Item, features: torch.Tensor, ratio: float, salt: int):
         """The item's student (interleaved) and teacher (text) examples, truncated together."""
         r, u = item.record, item.utterance
-        n_frames = adapter_frames(encoder_frames(mel.shape[1]), self.stride, self.adapter_kind)
+        n_frames = adapter_frames(self.front.frames(self.front.length(features)), self.stride, self.adapter_kind)
         g = torch.Generator().manual_seed(self.seed * 7919 + salt * 104_729 + item.key)
         s, t = example_pair(r["id"], u.words, n_frames, self.frame_rate, ratio,
                             r["prefix_ids"], r["suffix_ids"], r["response_ids"], self.tokenize,
@@ -137,13 +139,13 @@ def check_fits(records: list[dict], utts: dict, model, max_tokens: int, overlong
 @dataclass
 class Item:
     """One example to build: a behavior ``record`` of ``utterance``. ``key``: an integer that
-    seeds the example's interleaving and SpecAugment (with the batch's salt); ``mel``: gives the
-    utterance's log-mel (raises ``BadAudioError``); ``hidden``: the teacher's cached states
+    seeds the example's interleaving and SpecAugment (with the batch's salt); ``features``: gives
+    the utterance's encoder features (raises ``BadAudioError``); ``hidden``: the teacher's cached states
     [response tokens, H], or None."""
     key: int
     record: dict
     utterance: Utterance
-    mel: Callable[[], torch.Tensor]
+    features: Callable[[], torch.Tensor]
     hidden: torch.Tensor | None = None
 
 
@@ -161,7 +163,7 @@ class MTBIData(BatchBuilder):
                  skip_bad_audio: bool = False):
         super().__init__(model, seed, mean_span, max_tokens, overlong, spec_augment, skip_bad_audio)
         utts = read_utterances(manifest, require_words=True)  # JSONL manifest or Lhotse CutSet
-        check_durations(utts, model.encoder.max_frames, manifest)
+        check_durations(utts, model, manifest)
         self.utts = {u.id: u for u in utts}
         self.records = read_behaviors(behaviors, vocab=self.vocab)
         if tasks is not None:  # a baseline on fewer tasks (e.g. [continue]: BLSP-style alignment)
@@ -172,7 +174,7 @@ class MTBIData(BatchBuilder):
         if missing:
             raise ValueError(f"{behaviors}: behaviors refer to utterances not in {manifest}: {missing[:5]}")
         check_fits(self.records, self.utts, model, max_tokens, overlong, behaviors)
-        self._mels: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU, MEL_CACHE_CLIPS
+        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU, FEATURE_CACHE_CLIPS
         self.cache = load_hidden_cache(behaviors) if teacher_cache else None
 
     def __len__(self) -> int:
@@ -195,25 +197,25 @@ class MTBIData(BatchBuilder):
             self._perm_epoch = epoch
         return self._perm
 
-    def mel(self, utt_id: str) -> torch.Tensor:
-        """The utterance's log-mel; the last MEL_CACHE_CLIPS are kept (per process: each DataLoader
-        worker has its own cache, so memory stays bounded whatever the corpus size)."""
-        if utt_id in self._mels:
-            self._mels.move_to_end(utt_id)
+    def features(self, utt_id: str) -> torch.Tensor:
+        """The utterance's encoder features; the last FEATURE_CACHE_CLIPS are kept (per process:
+        each DataLoader worker has its own cache, so memory stays bounded whatever the corpus size)."""
+        if utt_id in self._features:
+            self._features.move_to_end(utt_id)
         else:
             audio = self.utts[utt_id].audio
-            while len(self._mels) >= MEL_CACHE_CLIPS:
-                self._mels.popitem(last=False)
-            self._mels[utt_id] = mel_or_bad_audio(utt_id, audio, lambda: load_audio(audio),
-                                                  self.n_mels, self.skip_bad_audio)
-        return self._mels[utt_id]
+            while len(self._features) >= FEATURE_CACHE_CLIPS:
+                self._features.popitem(last=False)
+            self._features[utt_id] = features_or_bad_audio(utt_id, audio, lambda: load_audio(audio),
+                                                           self.front, self.skip_bad_audio)
+        return self._features[utt_id]
 
     def batch(self, indices: list[int], ratio: float, salt: int) -> dict:
         """The micro-batch of records ``indices`` (``BatchBuilder.build``; record i's key is i)."""
         items = []
         for i in indices:
             r = self.records[i]
-            items.append(Item(i, r, self.utts[r["utt_id"]], partial(self.mel, r["utt_id"]),
+            items.append(Item(i, r, self.utts[r["utt_id"]], partial(self.features, r["utt_id"]),
                               self.cache[r["id"]] if self.cache is not None else None))
         return self.build(items, ratio, salt)
 
@@ -244,15 +246,16 @@ class MicroBatches(torch.utils.data.Dataset):
 
 
 class BadAudioError(ValueError):
-    """An utterance whose audio cannot be decoded into a log-mel (the message names it and its file)."""
+    """An utterance whose audio cannot be decoded into features (the message names it and its file)."""
 
 
-def mel_or_bad_audio(utt_id: str, where: str, load: Callable[[], torch.Tensor], n_mels: int,
-                     skip_bad_audio: bool) -> torch.Tensor:
-    """``log_mel(load())``, or a ``BadAudioError`` naming the utterance and ``where`` its audio is
-    (a file, or a shard) when the audio is unreadable, empty, non-finite or too short."""
+def features_or_bad_audio(utt_id: str, where: str, load: Callable[[], torch.Tensor], front,
+                          skip_bad_audio: bool) -> torch.Tensor:
+    """``front.features(load())`` (``front``: an ``encoders.FrontEnd``), or a ``BadAudioError``
+    naming the utterance and ``where`` its audio is (a file, or a shard) when the audio is
+    unreadable, empty, non-finite or too short."""
     try:
-        return log_mel(load(), n_mels)
+        return front.features(load())
     except (ValueError, OSError, RuntimeError) as exc:
         why = _short_error(exc)
         msg = why if where in why else f"{where}: {why}"
@@ -279,11 +282,14 @@ def _short_error(exc: Exception) -> str:
     return text
 
 
-def check_durations(utts, max_frames: int, manifest) -> None:
-    """Every utterance fits the speech encoder (``max_frames`` output frames: Whisper's 1500 are
-    30 s), judged from the manifest's durations and, near the limit, the audio header's exact
-    length. The error lists the utterances that do not."""
-    limit = encoder_seconds(max_frames)
+def check_durations(utts, model: SpeechLLM, manifest) -> None:
+    """Every utterance fits the model (``SpeechLLM.max_seconds``: ``max_audio_seconds``, or the
+    encoder's limit, Whisper's 1500 frames being 30 s), judged from the manifest's durations and,
+    near the limit, the audio header's exact length. The error lists the utterances that do not."""
+    limit, front = model.max_seconds, model.front
+    own_limit = limit == front.max_seconds  # the encoder's: exact in its frames
+    what = (f"the speech encoder's limit of {limit:g} s ({front.max_frames} frames)" if own_limit
+            else f"the model's limit of {limit:g} s (model.max_audio_seconds)")
     bad = []
     for u in utts:
         if u.duration <= limit - DURATION_TOLERANCE:
@@ -291,12 +297,12 @@ def check_durations(utts, max_frames: int, manifest) -> None:
         if u.duration <= limit + DURATION_TOLERANCE:  # the duration field may be off by the tolerance
             info = sf.info(u.audio)
             samples = math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
-            if encoder_frames(mel_frames(samples)) <= max_frames:
+            if own_limit and front.n_frames(samples) <= front.max_frames or samples <= limit * SAMPLE_RATE:
                 continue
         bad.append(f"{u.id} ({u.duration:.1f} s)")
     if bad:
         raise ValueError(f"{manifest}: {len(bad)} utterance{'s are' if len(bad) > 1 else ' is'} longer "
-                         f"than the speech encoder's limit of {limit:g} s ({max_frames} frames): "
+                         f"than {what}: "
                          f"{', '.join(bad[:20])}{', ...' if len(bad) > 20 else ''}; remove "
                          f"{'them' if len(bad) > 1 else 'it'} from the manifest or cut the audio")
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .audio import load_audio, log_mel
+from .audio import load_audio
 from .behaviors import BehaviorConfig, answer, job
 from .data import Utterance
 from .io import atomic_write_text, derived_seed
@@ -255,8 +255,7 @@ def imitation_kl(model, jobs, teacher_records, teacher_hidden: dict | None = Non
         for b in range(0, len(scored), batch_size):
             index = scored[b:b + batch_size]
             group = [(jobs[i], teacher_records[i]) for i in index]
-            frames = model.speech_frames([log_mel(load_audio(j["audio"]), model.encoder.num_mel_bins)
-                                          for j, _ in group])
+            frames = model.speech_frames([model.features(load_audio(j["audio"])) for j, _ in group])
             student = pack([Example(j["id"], [Text(r["prefix_ids"]), Speech(0, f.shape[0]),
                                               Text(r["suffix_ids"])], r["response_ids"],
                                     n_frames=f.shape[0]) for (j, r), f in zip(group, frames)], 4096)
@@ -574,7 +573,7 @@ def evaluate_asr(model, utts: list[Utterance], prompt: str, out: str | Path, *, 
     bar = tqdm(total=len(utts), desc="asr", unit="utt", disable=not progress)
     for b in range(0, len(utts), batch_size):
         chunk = utts[b:b + batch_size]
-        waves = [load_audio(u.audio, max_seconds=model.config.max_audio_seconds) for u in chunk]
+        waves = [load_audio(u.audio, max_seconds=model.max_seconds) for u in chunk]
         hyps += [h.strip() for h in model.generate_batch(waves, [prompt] * len(chunk),
                                                          max_new_tokens=max_new_tokens, **(decoding or {}))]
         bar.update(len(chunk))

@@ -228,10 +228,17 @@ def generation_config(llm, tokenizer):
 
 
 def _save_processing(model, folder: Path) -> None:
-    from transformers import WhisperFeatureExtractor
+    """The tokenizer and the encoder's feature extractor: Whisper's, or wav2vec2's for a waveform
+    encoder (normalizing as the run's front end does)."""
+    from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
     model.tokenizer.save_pretrained(folder)
-    WhisperFeatureExtractor(feature_size=model.encoder.num_mel_bins).save_pretrained(folder)
+    if model.front.spectral:
+        WhisperFeatureExtractor(feature_size=model.encoder.num_mel_bins).save_pretrained(folder)
+    else:
+        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                 do_normalize=model.front.normalize, return_attention_mask=True
+                                 ).save_pretrained(folder)
 
 
 def _check_target(out: Path, overwrite: bool) -> None:

@@ -1,6 +1,6 @@
 """Model FLOPs of one MTBI training step, for MFU (model FLOPs utilization) reporting.
 
-    parts = step_flops(model, student, teacher, mel_frames=[m.shape[-1] for m in mels])
+    parts = step_flops(model, student, teacher, feature_lengths=[model.front.length(f) for f in features])
     peak, why = peak_tflops(device, override=cfg.train.peak_tflops)
     achieved, util = mfu(parts["total"], step_seconds, peak)
 
@@ -23,9 +23,9 @@ lookups count nothing. The parts ``step_flops`` returns (integers):
   the linear layers, per layer and per example (a packed sequence of true length n; the rows'
   padding tails are not examples): causal pairs n(n + 1) / 2, forward 4 x head_dim x heads per
   pair, backward 2x forward (dQ, dK, dV, dP). Forward + backward. Sliding windows are not modeled.
-- ``encoder`` (Whisper, per clip of T log-mel frames, n = ceil(T / 2) output frames): conv1
-  2 x 3 x num_mel_bins x d_model x T, conv2 2 x 3 x d_model^2 x n, each layer 2 x (4 d^2 + 2 d ffn)
-  per frame plus non-causal attention 4 x d x n^2. Frozen parts run forward only; the top
+- ``encoder``: the family's own count (``SpeechEncoder.flops``, per clip from its features'
+  length): its convolutions, then each layer 2 x (4 d^2 + 2 d ffn) per frame plus non-causal
+  attention 4 x d x n^2. Frozen parts run forward only; the top
   ``model.config.train_encoder_layers`` layers (trained) add a backward of 2x their forward
   (weight and activation gradients), and nothing below them runs backward.
 - ``adapter``: its weights are trained: 2 (forward) + 2 (weight gradients) + 2 (activation
@@ -58,7 +58,8 @@ import re
 
 import torch
 
-from .audio import ENCODER_STRIDE, encoder_frames
+from .audio import SAMPLE_RATE
+
 
 # TFLOP/s per card, dense bf16 with fp32 accumulation
 PEAK_TFLOPS: dict[str, float] = {
@@ -104,12 +105,12 @@ def peak_tflops(device: torch.device | str | None = None,
     return peak, f"table: {name}"
 
 
-def step_flops(model, student, teacher=None, mel_frames: list[int] | None = None) -> dict[str, int]:
+def step_flops(model, student, teacher=None, feature_lengths: list[int] | None = None) -> dict[str, int]:
     """Model FLOPs of one forward + backward of SpeechLLM ``model`` (unwrapped) on the packed
     student batch ``student``, with the online teacher's packed batch ``teacher`` (None: a cached
-    teacher, which costs nothing) and the log-mel frame count of each clip the encoder runs on
-    (``mel_frames``; None: derived from ``student.frame_offsets``, each example with speech frames
-    F being a clip of 2 x adapter stride x F mel frames, exact when the clip's length is a
+    teacher, which costs nothing) and the features' length of each clip the encoder runs on
+    (``feature_lengths``; None: derived from ``student.frame_offsets``, each example with speech
+    frames F being a clip of F x adapter stride encoder frames, exact when the clip's length is a
     multiple of that).
 
     Returns integer FLOPs per part (module docstring): llm_forward, llm_backward, attention,
@@ -124,7 +125,8 @@ def step_flops(model, student, teacher=None, mel_frames: list[int] | None = None
         "llm_forward": 2 * (linear + lora) * tokens,
         "llm_backward": (2 * linear + 4 * lora) * tokens,
         "attention": 3 * _attention_forward(cfg, student),
-        "encoder": _encoder_flops(model, _clip_mel_frames(model, student, mel_frames)),
+        "encoder": model.encoder.flops(_clip_lengths(model, student, feature_lengths),
+                                       model.config.train_encoder_layers),
         "adapter": _adapter_flops(model, int(student.frame_offsets[-1])),
         "loss": (8 if head.requires_grad else 6) * rows * cfg.hidden_size * _shape(head)[0],
         "teacher": 0 if teacher is None else (2 * linear * int(teacher.n_tokens)
@@ -207,23 +209,14 @@ def _example_lengths(batch) -> list[int]:
     return [bounds[bisect.bisect_right(bounds, s)] - s for s in batch.example_starts]
 
 
-def _clip_mel_frames(model, student, mel_frames) -> list[int]:
-    if mel_frames is not None:
-        return [int(t) for t in mel_frames]
-    per_frame = ENCODER_STRIDE * model.adapter.stride
-    return [per_frame * f for f in torch.diff(student.frame_offsets).tolist() if f > 0]
-
-
-def _encoder_flops(model, mel_frames: list[int]) -> int:
-    cfg = model.encoder.encoder.config
-    d, ffn, layers = cfg.d_model, cfg.encoder_ffn_dim, cfg.encoder_layers
-    trained = min(model.config.train_encoder_layers, layers)
-    conv = layer = 0
-    for t in mel_frames:
-        n = encoder_frames(t)
-        conv += 2 * 3 * cfg.num_mel_bins * d * t + 2 * 3 * d * d * n
-        layer += 2 * (4 * d * d + 2 * d * ffn) * n + 4 * d * n * n
-    return conv + (layers - trained) * layer + trained * 3 * layer
+def _clip_lengths(model, student, feature_lengths) -> list[int]:
+    """Each clip's features' length: as given, or from its speech frames (F adapter frames are
+    F x stride encoder frames, each ``SAMPLE_RATE / frame_rate`` samples)."""
+    if feature_lengths is not None:
+        return [int(t) for t in feature_lengths]
+    front = model.front
+    samples = SAMPLE_RATE / front.frame_rate * model.adapter.stride
+    return [round(samples * f) // front.samples_per_step for f in torch.diff(student.frame_offsets).tolist() if f > 0]
 
 
 def _adapter_flops(model, frames: int) -> int:

@@ -17,15 +17,11 @@ from pathlib import Path
 import torch
 
 from .attention import resolve_attn
-from .audio import encoder_seconds
 
 ASSETS = Path(__file__).parent / "assets"
 
-# ``{"tiny": {overrides}}`` sources: transformers config arguments of the random tiny models
-TINY_ENCODER = dict(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
-                    encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=4,
-                    decoder_ffn_dim=128, max_source_positions=1500, vocab_size=128,
-                    pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+# ``{"tiny": {overrides}}`` LLM sources: transformers config arguments of the random tiny LLM
+# (the tiny encoders: mtbi_fast.encoders)
 TINY_LLM = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=2048, tie_word_embeddings=False)
@@ -153,35 +149,12 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def tiny_encoder_config(overrides: dict | None):
-    """The transformers ``WhisperConfig`` of a ``{tiny: {...}}`` encoder source."""
-    import transformers
-
-    return transformers.WhisperConfig(**{**TINY_ENCODER, **(overrides or {})})
-
-
 def tiny_llm_config(overrides: dict | None):
     """The transformers config of a ``{tiny: {...}}`` LLM source (``model_type`` picks the family)."""
     import transformers
 
     spec = {**TINY_LLM, **(overrides or {})}
     return transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
-
-
-def load_encoder(source: dict, seed: int = 0):
-    """A transformers ``WhisperEncoder`` from a model source."""
-    import transformers
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    kind, value, revision = parse_source(source, "encoder")
-    if kind == "tiny":
-        cfg = tiny_encoder_config(value)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            return WhisperEncoder(cfg).eval()
-    path = _folder(kind, value, revision)
-    model = transformers.WhisperForConditionalGeneration.from_pretrained(path)
-    return model.get_encoder().eval()
 
 
 def load_llm(source: dict, seed: int = 0, attn_implementation: str = "auto"):
@@ -196,7 +169,7 @@ def load_llm(source: dict, seed: int = 0, attn_implementation: str = "auto"):
             torch.manual_seed(seed)
             llm = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
         return llm.eval(), tiny_tokenizer()
-    path = _folder(kind, value, revision)
+    path = source_folder(kind, value, revision)
     llm = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return llm.eval(), tokenizer
@@ -209,21 +182,6 @@ def load_teacher(llm: dict, seed: int = 0, dtype: str = "float32"):
     model, tokenizer = load_llm(llm, seed=seed)
     cast_weights(model, resolve_dtype(dtype))
     return model, tokenizer
-
-
-def max_audio_seconds(model_config: dict) -> tuple[float, str]:
-    """The longest clip a model takes, and why, from its config (a run config's ``model``
-    section), without building it: the smaller of ``max_audio_seconds`` (default 30) and what
-    the Whisper encoder's position table holds (``max_source_positions`` frames after its stride-2
-    convolution, at 100 mel frames a second: 1500 -> 30 s). The encoder's config is read from the
-    tiny defaults or the model folder's ``config.json``; a hub id is not read (no network)."""
-    limit = float(model_config.get("max_audio_seconds", 30.0))
-    why = f"model.max_audio_seconds = {limit:g}"
-    positions = _encoder_positions(model_config.get("encoder") or {"tiny": {}})
-    if positions is not None and encoder_seconds(positions) < limit:
-        limit = encoder_seconds(positions)
-        why = f"the encoder's max_source_positions = {positions} (x 2 / 100 = {limit:g} s)"
-    return limit, why
 
 
 def source_config(kind: str, value: str, key: str) -> tuple[Path, dict]:
@@ -249,7 +207,8 @@ def tiny_tokenizer():
                                    eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def _folder(kind: str, value: str, revision: str | None = None) -> str:
+def source_folder(kind: str, value: str, revision: str | None = None) -> str:
+    """The local folder of a ``path``, ``name`` or ``hub`` model source (a hub id: its snapshot)."""
     if kind == "path":
         if not Path(value).is_dir():
             raise FileNotFoundError(f"model folder not found: {value}")
@@ -257,14 +216,3 @@ def _folder(kind: str, value: str, revision: str | None = None) -> str:
     if kind == "name":
         return str(model_dir(value))
     return str(hub_snapshot(value, revision)[0])
-
-
-def _encoder_positions(source: dict) -> int | None:
-    kind, value, _ = parse_source(source, "encoder")
-    if kind == "tiny":
-        return int({**TINY_ENCODER, **(value or {})}["max_source_positions"])
-    if kind == "hub":
-        return None
-    _, cfg = source_config(kind, value, "encoder")
-    value = cfg.get("max_source_positions", (cfg.get("encoder") or {}).get("max_source_positions"))
-    return int(value) if value is not None else None

@@ -1,17 +1,13 @@
-"""The SpeechLLM that MTBI trains: Whisper encoder (true length) -> adapter -> causal LM decoder.
+"""The SpeechLLM that MTBI trains: speech encoder (true length) -> adapter -> causal LM decoder.
 
     model = SpeechLLM.from_config(ModelConfig.from_dict(yaml.safe_load(open("configs/tiny.yaml"))["model"]))
-    frames = model.speech_frames([log_mel(wave)])          # adapter outputs, one [F, H] per clip
+    frames = model.speech_frames([model.features(wave)])   # adapter outputs, one [F, H] per clip
     out = model(student_batch, frames, teacher=teacher_batch)   # {"loss", "kl", "ce"}
     text = model.generate("clip.flac", "Summarize what the speaker says.", tokenizer)
 
-- ``SpeechEncoder`` runs transformers' ``WhisperEncoder`` modules on log-mels of any length up to
-  30 s, not padded to 3000 frames: the convolutions run on the batch padded to its longest clip
-  (the first one's output zeroed past each clip's end, so the second sees what it would see at
-  the true length), then every clip's frames are packed back to back into one stream and the
-  layers run on it with varlen attention (``mtbi_fast.attention``, not causal): no padded frame
-  is computed and no mask is built, so SDPA and the varlen kernels keep their fast paths. Each
-  clip's output does not depend on what it was batched with.
+- The encoder is a ``mtbi_fast.encoders.SpeechEncoder`` (Whisper on log-mels, or a wav2vec2 /
+  HuBERT / WavLM model on waveforms), run at each clip's true length; its front end
+  (``model.front``) makes the features and says how many frames a clip gives.
 - ``Adapter`` stacks ``stride`` consecutive encoder frames (50 Hz -> 12.5 Hz at stride 4) and maps
   them through a 2-layer MLP to the LLM's hidden size (or a strided convolution, ``kind: conv``);
   it runs once over all clips of a batch (``Adapter.packed``).
@@ -42,11 +38,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attention import TORCH_VARLEN, VARLEN_SDPA, TORCH_VARLEN_KERNEL, padded_attention
-from .audio import ENCODER_STRIDE, FRAMES_PER_SECOND, encoder_frames, load_audio, log_mel, mel_frames
+from .attention import padded_attention
+from .audio import load_audio
 from .embeddings import check_pack_source, pack_embeddings
 from .hf_code.modeling_mtbi_speech import ADAPTER_KINDS, MtbiSpeechAdapter
-from .hub import cast_weights, load_encoder, load_llm, parse_source, resolve_dtype
+from .encoders import SpeechEncoder, host_to, load_encoder
+from .hub import cast_weights, load_llm, parse_source, resolve_dtype
 from .loss import ImitationLoss, gathered
 from .packing import PackedBatch, gather_loss_rows, model_inputs
 from .prompts import left_pad, prompt_halves
@@ -115,79 +112,6 @@ class ModelConfig:
 # model
 
 
-class SpeechEncoder(nn.Module):
-    """Whisper encoder at the true length (module docstring). ``encoder``: a ``WhisperEncoder``."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-        self.final_norm = True  # False: the adapter applies the encoder's LayerNorm (audioflamingo3)
-        # the layers run on packed clips through mtbi_fast.attention (which follows Whisper's
-        # is_causal=False); torch's varlen kernel where it runs, SDPA per clip elsewhere
-        encoder.config._attn_implementation = TORCH_VARLEN if TORCH_VARLEN_KERNEL is not None else VARLEN_SDPA
-
-    @property
-    def num_mel_bins(self) -> int:
-        return self.encoder.config.num_mel_bins
-
-    @property
-    def d_model(self) -> int:
-        return self.encoder.config.d_model
-
-    @property
-    def max_frames(self) -> int:
-        """Encoder output frames the positional table covers (1500 = 30 s)."""
-        return self.encoder.embed_positions.num_embeddings
-
-    def forward(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Log-mels [n_mels, T_i] -> encoder states [ceil(T_i / 2), d_model], one per clip."""
-        states, lengths = self.packed(mels)
-        return list(states.split(lengths))
-
-    def packed(self, mels: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-        """Log-mels [n_mels, T_i] -> (the clips' encoder states back to back [sum n_i, d_model],
-        [n_i]) with n_i = ceil(T_i / 2)."""
-        enc = self.encoder
-        lengths = [m.shape[-1] for m in mels]
-        out_lengths = [encoder_frames(t) for t in lengths]
-        for i, (m, n) in enumerate(zip(mels, out_lengths)):
-            if m.dim() != 2 or m.shape[0] != self.num_mel_bins:
-                raise ValueError(f"clip {i}: log-mel must be [{self.num_mel_bins}, T], got "
-                                 f"{tuple(m.shape)}")
-            if n > self.max_frames:
-                raise ValueError(f"clip {i}: {lengths[i]} mel frames ({lengths[i] / FRAMES_PER_SECOND:.1f}"
-                                 f" s) is longer than the encoder's {self.max_frames * ENCODER_STRIDE} frames")
-        if not mels:
-            return torch.zeros(0, self.d_model, device=enc.conv1.weight.device), []
-        device, dtype = enc.conv1.weight.device, enc.conv1.weight.dtype
-        x = torch.nn.utils.rnn.pad_sequence([m.T for m in mels], batch_first=True).transpose(1, 2)
-        x = nn.functional.gelu(enc.conv1(x.to(dtype)))
-        # host-built index tensors, copied without a sync
-        keep = _to(torch.arange(x.shape[-1])[None, :] < torch.tensor(lengths)[:, None], device)
-        x = x * keep[:, None, :].to(x.dtype)  # conv2 must see zeros past each clip's end
-        x = nn.functional.gelu(enc.conv2(x)).transpose(1, 2)
-        n = x.shape[1]
-        x = x + enc.embed_positions(torch.arange(n, device=device))  # a module call: ZeRO-3 safe
-        x = nn.functional.dropout(x, p=enc.dropout, training=self.training)
-        # pack: the clips' own frames back to back, one sequence each (clip i's frame t is row
-        # i * n + t of the padded batch)
-        lens = torch.tensor(out_lengths)
-        shift = torch.repeat_interleave(torch.arange(len(mels)) * n - (torch.cumsum(lens, 0) - lens), lens)
-        rows = torch.arange(sum(out_lengths)) + shift
-        x = x.reshape(-1, x.shape[-1]).index_select(0, _to(rows, device))[None]
-        bounds = [0]
-        for k in out_lengths:
-            bounds.append(bounds[-1] + k)
-        cu = _to(torch.tensor(bounds, dtype=torch.int32), device)
-        packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(out_lengths),
-                      max_length_k=max(out_lengths), mtbi_bounds=tuple(bounds))
-        for layer in enc.layers:  # trained top layers may be float32 below frozen bf16 ones
-            x = layer(x.to(layer.fc1.weight.dtype), None, **packed)
-        if self.final_norm:
-            x = enc.layer_norm(x.to(enc.layer_norm.weight.dtype))
-        return x[0], out_lengths
-
-
 class Adapter(MtbiSpeechAdapter):
     """Encoder frames [T, d_enc] -> LLM frames [adapter_frames(T), d_llm] (the exported model's
     ``MtbiSpeechAdapter``, with the packed pass over many clips)."""
@@ -206,7 +130,7 @@ class Adapter(MtbiSpeechAdapter):
             starts = torch.cumsum(torch.tensor([0, *lengths[:-1]]), 0)
             index = torch.cat([s + torch.arange(t // 2 * 2) for s, t in zip(starts.tolist(), lengths)]) \
                 if lengths else torch.zeros(0, dtype=torch.long)
-            pairs = x.index_select(0, _to(index, x.device)).reshape(-1, 2, d).mean(1)
+            pairs = x.index_select(0, host_to(index, x.device)).reshape(-1, 2, d).mean(1)
             return self.proj(self.norm(pairs))
         if any(t % self.stride for t in lengths):
             lens = torch.tensor(lengths)
@@ -216,7 +140,7 @@ class Adapter(MtbiSpeechAdapter):
                 - (torch.cumsum(padded, 0) - padded)[clip]
             # a clip's own frames, then row sum(lengths): an appended zero frame
             index = torch.where(offset < lens[clip], (torch.cumsum(lens, 0) - lens)[clip] + offset, sum(lengths))
-            x = torch.cat([x, x.new_zeros(1, d)]).index_select(0, _to(index, x.device))
+            x = torch.cat([x, x.new_zeros(1, d)]).index_select(0, host_to(index, x.device))
         if self.kind == "stack":
             return self.proj(x.reshape(-1, self.stride * d))
         return self.proj(self.conv(x.T[None])[0].T)
@@ -225,20 +149,20 @@ class Adapter(MtbiSpeechAdapter):
 class SpeechLLM(nn.Module):
     """Speech encoder -> adapter -> causal LM, with the MTBI imitation loss."""
 
-    def __init__(self, config: ModelConfig, encoder, llm, tokenizer=None):
+    def __init__(self, config: ModelConfig, encoder: SpeechEncoder, llm, tokenizer=None):
         super().__init__()
         self.config = config
-        self.encoder = SpeechEncoder(encoder)
+        self.encoder = encoder
         d_llm = _embed_shape(llm)[1]
-        a = config.adapter
         with torch.random.fork_rng():
             torch.manual_seed(config.init_seed + 1)
-            kind = a.get("kind", "stack")
-            self.adapter = Adapter(self.encoder.d_model, d_llm, stride=a.get("stride", 2 if kind == "audioflamingo3" else 4),
-                                   hidden=a.get("hidden"), kind=kind)
+            self.adapter = Adapter.from_settings(self.encoder.d_model, d_llm, config.adapter)
         if not self.adapter.encoder_final_norm:  # the pretrained LayerNorm, after the pooling
+            if encoder.family != "whisper":
+                raise ValueError(f"model.adapter.kind: audioflamingo3 applies a Whisper encoder's final "
+                                 f"LayerNorm; this encoder is {encoder.family} (use stack or conv)")
             self.encoder.final_norm = False
-            self.adapter.norm.load_state_dict(encoder.layer_norm.state_dict())
+            self.adapter.norm.load_state_dict(encoder.encoder.layer_norm.state_dict())
         self.llm = llm
         self.tokenizer = tokenizer
         self.loss_fn = ImitationLoss(**config.loss)
@@ -283,19 +207,17 @@ class SpeechLLM(nn.Module):
         return self
 
     def _set_trainable(self):
-        self.encoder.requires_grad_(False)
-        k = self.config.train_encoder_layers
-        if k:
-            for layer in self.encoder.encoder.layers[-k:]:
-                layer.requires_grad_(True)
-            if self.encoder.final_norm:  # else unused: the adapter holds the LayerNorm
-                self.encoder.encoder.layer_norm.requires_grad_(True)
+        self.encoder.set_trainable(self.config.train_encoder_layers)
         self.adapter.requires_grad_(True)
         if not self.config.lora:
             self.llm.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "SpeechLLM":
+        """Training mode for what is trained (the adapter, trained encoder layers, LoRA); the
+        frozen encoder part and a frozen LLM stay in eval mode (``SpeechEncoder.train``)."""
         super().train(mode)
+        if not self.config.lora:
+            self.llm.eval()
         self._keep_checkpointing()
         return self
 
@@ -317,46 +239,62 @@ class SpeechLLM(nn.Module):
     # -- speech ------------------------------------------------------------------------------
 
     @property
+    def front(self):
+        """The encoder's front end (``encoders.FrontEnd``): features, frames per clip, its limit."""
+        return self.encoder.front
+
+    @property
     def frame_rate(self) -> float:
         """LLM speech frames per second (after the adapter)."""
-        return FRAMES_PER_SECOND / ENCODER_STRIDE / self.adapter.stride
+        return self.front.frame_rate / self.adapter.stride
+
+    @property
+    def max_seconds(self) -> float:
+        """The longest clip the model takes: ``max_audio_seconds``, or the encoder's own limit
+        when that is shorter."""
+        return min(float(self.config.max_audio_seconds), self.front.max_seconds)
+
+    def features(self, wave: torch.Tensor) -> torch.Tensor:
+        """The encoder's input features of a 16 kHz waveform [T]."""
+        return self.front.features(wave)
 
     def n_frames(self, n_samples: int) -> int:
         """Speech frames the model gives a clip of ``n_samples`` samples at 16 kHz."""
-        return self.adapter.n_frames(encoder_frames(mel_frames(n_samples)))
+        return self.adapter.n_frames(self.front.n_frames(n_samples))
 
-    def speech_frames(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Log-mels -> adapter outputs [F_i, H] in the LLM's embedding space, one per clip."""
-        buffer, counts = self.speech_buffer(mels)
+    def speech_frames(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Encoder features (``features``) -> adapter outputs [F_i, H] in the LLM's embedding space,
+        one per clip."""
+        buffer, counts = self.speech_buffer(features)
         return list(buffer.split(counts))
 
-    def speech_buffer(self, mels: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-        """Log-mels -> (the clips' adapter outputs back to back [sum F_i, H], [F_i]): the encoder
-        over the packed clips, then the adapter once over all of them."""
+    def speech_buffer(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """Encoder features -> (the clips' adapter outputs back to back [sum F_i, H], [F_i]): the
+        encoder over the packed clips, then the adapter once over all of them."""
         device = self.adapter.proj[-1].weight.device
-        states, lengths = self.encoder.packed([_to(m, device) for m in mels])
+        states, lengths = self.encoder.packed([host_to(m, device) for m in features])
         return self.adapter.packed(states, lengths), [self.adapter.n_frames(n) for n in lengths]
 
     # -- training ----------------------------------------------------------------------------
 
     def forward(self, student: PackedBatch, frames: list[torch.Tensor] | None = None,
                 teacher: PackedBatch | None = None, teacher_hidden: torch.Tensor | None = None,
-                mels: list[torch.Tensor] | None = None) -> dict:
+                features: list[torch.Tensor] | None = None) -> dict:
         """MTBI loss of a packed student batch.
 
         ``frames``: the adapter outputs of the student batch's examples, in its input order
-        (``speech_frames`` of their log-mels), or ``mels`` to compute them here (what a DeepSpeed
+        (``speech_frames`` of their encoder features), or ``features`` to compute them here (what a DeepSpeed
         engine's forward needs); ``teacher``: the same examples as text (online teacher), or
         ``teacher_hidden`` [M, H]: cached teacher states at the loss positions.
         Returns ``{"loss", "kl", "ce", "rows"}``.
         """
-        if (frames is None) == (mels is None):
-            raise ValueError("pass frames (adapter outputs) or mels")
+        if (frames is None) == (features is None):
+            raise ValueError("pass frames (adapter outputs) or features (the encoder's inputs)")
         if (teacher is None) == (teacher_hidden is None):
             raise ValueError("pass exactly one of teacher (a packed text batch) or teacher_hidden")
         device = self.adapter.proj[-1].weight.device
         if frames is None:
-            buffer, sizes = self.speech_buffer(mels)
+            buffer, sizes = self.speech_buffer(features)
         else:
             sizes = [f.shape[0] for f in frames]
             buffer = torch.cat(frames) if frames else torch.zeros(0, self.hidden_size, device=device)
@@ -454,9 +392,9 @@ class SpeechLLM(nn.Module):
             raise ValueError(f"{len(audios)} audios but {len(prompts)} prompts")
         if streamer is not None and len(audios) != 1:
             raise ValueError("a streamer follows one answer: generate one prompt at a time")
-        waves = [a if isinstance(a, torch.Tensor) else load_audio(a, max_seconds=self.config.max_audio_seconds)
+        waves = [a if isinstance(a, torch.Tensor) else load_audio(a, max_seconds=self.max_seconds)
                  for a in audios]
-        frames = self.speech_frames([log_mel(w, self.encoder.num_mel_bins) for w in waves])
+        frames = self.speech_frames([self.features(w) for w in waves])
         embed = self.llm.get_input_embeddings()
         dev = embed.weight.device
         rows = []
@@ -601,17 +539,6 @@ def decoding_kwargs(no_repeat_ngram: int | None = None,
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
         kw["repetition_penalty"] = float(repetition_penalty)
     return kw
-
-
-def _to(t: torch.Tensor, device) -> torch.Tensor:
-    """``t`` on ``device``. A host tensor headed for a GPU goes through pinned memory without
-    blocking: no host sync, and the copy is ordered before the kernels that read it."""
-    device = torch.device(device)
-    if t.device == device:
-        return t
-    if t.device.type == "cpu" and device.type == "cuda":
-        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _embed_shape(llm) -> tuple[int, int]:

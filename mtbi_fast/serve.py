@@ -75,7 +75,7 @@ class Backend:
 
             self.model = SpeechLLM.from_pretrained(source).eval()
             self.tokenizer = self.model.tokenizer
-            self.max_seconds = float(self.model.config.max_audio_seconds)
+            self.max_seconds = float(self.model.max_seconds)
 
     def check_prompt(self, prompt: str) -> None:
         from .prompts import prompt_halves

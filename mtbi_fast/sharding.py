@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import hub
+from .encoders import meta_encoder, tiny_encoder_config
 
 GIB = 1024 ** 3
 # ``reserve_bytes`` default: what a rank keeps free beyond the model states for activations, the
@@ -88,14 +89,12 @@ def trainable_params(model_cfg: dict) -> int:
 
 
 def adapter_params(d_enc: int, d_llm: int, adapter: dict) -> int:
-    """Parameters of ``model.Adapter(d_enc, d_llm, **adapter)``: stack: Linear(stride * d_enc,
-    hidden), Linear(hidden, d_llm); conv: Conv1d(d_enc, d_enc, stride) before Linear(d_enc,
-    hidden), Linear(hidden, d_llm) (hidden defaults to d_llm)."""
-    stride, hidden = adapter.get("stride", 4), adapter.get("hidden") or d_llm
-    mlp = hidden + hidden * d_llm + d_llm
-    if adapter.get("kind", "stack") == "stack":
-        return stride * d_enc * hidden + mlp
-    return d_enc * d_enc * stride + d_enc + d_enc * hidden + mlp
+    """Parameters of the adapter ``model.adapter`` configures between an encoder of width
+    ``d_enc`` and an LLM of width ``d_llm`` (built on the meta device and counted)."""
+    from .hf_code.modeling_mtbi_speech import MtbiSpeechAdapter
+
+    with torch.device("meta"):
+        return _numel(MtbiSpeechAdapter.from_settings(d_enc, d_llm, adapter))
 
 
 # ---- the decision -----------------------------------------------------------------------------
@@ -213,7 +212,7 @@ def _counts(model_cfg: dict) -> tuple[int, int, int]:
     llm = _meta_llm(model_cfg.get("llm") or {"tiny": {}})
     encoder = _meta_encoder(model_cfg.get("encoder") or {"tiny": {}})
     n_llm, trained_encoder = _numel(llm), _trained_encoder_params(encoder, model_cfg)
-    trained = (adapter_params(encoder.config.d_model, _hidden_size(llm), model_cfg.get("adapter") or {})
+    trained = (adapter_params(encoder.d_model, _hidden_size(llm), model_cfg.get("adapter") or {})
                + trained_encoder + _lora_params(llm, model_cfg.get("lora")))
     return n_llm + _numel(encoder) - trained_encoder, n_llm, trained
 
@@ -236,15 +235,8 @@ def _meta_llm(source: dict):
 
 
 def _meta_encoder(source: dict):
-    """The configured Whisper encoder on the meta device (hub.load_encoder's config)."""
-    import transformers
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    cfg = _source_config(source, "encoder")
-    if not isinstance(cfg, transformers.WhisperConfig):
-        raise ValueError(f"model.encoder: expected a Whisper config, got {type(cfg).__name__}")
-    with torch.device("meta"):
-        return WhisperEncoder(cfg)
+    """The configured speech encoder on the meta device (``encoders.meta_encoder``)."""
+    return meta_encoder(_source_config(source, "encoder"))
 
 
 def _source_config(source: dict, key: str):
@@ -254,7 +246,7 @@ def _source_config(source: dict, key: str):
 
     kind, value, revision = hub.parse_source(source, key)
     if kind == "tiny":
-        return hub.tiny_encoder_config(value) if key == "encoder" else hub.tiny_llm_config(value)
+        return tiny_encoder_config(value) if key == "encoder" else hub.tiny_llm_config(value)
     try:
         if kind == "name":
             where = str(hub.model_dir(value))
@@ -291,7 +283,7 @@ def _trained_encoder_params(encoder, model_cfg: dict) -> int:
     k = int(model_cfg.get("train_encoder_layers") or 0)
     if not k:
         return 0
-    return sum(_numel(layer) for layer in encoder.layers[-k:]) + _numel(encoder.layer_norm)
+    return sum(_numel(m) for m in encoder.trained_modules(k))
 
 
 def _lora_params(llm, lora: dict | None) -> int:

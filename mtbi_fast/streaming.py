@@ -20,7 +20,7 @@ can take), cut into micro-batches and the micro-batches shuffled, so each micro-
 examples of similar length. A micro-batch holds ``examples`` examples, or with ``token_budget``
 as many as fit that many tokens (Lhotse's dynamic batching by duration, in tokens). The last
 micro-batch of a window may hold fewer. Memory: one window's cuts (their
-compressed audio) and their log-mels.
+compressed audio) and their encoder features.
 
 **Position and resume.** A reader's position is (epoch, first cut of the current window,
 micro-batches of it already given): every batch carries the position after it (``batch["stream"]``),
@@ -51,7 +51,7 @@ import torch
 from .audio import SAMPLE_RATE, wave_from_samples
 from .behaviors import check_record_ids
 from .data import Utterance
-from .dataset import BatchBuilder, Item, check_fits, mel_or_bad_audio
+from .dataset import BatchBuilder, Item, check_fits, features_or_bad_audio
 from .errors import USER_ERRORS
 from .interleave import RatioSchedule
 from .lhotse_io import cut_words
@@ -216,8 +216,8 @@ class ShardData:
                 raise ShardError(f"{where}: no cached teacher states ({HIDDEN_FIELD})" + _SKIP_HINT)
             bits = cut.load_custom(HIDDEN_FIELD)
             hidden = torch.from_numpy(bits.view("int16")).view(torch.bfloat16)
-        mel = _LazyMel(cut, utt.id, f"{paths['recording']} (cut {cut.id!r})", self.builder.n_mels,
-                       self.builder.skip_bad_audio)
+        features = _LazyFeatures(cut, utt.id, f"{paths['recording']} (cut {cut.id!r})", self.builder.front,
+                                 self.builder.skip_bad_audio)
         items, row = [], 0
         for r in records:
             try:
@@ -228,7 +228,7 @@ class ShardData:
             n = len(r["response_ids"])
             if self.tasks is None or r["task"] in self.tasks:
                 h = hidden[row:row + n] if hidden is not None else None
-                items.append(Item(zlib.crc32(r["id"].encode()), r, utt, mel, h))
+                items.append(Item(zlib.crc32(r["id"].encode()), r, utt, features, h))
             row += n
         return items
 
@@ -311,19 +311,20 @@ def cut_utterance(cut, where: str) -> Utterance:
     return Utterance(cut.id, where, sup.text.strip(), float(cut.duration), words, {})
 
 
-class _LazyMel:
-    """A cut's log-mel, decoded from the shard's audio on first use and kept with the window."""
+class _LazyFeatures:
+    """A cut's encoder features, decoded from the shard's audio on first use and kept with the window."""
 
-    def __init__(self, cut, utt_id: str, where: str, n_mels: int, skip_bad_audio: bool):
+    def __init__(self, cut, utt_id: str, where: str, front, skip_bad_audio: bool):
         self.cut, self.utt_id, self.where = cut, utt_id, where
-        self.n_mels, self.skip_bad_audio = n_mels, skip_bad_audio
-        self.mel = None
+        self.front, self.skip_bad_audio = front, skip_bad_audio
+        self.features = None
 
     def __call__(self) -> torch.Tensor:
-        if self.mel is None:
-            self.mel = mel_or_bad_audio(self.utt_id, self.where, self._wave, self.n_mels, self.skip_bad_audio)
+        if self.features is None:
+            self.features = features_or_bad_audio(self.utt_id, self.where, self._wave, self.front,
+                                                  self.skip_bad_audio)
             self.cut = None  # the compressed audio is no longer needed
-        return self.mel
+        return self.features
 
     def _wave(self) -> torch.Tensor:
         if self.cut is None or not self.cut.has_recording:

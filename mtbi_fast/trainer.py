@@ -7,7 +7,7 @@ resumed run sees exactly the batches an uninterrupted run sees; the streaming re
 ``data.reader: streaming``, reads them from shards and resumes from the positions its checkpoints
 record: ``mtbi_fast.streaming``), interleaves each utterance at the
 scheduled text ratio, packs student and teacher versions, and minimizes the imitation loss. The
-batches (audio decode, log-mel, SpecAugment, interleaving, packing) are built ahead of the step by
+batches (audio decode, encoder features, SpecAugment, interleaving, packing) are built ahead of the step by
 ``data.num_workers`` DataLoader worker processes; the time the loop still waits for them is logged
 (``data_wait_s``, ``data_wait_share``). Under DeepSpeed ZeRO-3 the frozen LLM is partitioned from
 the start (built under ``zero.Init``) and only the adapter (and LoRA / top encoder layers when
@@ -53,7 +53,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mtbi_fast.audio import encoder_seconds
 from mtbi_fast.behaviors import check_teacher
 from mtbi_fast.config import interleave_schedule
 from mtbi_fast.dataset import BatchBuilder, MicroBatches, MTBIData
@@ -209,7 +208,7 @@ class Trainer:
         window.add(out, grad_accum)  # on the device: no host sync
         window.tokens += batch["student"].n_tokens
         window.flops += step_flops(self.model, batch["student"], batch.get("teacher"),
-                                   [m.shape[-1] for m in batch["mels"]])["total"]
+                                   [self.model.front.length(f) for f in batch["features"]])["total"]
 
     def _next_batch(self, batches, device: torch.device, window: _Window) -> tuple[dict, dict]:
         """The next micro-batch and the model's inputs from it on ``device``; the time waited for
@@ -218,7 +217,7 @@ class Trainer:
         batch = next(batches)
         if "error" in batch:  # built by a worker or here: the same one-line error
             raise ValueError(f"step {self.step + 1}: {batch['error']}")
-        inputs = {"mels": [m.to(device, non_blocking=True) for m in batch["mels"]]}
+        inputs = {"features": [f.to(device, non_blocking=True) for f in batch["features"]]}
         if "teacher_hidden" in batch:
             inputs["teacher_hidden"] = batch["teacher_hidden"].to(device, non_blocking=True)
         else:
@@ -317,7 +316,7 @@ class Trainer:
         for start in range(0, len(idx), self.cfg["packing"]["examples_per_step"]):
             chunk = idx[start:start + self.cfg["packing"]["examples_per_step"]]
             batch = self.eval_data.batch(chunk, 0.0, salt=0)
-            out = self.engine(batch["student"], mels=[m.to(device) for m in batch["mels"]],
+            out = self.engine(batch["student"], features=[f.to(device) for f in batch["features"]],
                               teacher=batch["teacher"])
             rows = batch["student"].target_ids.numel()
             kl += torch.tensor([float(out["kl"].detach()) * rows, rows])
@@ -492,13 +491,12 @@ class Trainer:
                       skip_bad_audio=d["skip_bad_audio"])
         if d["reader"] == "streaming":
             builder = BatchBuilder(self.model, spec_augment=d["spec_augment"], **common)
-            limit = encoder_seconds(self.model.encoder.max_frames)
             data = ShardData(d["train_shards"], builder, seed=cfg["train"]["seed"],
                              examples=cfg["packing"]["examples_per_step"], shuffle_cuts=d["shuffle_cuts"],
                              length_buckets=d["length_buckets"], token_budget=cfg["packing"]["token_budget"],
                              tasks=d["tasks"],
                              teacher_cache=d["teacher_cache"], skip_bad_shards=d["skip_bad_shards"],
-                             max_seconds=limit, verify="full" if d["verify_shards"] else "quick")
+                             max_seconds=self.model.max_seconds, verify="full" if d["verify_shards"] else "quick")
         else:
             data = MTBIData(d["train_manifest"], d["behaviors"], self.model,
                             teacher_cache=d["teacher_cache"], tasks=d["tasks"],
@@ -733,7 +731,7 @@ def _init_single_process(deepspeed, backend: str, attempts: int = 5):
 @contextlib.contextmanager
 def _hf_zero3(ds_config: dict):
     """While open, transformers' from_pretrained builds models under ZeRO-3 (partitioned as the
-    weights load). Only the LLM is loaded in it: the Whisper encoder's own initialization does
+    weights load). Only the LLM is loaded in it: the speech encoder's own initialization does
     not run on partitioned weights."""
     from transformers.integrations import HfDeepSpeedConfig
 

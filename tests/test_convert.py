@@ -160,10 +160,9 @@ def test_converted_whisper_transcribes_clips(whisper_dir):
 @needs_pypi
 def test_real_encoder_output_does_not_depend_on_padding(whisper_dir):
     from mtbi_fast.audio import load_audio, log_mel
-    from mtbi_fast.hub import load_encoder
-    from mtbi_fast.model import SpeechEncoder
+    from mtbi_fast.encoders import load_encoder
 
-    enc = SpeechEncoder(load_encoder({"path": str(whisper_dir)}))
+    enc = load_encoder({"path": str(whisper_dir)})
     short = log_mel(load_audio(DATA / "clip1.flac"))
     long = log_mel(load_audio(DATA / "clip2.flac"))
     with torch.no_grad():

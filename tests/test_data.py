@@ -174,7 +174,7 @@ def test_cli_validate_decodes_by_default_and_counts_lines(bad_audio, capsys):
 
 
 def test_max_audio_seconds_from_the_model_config(tmp_path):
-    from mtbi_fast.hub import max_audio_seconds
+    from mtbi_fast.encoders import max_audio_seconds
 
     assert max_audio_seconds({"encoder": {"tiny": {}}}) == (30.0, "model.max_audio_seconds = 30")
     assert max_audio_seconds({"encoder": {"tiny": {}}, "max_audio_seconds": 12.5})[0] == 12.5
@@ -191,14 +191,15 @@ def test_max_audio_seconds_from_the_model_config(tmp_path):
 
 def test_a_decoder_error_is_one_short_line():
     """What a bad clip's error says: no object reprs, no kilobytes of Lhotse cut repr, capped."""
-    from mtbi_fast.dataset import MAX_ERROR_CHARS, BadAudioError, mel_or_bad_audio
+    from mtbi_fast.dataset import MAX_ERROR_CHARS, BadAudioError, features_or_bad_audio
+    from mtbi_fast.encoders import LogMelFrontEnd
 
     def corrupt_flac():
         import io
         raise RuntimeError(f"Error opening {io.BytesIO(b'x')!r}: Format not recognised.")
 
     with pytest.raises(BadAudioError) as exc:
-        mel_or_bad_audio("u1", "shard recording.000001.tar (cut 'u1')", corrupt_flac, 80, True)
+        features_or_bad_audio("u1", "shard recording.000001.tar (cut 'u1')", corrupt_flac, LogMelFrontEnd(), True)
     assert "object at 0x" not in str(exc.value) and "Error opening the audio bytes: Format not recognised" in str(exc.value)
 
     def lhotse_style():
@@ -206,6 +207,6 @@ def test_a_decoder_error_is_one_short_line():
                          + "SupervisionSegment(id='u1', text='" + "word " * 400 + "')])) failed")
 
     with pytest.raises(BadAudioError) as exc:
-        mel_or_bad_audio("u1", "shard recording.000001.tar (cut 'u1')", lhotse_style, 80, True)
+        features_or_bad_audio("u1", "shard recording.000001.tar (cut 'u1')", lhotse_style, LogMelFrontEnd(), True)
     msg = str(exc.value)
     assert "cut 'u1'" in msg and "SupervisionSegment" not in msg and len(msg) < MAX_ERROR_CHARS + 120, msg

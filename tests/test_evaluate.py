@@ -52,7 +52,7 @@ def test_asr_evaluation_scores_every_utterance(tmp_path):
             for i, text in enumerate(["I have twenty-five apples.", "the cat sat"])]
 
     class Model:  # answers fixed transcripts: the scoring is what is checked here
-        config = type("C", (), {"max_audio_seconds": 30.0})
+        max_seconds = 30.0
 
         def __init__(self):
             self.prompts = []
@@ -186,7 +186,7 @@ def test_imitation_kl_batched_matches_direct_forward(tmp_path):
     does the KL against the teacher states kept from generation."""
     import torch
 
-    from mtbi_fast.audio import load_audio, log_mel
+    from mtbi_fast.audio import load_audio
     from mtbi_fast.evaluate import imitation_kl, plan_eval
     from mtbi_fast.behaviors import answer
 
@@ -205,7 +205,7 @@ def test_imitation_kl_batched_matches_direct_forward(tmp_path):
     emb = model.llm.get_input_embeddings()
     with torch.no_grad():
         for job, rec, kl in zip(jobs, records, got):
-            frames = model.speech_frames([log_mel(load_audio(job["audio"]), model.encoder.num_mel_bins)])[0]
+            frames = model.speech_frames([model.features(load_audio(job["audio"]))])[0]
             resp = rec["response_ids"]
             ids = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
             x = torch.cat([emb(ids(rec["prefix_ids"])), frames, emb(ids(rec["suffix_ids"] + resp))])[None]

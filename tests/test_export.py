@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtbi_fast.audio import load_audio, log_mel
+from mtbi_fast.audio import load_audio
 from mtbi_fast.cli import main as cli
 from mtbi_fast.model import SpeechLLM
 from mtbi_fast.prompts import prompt_halves
@@ -80,7 +80,7 @@ def mtbi_logits(folder, dtype=None) -> torch.Tensor:
     model = SpeechLLM.from_pretrained(folder).eval()
     if dtype is not None:
         model.to(dtype)
-    frames = model.speech_frames([log_mel(load_audio(CLIP), model.encoder.num_mel_bins)])[0]
+    frames = model.speech_frames([model.features(load_audio(CLIP))])[0]
     before, after = prompt_halves(model.tokenizer, PROMPT)
     embed = model.llm.get_input_embeddings()
     with torch.no_grad():
@@ -142,6 +142,25 @@ def test_exported_runs_load_without_mtbi_fast_and_match_infer(runs, tmp_path, ca
     # merged LoRA == peft LoRA
     torch.testing.assert_close(got[exported["lora-merged"]]["logits"], got[exported["lora-peft"]]["logits"],
                                atol=2e-4, rtol=1e-4)
+
+
+def test_a_waveform_encoder_run_exports_and_matches_infer(data, tmp_path, capsys):
+    """A run with a HuBERT encoder (mtbi_fast.encoders) exports with a wav2vec2 feature extractor
+    and loads without mtbi-fast, with mtbi-fast's logits and infer's answer."""
+    run = tmp_path / "hubert"
+    assert cli(["train", str(CONFIG), *overrides(data, run, "train.steps=3", "train.eval_every=100",
+                                                 "train.save_every=100", "model.dtype=float32",
+                                                 "model.encoder={tiny: {model_type: hubert}}")]) == 0
+    folder = tmp_path / "hubert-export"
+    assert cli(["export", str(run), "-o", str(folder)]) == 0
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    assert pre["feature_extractor_type"] == "Wav2Vec2FeatureExtractor" and pre["do_normalize"] is True
+    assert json.loads((folder / "config.json").read_text())["encoder_config"]["model_type"] == "hubert"
+    got = load_outside(tmp_path, folder)[folder]
+    want = mtbi_logits(run / "final")
+    assert got["logits"].shape == want.shape
+    torch.testing.assert_close(got["logits"], want, atol=2e-4, rtol=1e-4)
+    assert got["answer"].strip() == infer_answer(run, capsys)
 
 
 def test_bf16_export_is_within_bf16_of_the_run(runs, tmp_path):
@@ -272,7 +291,7 @@ def test_audioflamingo3_export_loads_in_plain_transformers_within_its_measured_b
         got = model(**inputs).logits[0].float()
 
     mtbi = SpeechLLM.from_pretrained(run / "final").eval()
-    frames = mtbi.speech_frames([log_mel(torch.from_numpy(np.ascontiguousarray(wave)), mtbi.encoder.num_mel_bins)])[0]
+    frames = mtbi.speech_frames([mtbi.features(torch.from_numpy(np.ascontiguousarray(wave)))])[0]
     before, after = prompt_halves(mtbi.tokenizer, PROMPT)
     embed = mtbi.llm.get_input_embeddings()
     with torch.no_grad():

@@ -20,7 +20,6 @@ import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mtbi_fast.audio import encoder_frames
 from mtbi_fast.flops import PEAK_TFLOPS, mfu, peak_tflops, step_flops
 from mtbi_fast.loss import ImitationLoss
 from mtbi_fast.model import ModelConfig, SpeechLLM
@@ -58,7 +57,7 @@ def examples(model, mel_lengths):
     text teacher (a transcript instead of the frames; the same response)."""
     students, teachers = [], []
     for i, t in enumerate(mel_lengths):
-        f = model.adapter.n_frames(encoder_frames(t))
+        f = model.adapter.n_frames(model.front.frames(t))
         response = list(range(10, 14 + i))
         students.append(Example(f"u{i}", [Text([1 + i, 2, 3]), Speech(0, f), Text([4])], response,
                                 n_frames=f))
@@ -104,7 +103,7 @@ def test_step_matches_flop_counter(overrides, online):
         m(student, frames, **kw)["loss"].backward()
 
     _, seen = counted(step)
-    parts = step_flops(m, student, teacher if online else None, mel_frames=[97, 97])
+    parts = step_flops(m, student, teacher if online else None, feature_lengths=[97, 97])
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
     assert (parts["teacher"] > 0) == online and parts["llm_backward"] > 0
     masked = 3 * masked_pairs(students) + (masked_pairs(teachers) if online else 0)
@@ -141,7 +140,7 @@ def test_llm_linear_layers_match_flop_counter(llm, lora):
         frames = torch.randn(int(batch.frame_offsets[-1]), m.hidden_size, requires_grad=True)
         h, forward = counted(lambda: m.loss_states(batch, frames))
         _, backward = counted(lambda: (h * torch.randn_like(h)).sum().backward())
-        parts = step_flops(m, batch, mel_frames=[96, 41])
+        parts = step_flops(m, batch, feature_lengths=[96, 41])
         slots = batch.source.numel()
         assert sum(forward[op] for op in LINEAR if op in forward) * batch.n_tokens \
             == parts["llm_forward"] * slots
@@ -188,7 +187,7 @@ def test_encoder_matches_flop_counter(trained):
             _, seen = counted(lambda: states.sum().backward())
             total += sum(seen.values())
     students, _ = examples(m, lengths)
-    assert step_flops(m, pack(students, 256), mel_frames=lengths)["encoder"] == total
+    assert step_flops(m, pack(students, 256), feature_lengths=lengths)["encoder"] == total
 
 
 def test_mel_frames_derived_from_the_batch(model):
@@ -196,10 +195,10 @@ def test_mel_frames_derived_from_the_batch(model):
     whose length is a multiple of 8 (stride 4), and an upper bound otherwise."""
     students, _ = examples(model, [96, 160])
     batch = pack(students, 256)
-    assert step_flops(model, batch) == step_flops(model, batch, mel_frames=[96, 160])
+    assert step_flops(model, batch) == step_flops(model, batch, feature_lengths=[96, 160])
     students, _ = examples(model, [97, 150])
     batch = pack(students, 256)
-    assert step_flops(model, batch)["encoder"] > step_flops(model, batch, mel_frames=[97, 150])["encoder"]
+    assert step_flops(model, batch)["encoder"] > step_flops(model, batch, feature_lengths=[97, 150])["encoder"]
 
 
 @pytest.mark.parametrize("kind", ["stack", "conv"])

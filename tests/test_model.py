@@ -89,14 +89,13 @@ def test_packed_encoder_and_adapter_equal_the_padded_masked_reference():
     """Clips of mixed lengths: the packed encoder equals the padded, dense-mask reference
     (mtbi_fast.reference), and the adapter run once over all clips equals it run per clip; for
     both adapter kinds and lengths that are not multiples of the stride."""
-    from mtbi_fast.audio import encoder_frames
     from mtbi_fast.reference import padded_encoder_states
 
     for kind in ("stack", "conv"):
         m = SpeechLLM.from_config(tiny_config(adapter={"kind": kind, "stride": 3}))
         mels = [log_mel(clip(s, i)) for i, s in enumerate((1.31, 3.07, 0.52, 2.2))]
         with torch.no_grad():
-            ref = padded_encoder_states(m.encoder.encoder, mels, [encoder_frames(x.shape[1]) for x in mels])
+            ref = padded_encoder_states(m.encoder.encoder, mels, [m.front.frames(x.shape[1]) for x in mels])
             states = m.encoder(mels)
             frames = m.speech_frames(mels)
         assert [s.shape[0] % 3 for s in states] != [0] * 4  # some clips need padding to the stride
@@ -110,7 +109,6 @@ def test_audioflamingo3_adapter_pools_pairs_then_applies_the_encoders_layernorm(
     """adapter.kind audioflamingo3: the encoder stops before its final LayerNorm; each clip's
     frame pairs are averaged (an odd last frame dropped), then LayerNorm (initialized from the
     encoder's) and the MLP, checked against a float64 hand computation; packed equals per clip."""
-    from mtbi_fast.audio import encoder_frames
     from mtbi_fast.reference import padded_encoder_states
 
     m = SpeechLLM.from_config(tiny_config(adapter={"kind": "audioflamingo3"}))
@@ -119,7 +117,7 @@ def test_audioflamingo3_adapter_pools_pairs_then_applies_the_encoders_layernorm(
     torch.testing.assert_close(m.adapter.norm.weight, enc.layer_norm.weight)
     mels = [log_mel(clip(s, i)) for i, s in enumerate((1.33, 3.07, 0.52))]  # 67, 154, 26 encoder frames
     with torch.no_grad():
-        ref = padded_encoder_states(enc, mels, [encoder_frames(x.shape[1]) for x in mels])  # with the LN
+        ref = padded_encoder_states(enc, mels, [m.front.frames(x.shape[1]) for x in mels])  # with the LN
         states = m.encoder(mels)
         frames = m.speech_frames(mels)
     lengths = [s.shape[0] for s in states]
@@ -152,7 +150,7 @@ def test_gradient_checkpointing_recomputes_the_llm_and_gives_the_same_gradients(
         # a pre-hook: the recomputation stops (early) inside the MLP, before a forward hook would fire
         m.llm.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
         student, teacher, mels = batch_for(m, ratio=0.3)
-        out = m(student, mels=mels, teacher=teacher)
+        out = m(student, features=mels, teacher=teacher)
         before = len(calls)  # the student's pass and the online teacher's
         out["loss"].backward()
         results.append((out["loss"].detach(), [p.grad.clone() for p in m.adapter.parameters()],
@@ -240,7 +238,7 @@ def test_bfloat16_keeps_trained_weights_float32():
     student, teacher, mels = batch_for(ref, seed=2)
     outs = {}
     for name, m in (("ref", ref), ("low", low)):
-        out = m(student, mels=mels, teacher=teacher)
+        out = m(student, features=mels, teacher=teacher)
         out["loss"].backward()
         outs[name] = (out["loss"].detach(), [p.grad for p in m.adapter.parameters()])
     assert outs["low"][0].dtype == torch.float32

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from mtbi_fast import hub, sharding
+from mtbi_fast.encoders import TINY_ENCODER, load_encoder
 from mtbi_fast.model import Adapter, ModelConfig, SpeechLLM
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -38,7 +39,7 @@ def _param_bytes(module) -> int:
 def test_frozen_bytes_equal_the_built_models(config, llm, dtype):
     model = _model_section(config, **({"llm": llm} if llm else {}))
     built_llm, _ = hub.load_llm(model["llm"])
-    built_encoder = hub.load_encoder(model["encoder"])
+    built_encoder = load_encoder(model["encoder"])
     built_llm.to(dtype), built_encoder.to(dtype)
     frozen, n_llm = sharding.frozen_model_bytes(model, dtype)
     assert frozen == _param_bytes(built_llm) + _param_bytes(built_encoder)
@@ -101,7 +102,7 @@ def test_path_and_name_sources_read_only_the_config(tmp_path, monkeypatch):
     spec = {k: v for k, v in hub.TINY_LLM.items() if k != "model_type"}
     # config.json files and no weights
     transformers.AutoConfig.for_model("llama", **spec).save_pretrained(tmp_path / "llm")
-    transformers.WhisperConfig(**hub.TINY_ENCODER).save_pretrained(tmp_path / "cache" / "models" / "enc")
+    transformers.WhisperConfig(**TINY_ENCODER).save_pretrained(tmp_path / "cache" / "models" / "enc")
     monkeypatch.setenv("MTBI_FAST_CACHE", str(tmp_path / "cache"))
     sources = {"llm": {"path": str(tmp_path / "llm")}, "encoder": {"name": "enc"}}
     assert sharding.frozen_model_bytes({**tiny, **sources}, torch.float32) == \
@@ -188,7 +189,7 @@ def test_auto_on_cpu_replicates_the_tiny_model():
     ds, why = sharding.auto_deepspeed_config(model, world=1, device=torch.device("cpu"))
     assert ds == json.loads((CONFIGS / "ds_zero2.json").read_text())
     frozen = sum(_param_bytes(m) for m in (hub.load_llm(model["llm"])[0].bfloat16(),
-                                          hub.load_encoder(model["encoder"]).bfloat16()))
+                                          load_encoder(model["encoder"]).bfloat16()))
     assert frozen == 660_608
     assert why.startswith("ZeRO-2: the frozen weights (645.1 KiB, bf16) fit in RAM (")
     assert "GiB free" in why and "20,608 trained parameters" in why

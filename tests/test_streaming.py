@@ -187,12 +187,12 @@ def test_streamed_batches_are_the_in_memory_batches_of_their_records(data, shard
         for rid in got["student"].example_ids:
             r = memory.records[index[rid]]
             items.append(Item(zlib.crc32(rid.encode()), r, memory.utts[r["utt_id"]],
-                              partial(memory.mel, r["utt_id"]), memory.cache[rid]))
+                              partial(memory.features, r["utt_id"]), memory.cache[rid]))
         want = memory.build(items, 0.4, salt=micro)
         for key in ("source", "position_ids", "cu_seqlens", "loss_positions", "target_ids"):
             assert torch.equal(getattr(got["student"], key), getattr(want["student"], key)), key
             assert torch.equal(getattr(got["teacher"], key), getattr(want["teacher"], key)), key
-        assert all(torch.equal(a, b) for a, b in zip(got["mels"], want["mels"]))
+        assert all(torch.equal(a, b) for a, b in zip(got["features"], want["features"]))
         assert torch.equal(got["teacher_hidden"], want["teacher_hidden"])
 
 

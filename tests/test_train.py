@@ -76,7 +76,7 @@ def test_metrics_carry_model_flops_and_mfu(data, tmp_path, capsys):
     def spy(self, batches, device, window):
         batch, inputs = real(self, batches, device, window)
         seen.append(step_flops(self.model, batch["student"], batch.get("teacher"),
-                               [m.shape[-1] for m in batch["mels"]])["total"])
+                               [trainer.model.front.length(f) for f in batch["features"]])["total"])
         return batch, inputs
 
     Trainer._next_batch = spy
@@ -261,7 +261,7 @@ def test_missing_manifest_is_named(data, tmp_path):
 
 def assert_same_batch(a, b):
     assert a.keys() == b.keys()
-    assert len(a["mels"]) == len(b["mels"]) and all(torch.equal(x, y) for x, y in zip(a["mels"], b["mels"]))
+    assert len(a["features"]) == len(b["features"]) and all(torch.equal(x, y) for x, y in zip(a["features"], b["features"]))
     for key in ("student", "teacher"):
         for field in dataclasses.fields(a[key]):
             x, y = getattr(a[key], field.name), getattr(b[key], field.name)
@@ -419,11 +419,11 @@ def test_spec_augment_masks_training_inputs_only(data, tmp_path):
     cfg = load_config(CONFIG, overrides(data, tmp_path / "sa", "train.steps=1",
                                         "data.spec_augment=" + json.dumps(settings)))
     trainer = Trainer(cfg)
-    plain = {u: trainer.data.mel(u) for u in trainer.data.utts}
+    plain = {u: trainer.data.features(u) for u in trainer.data.utts}
     seen = []
     for salt in (0, 1):
         batch = trainer.data.batch([0, 1], 0.5, salt=salt)
-        for i, mel in zip([0, 1], batch["mels"]):
+        for i, mel in zip([0, 1], batch["features"]):
             clean = plain[trainer.data.records[i]["utt_id"]]
             changed = mel != clean
             fill = clean.double().mean().float()  # the utterance mean (in float64)
@@ -434,10 +434,10 @@ def test_spec_augment_masks_training_inputs_only(data, tmp_path):
             assert int(rows.sum()) <= 10 and int(cols.sum()) <= int(0.2 * clean.shape[1])
             seen.append(mel)
     assert not torch.equal(seen[0], seen[2])  # the same example masked differently at another step
-    again = trainer.data.batch([0, 1], 0.5, salt=1)["mels"]
-    assert all(torch.equal(a, b) for a, b in zip(again, batch["mels"]))
-    eval_mels = trainer.eval_data.batch([0], 0.0, salt=0)["mels"]
-    assert torch.equal(eval_mels[0], trainer.eval_data.mel(trainer.eval_data.records[0]["utt_id"]))
+    again = trainer.data.batch([0, 1], 0.5, salt=1)["features"]
+    assert all(torch.equal(a, b) for a, b in zip(again, batch["features"]))
+    eval_mels = trainer.eval_data.batch([0], 0.0, salt=0)["features"]
+    assert torch.equal(eval_mels[0], trainer.eval_data.features(trainer.eval_data.records[0]["utt_id"]))
 
 
 # ---- checked before anything is built; one-line errors -------------------------------------------
@@ -549,7 +549,7 @@ def test_truncated_responses_keep_student_and_online_teacher_aligned(data, tmp_p
     assert torch.equal(batch["student"].target_ids, batch["teacher"].target_ids)
     assert torch.equal(batch["student"].loss_example, batch["teacher"].loss_example)
     with torch.no_grad():
-        out = trainer.model(batch["student"], mels=batch["mels"], teacher=batch["teacher"])
+        out = trainer.model(batch["student"], features=batch["features"], teacher=batch["teacher"])
     assert torch.isfinite(out["loss"])
     # the cached teacher states are cut the same way
     cached = load_config(CONFIG, overrides(data, tmp_path / "c", "packing.max_tokens=135",
@@ -569,16 +569,16 @@ def test_teacher_cache_from_another_llm_is_refused(data, tmp_path):
 
 
 def test_mel_cache_is_bounded(data, tmp_path, monkeypatch):
-    """Each process (a DataLoader worker included) keeps only the last MEL_CACHE_CLIPS log-mels."""
-    monkeypatch.setattr(dataset_mod, "MEL_CACHE_CLIPS", 3)
+    """Each process (a DataLoader worker included) keeps only the last FEATURE_CACHE_CLIPS log-mels."""
+    monkeypatch.setattr(dataset_mod, "FEATURE_CACHE_CLIPS", 3)
     trainer = Trainer(load_config(CONFIG, overrides(data, tmp_path / "m", "train.steps=1")))
     ids = list(trainer.data.utts)[:5]
-    first = trainer.data.mel(ids[0]).clone()
+    first = trainer.data.features(ids[0]).clone()
     for u in ids[1:]:
-        trainer.data.mel(u)
-    assert list(trainer.data._mels) == ids[2:]
-    assert torch.equal(trainer.data.mel(ids[0]), first)  # recomputed, the same
-    assert list(trainer.data._mels) == ids[3:] + ids[:1]
+        trainer.data.features(u)
+    assert list(trainer.data._features) == ids[2:]
+    assert torch.equal(trainer.data.features(ids[0]), first)  # recomputed, the same
+    assert list(trainer.data._features) == ids[3:] + ids[:1]
     trainer.close()
 
 

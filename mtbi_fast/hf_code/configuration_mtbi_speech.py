@@ -7,9 +7,10 @@ from transformers import CONFIG_MAPPING, PretrainedConfig
 
 
 class MtbiSpeechConfig(PretrainedConfig):
-    """A Whisper encoder at the clip's true length, an adapter, and a causal LM.
+    """A speech encoder at the clip's true length, an adapter, and a causal LM.
 
-    - ``encoder_config``: the Whisper encoder's ``WhisperConfig`` (as a dict or config);
+    - ``encoder_config``: the encoder's config (as a dict or config): a ``WhisperConfig``, or a
+      wav2vec2 / HuBERT / WavLM config;
     - ``text_config``: the LLM's config (any transformers causal LM);
     - ``adapter``: ``{"kind": "stack" | "conv", "stride": 4, "hidden": None}``;
     - ``lora``: peft ``LoraConfig`` arguments when the LLM keeps its LoRA adapters unmerged;

@@ -10,8 +10,9 @@ imports torch and transformers only (peft too, for a LoRA left unmerged), never 
 
 The speech of each clip goes where a run of ``config.audio_token_id`` stands in ``input_ids``
 (``prepare_inputs`` builds them from a prompt with ``{speech}``, inside the tokenizer's chat
-template). The Whisper encoder runs each clip at its true length (no padding to 30 s), as
-mtbi-fast trained it; its features are Whisper's log-mel of the clip alone.
+template). The speech encoder (Whisper, or a wav2vec2 / HuBERT / WavLM model) runs each clip at
+its true length (no padding to 30 s), as mtbi-fast trained it; its features are what the folder's
+feature extractor gives for the clip alone (Whisper's log-mel, or the normalized waveform).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import math
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .configuration_mtbi_speech import MtbiSpeechConfig
@@ -92,6 +93,14 @@ class MtbiSpeechAdapter(nn.Module):
             self.conv = nn.Conv1d(d_enc, d_enc, kernel_size=stride, stride=stride)
             self.proj = nn.Sequential(nn.GELU(), nn.Linear(d_enc, hidden), nn.GELU(), nn.Linear(hidden, d_llm))
 
+    @classmethod
+    def from_settings(cls, d_enc: int, d_llm: int, settings: dict):
+        """The adapter of a run's ``model.adapter`` mapping (kind, stride, hidden; the stride
+        defaults to 2 for ``audioflamingo3``, else 4)."""
+        kind = settings.get("kind", "stack")
+        return cls(d_enc, d_llm, stride=settings.get("stride", 2 if kind == "audioflamingo3" else 4),
+                   hidden=settings.get("hidden"), kind=kind)
+
     @property
     def encoder_final_norm(self) -> bool:
         """Whether the encoder applies its own final LayerNorm before this adapter."""
@@ -113,8 +122,15 @@ class MtbiSpeechAdapter(nn.Module):
         return self.proj(self.conv(x.T[None])[0].T)
 
 
+def speech_encoder(config) -> nn.Module:
+    """The encoder module of ``config``: Whisper's encoder, or a waveform model (``AutoModel``)."""
+    if config.model_type == "whisper":
+        return WhisperEncoder(config)
+    return AutoModel.from_config(config)
+
+
 class MtbiSpeechForConditionalGeneration(PreTrainedModel):
-    """Whisper encoder (true length) -> adapter -> causal LM. ``forward`` returns the LLM's
+    """Speech encoder (true length) -> adapter -> causal LM. ``forward`` returns the LLM's
     output (``logits``); ``generate`` decodes from the same inputs; ``answer`` goes from
     waveforms and prompts to text."""
 
@@ -125,9 +141,11 @@ class MtbiSpeechForConditionalGeneration(PreTrainedModel):
 
     def __init__(self, config: MtbiSpeechConfig):
         super().__init__(config)
-        self.encoder = WhisperEncoder(config.encoder_config)
+        self.encoder = speech_encoder(config.encoder_config)
+        self.waveform = config.encoder_config.model_type != "whisper"
         a = config.adapter
-        self.adapter = MtbiSpeechAdapter(config.encoder_config.d_model, config.text_config.hidden_size,
+        d_enc = config.encoder_config.hidden_size if self.waveform else config.encoder_config.d_model
+        self.adapter = MtbiSpeechAdapter(d_enc, config.text_config.hidden_size,
                                          stride=a["stride"], hidden=a.get("hidden"), kind=a["kind"])
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         if config.lora:
@@ -152,13 +170,22 @@ class MtbiSpeechForConditionalGeneration(PreTrainedModel):
 
     # -- speech ------------------------------------------------------------------------------
 
-    def n_frames(self, n_mel_frames: int) -> int:
-        """Speech frames (LLM positions) of a clip with ``n_mel_frames`` log-mel frames."""
-        return self.adapter.n_frames(math.ceil(n_mel_frames / 2))
+    def n_frames(self, n_steps: int) -> int:
+        """Speech frames (LLM positions) of a clip whose features have ``n_steps`` time steps
+        (log-mel frames, or samples for a waveform encoder)."""
+        if self.waveform:
+            return self.adapter.n_frames(int(self.encoder._get_feat_extract_output_lengths(torch.tensor(n_steps))))
+        return self.adapter.n_frames(math.ceil(n_steps / 2))
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
-        """One clip's log-mel [n_mels, T] -> Whisper encoder states [ceil(T / 2), d_model] (without
-        the final LayerNorm when the adapter applies it after pooling)."""
+        """One clip's features -> encoder states: a log-mel [n_mels, T] -> Whisper's states
+        [ceil(T / 2), d_model] (without the final LayerNorm when the adapter applies it after
+        pooling); a waveform [T] -> the waveform model's last hidden states."""
+        if self.waveform:
+            weight = next(self.encoder.parameters())
+            if mel.dim() != 1:
+                raise ValueError(f"a clip's waveform must be [T], got {tuple(mel.shape)}")
+            return self.encoder(mel[None].to(weight.dtype)).last_hidden_state[0]
         enc = self.encoder
         limit = enc.embed_positions.num_embeddings
         if mel.dim() != 2 or mel.shape[0] != enc.config.num_mel_bins:
@@ -175,12 +202,12 @@ class MtbiSpeechForConditionalGeneration(PreTrainedModel):
 
     def speech_frames(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None
                       ) -> torch.Tensor:
-        """Log-mels [B, n_mels, T] (each clip at the start of its row; ``input_features_mask``
-        [B, T] marks its frames, all of them when None) -> every clip's adapter outputs back to
-        back [sum F_i, H]."""
+        """Features [B, n_mels, T] (or waveforms [B, T]), each clip at the start of its row
+        (``input_features_mask`` [B, T] marks its steps, all of them when None) -> every clip's
+        adapter outputs back to back [sum F_i, H]."""
         lengths = (input_features_mask.sum(-1).tolist() if input_features_mask is not None
                    else [input_features.shape[-1]] * input_features.shape[0])
-        return torch.cat([self.adapter(self.encode(f[:, : int(n)])) for f, n in zip(input_features, lengths)])
+        return torch.cat([self.adapter(self.encode(f[..., : int(n)])) for f, n in zip(input_features, lengths)])
 
     def embed_inputs(self, input_ids: torch.Tensor, input_features: torch.Tensor | None = None,
                      input_features_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,20 +260,24 @@ class MtbiSpeechForConditionalGeneration(PreTrainedModel):
             seconds = wave.numel() / SAMPLE_RATE
             if seconds > self.config.max_audio_seconds:
                 raise ValueError(f"a clip of {seconds:.2f} s is over the model's {self.config.max_audio_seconds} s")
-            mel = feature_extractor(wave.numpy(), sampling_rate=SAMPLE_RATE, padding="longest",
-                                    return_tensors="pt")["input_features"][0]
-            mels.append(mel[:, : wave.numel() // HOP_LENGTH])
+            if self.waveform:  # the (normalized) waveform itself
+                mels.append(feature_extractor(wave.numpy(), sampling_rate=SAMPLE_RATE,
+                                              return_tensors="pt")["input_values"][0])
+            else:
+                mel = feature_extractor(wave.numpy(), sampling_rate=SAMPLE_RATE, padding="longest",
+                                        return_tensors="pt")["input_features"][0]
+                mels.append(mel[:, : wave.numel() // HOP_LENGTH])
             before, after = chat_halves(tokenizer, prompt if SPEECH in prompt else prompt + "\n" + SPEECH, SPEECH)
-            rows.append(before + [self.config.audio_token_id] * self.n_frames(mels[-1].shape[1]) + after)
+            rows.append(before + [self.config.audio_token_id] * self.n_frames(mels[-1].shape[-1]) + after)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        width, frames = max(map(len, rows)), max(m.shape[1] for m in mels)
+        width, frames = max(map(len, rows)), max(m.shape[-1] for m in mels)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
-        feats = torch.zeros(len(mels), mels[0].shape[0], frames)
+        feats = torch.zeros(len(mels), *mels[0].shape[:-1], frames)
         feats_mask = torch.zeros(len(mels), frames, dtype=torch.long)
         for i, (row, mel) in enumerate(zip(rows, mels)):
             ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
-            feats[i, :, : mel.shape[1]], feats_mask[i, : mel.shape[1]] = mel, 1
+            feats[i, ..., : mel.shape[-1]], feats_mask[i, : mel.shape[-1]] = mel, 1
         device = self.get_input_embeddings().weight.device
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
                 "input_features": feats.to(device), "input_features_mask": feats_mask.to(device)}
