@@ -51,7 +51,8 @@ BASE = 12
 def base_corpus(d: Path) -> tuple[list[dict], list[dict]]:
     """12 demo utterances (manifest rows, absolute audio paths) and their behaviors from the
     tiny_train LLM."""
-    from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors, read_behaviors
+    from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors
+    from mtbi_fast.behaviors_folder import read_behaviors
     from mtbi_fast.config import load_config
     from mtbi_fast.data import read_manifest
     from mtbi_fast.hub import load_llm
@@ -72,6 +73,8 @@ def base_corpus(d: Path) -> tuple[list[dict], list[dict]]:
 def write_memory_corpus(d: Path, n: int, rows, records) -> tuple[Path, Path]:
     """A manifest of ``n`` utterances (utterance i is base utterance i % 12 under id u<i>) and
     its behaviors (in plan order: sorted by utterance id)."""
+    from mtbi_fast.behaviors_folder import BehaviorsFolder
+
     by_utt = {}
     for r in records:
         by_utt.setdefault(r["utt_id"], []).append(r)
@@ -83,7 +86,7 @@ def write_memory_corpus(d: Path, n: int, rows, records) -> tuple[Path, Path]:
     plan = json.loads((d / "base-beh" / "plan.json").read_text())
     plan["jobs"] = n * len(records) // BASE  # the synthetic plan: every record is there
     (beh / "plan.json").write_text(json.dumps(plan))
-    with open(manifest, "w") as m, open(beh / "shard-00000.jsonl", "w") as b:
+    with open(manifest, "w") as m, open(BehaviorsFolder(beh).part(0), "w") as b:
         for i in range(n):
             uid = f"u{i:07d}"
             m.write(man_tpl[i % BASE].replace("@ID@", uid))

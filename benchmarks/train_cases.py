@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.environ.get("MTBI_PACKAGE_ROOT", str(ROOT)))  # another tree: the overhead probe's "before"
 
 from mtbi_fast.audio import load_audio  # noqa: E402
+from mtbi_fast.behaviors_folder import BehaviorsFolder  # noqa: E402
 from mtbi_fast.data import Word, read_manifest  # noqa: E402
 from mtbi_fast.interleave import example_pair, transcript  # noqa: E402
 from mtbi_fast.model import ModelConfig, SpeechLLM  # noqa: E402
@@ -211,7 +212,7 @@ def synthetic_behaviors(manifest: Path, out_dir: Path, tokenizer, vocab: int, se
             "suffix_ids": [rng.randrange(vocab) for _ in range(rng.randint(5, 10))],
             "response_ids": [rng.randrange(vocab) for _ in range(rng.randint(*response))]}))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "shard-00000.jsonl").write_text("".join(line + "\n" for line in lines))
+    BehaviorsFolder(out_dir).part(0).write_text("".join(line + "\n" for line in lines))
     return out_dir
 
 

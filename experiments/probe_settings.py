@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 
-from mtbi_fast.behaviors import job, read_behaviors
+from mtbi_fast.behaviors import job
+from mtbi_fast.behaviors_folder import BehaviorsFolder, read_behaviors
 from mtbi_fast.config import load_config
 from mtbi_fast.data import read_manifest
-from mtbi_fast.dataset import load_hidden_cache
 from mtbi_fast.evaluate import imitation_kl, model_answers, other_speech, repeat_wer, repeat_wer_parts
 from mtbi_fast.model import SpeechLLM, decoding_kwargs
 from mtbi_fast.tasks import TaskLibrary
@@ -93,7 +93,7 @@ def main() -> None:
         missing = sorted({r["utt_id"] for r in records} - set(audio))
         if missing:
             raise SystemExit(f"{folder}: utterances not in {args.manifest}: {missing[:5]}")
-        heldout[folder] = (records, load_hidden_cache(folder))
+        heldout[folder] = (records, BehaviorsFolder(folder).hidden_states())
     if args.model is not None:
         model, seconds = SpeechLLM.from_pretrained(args.model).eval(), 0.0
         args.overrides, args.steps, args.init_scale = [f"model={args.model}"], None, None

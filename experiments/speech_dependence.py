@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mtbi_fast.behaviors import read_behaviors
+from mtbi_fast.behaviors_folder import read_behaviors
 from mtbi_fast.data import read_manifest
 from mtbi_fast.evaluate import imitation_kl, other_speech
 from mtbi_fast.model import SpeechLLM

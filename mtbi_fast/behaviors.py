@@ -7,43 +7,36 @@ with the transcript in place of ``{transcript}``, through its chat template: bat
 with left padding, greedy or seeded sampling. The prompt tokens are exactly what training uses:
 ``prefix_ids + transcript_ids + suffix_ids`` (the template split at the transcript).
 
-Output folder: ``split.json`` (the recorded task split), ``plan.json`` (what was asked), and
-``shard-00000.jsonl``, ... one record a line (``id``, ``utt_id``, ``task``, ``wording``, ``split``,
-``prompt``, ``prefix_ids``, ``transcript_ids``, ``suffix_ids``, ``response``, ``response_ids``).
-Each shard is written to a temporary name and renamed when complete, so a killed run resumes
+Output folder (the format: ``behaviors_folder.BehaviorsFolder``): ``split.json`` (the recorded
+task split), ``plan.json`` (what was asked: ``provenance``), and ``part-00000.jsonl``, ... one
+record a line (``id``, ``utt_id``, ``task``, ``wording``, ``split``, ``prompt``, ``prefix_ids``,
+``transcript_ids``, ``suffix_ids``, ``response``, ``response_ids``), ``part_size`` records a part.
+Each part is written to a temporary name and renamed when complete, so a killed run resumes
 where it stopped with nothing duplicated or lost, and gives the same files as an uninterrupted
-run. With ``cache_hidden`` each shard also gets ``shard-NNNNN.safetensors``: the teacher's final
+run. With ``cache_hidden`` each part also gets ``part-NNNNN.safetensors``: the teacher's final
 hidden states at the response positions (bf16, one tensor per record id).
 
-Batches: a shard's jobs are ordered by prompt length in tokens, longest first (a stable sort: ties
+Batches: a part's jobs are ordered by prompt length in tokens, longest first (a stable sort: ties
 keep plan order; the longest batch runs first, so a batch too big for memory fails at once), and
 cut into ``batch_size`` batches, so left padding wastes little; the records are written back in
-plan order. Batch ``b`` of shard ``k`` samples with a seed derived from the run seed and
-``(k, b)``, so a shard's bytes depend on the plan and settings alone.
+plan order. Batch ``b`` of part ``k`` samples with a seed derived from the run seed and
+``(k, b)``, so a part's bytes depend on the plan and settings alone.
 
 Ranks: under a launcher (``torchrun --nproc_per_node N``, ``deepspeed --num_gpus N``: the
 ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` variables; ``rank_world``) rank ``r`` of ``W`` writes
-the shards ``k`` with ``k % W == r``, and a shard's bytes do not depend on ``W``: any world size
+the parts ``k`` with ``k % W == r``, and a part's bytes do not depend on ``W``: any world size
 writes the files a single process writes. No process group: the ranks meet through the folder
 (a shared file system across machines). Rank 0 checks the folder and writes ``plan.json`` and
 ``split.json``; the other ranks wait for them (``plan_timeout``) and refuse a plan that differs
-from their own. A killed rank's rerun (or the whole launch's) redoes only its missing shards.
-A world of one (no ``RANK``, or ``WORLD_SIZE=1``) is the plain single-process run.
+from their own. A killed rank's rerun (or the whole launch's) redoes only its missing parts.
+A world of one (no ``RANK``, or ``WORLD_SIZE=1``) is the plain single-process run. Whichever rank
+sees every part there writes ``index.json`` (identical content, so two at once is harmless).
 
-``index.json``: written once every shard is present (by whichever rank sees that last, or by the
-single process; identical content, so two ranks writing it at once is harmless): each shard file
-with its record count and sha256, the total records, and whether hidden states are present.
-``read_behaviors`` checks a folder's shard names and record counts against it when it is there
-(older folders have none).
-
-Provenance (docs/data.md): ``plan.json`` records the teacher LLM (``teacher_fingerprint``: its
-source plus sha256 fingerprints of its config, tokenizer and weights), the generation settings,
-the task split and the jobs (utterance ids and texts, prompt wordings). A rerun into a folder made
-with anything different is refused with the differing fields listed; with ``overwrite=True`` the
-old files are moved aside to ``<folder>.replaced-<time>`` first. A rerun with identical settings
-resumes. Only ``cache_hidden`` may change between runs (it adds the missing hidden-state shards,
-which are the same with or without it). ``check_teacher`` tells the trainer whether a folder was
-made by the LLM its model config describes.
+A rerun into a folder made with anything different (``provenance.plan_diffs``) is refused with
+the differing fields listed; with ``overwrite=True`` the old files are moved aside to
+``<folder>.replaced-<time>`` first. A rerun with identical settings resumes. Only
+``cache_hidden`` may change between runs (it adds the missing hidden-state files, which are the
+same with or without it).
 
 One run at a time: the single process, or rank 0, holds ``.lock`` (``FolderLock``); rank ``r > 0``
 holds ``.lock.rank-NNNNN`` (``r``) and a shared lock on ``.lock.ranks`` once the plan is there. A
@@ -56,13 +49,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,15 +62,14 @@ from tqdm import tqdm
 
 from .attention import padded_attention
 from .data import Utterance
-from .hub import ASSETS, TINY_LLM, hub_snapshot, parse_source, source_config
-from .io import atomic_write_text, derived_seed, move_aside, sha256_and_lines, sha256_files
+from .behaviors_folder import INDEX_NAME, PLAN_NAME, SPLIT_NAME, BehaviorsFolder
+from .io import atomic_write_text, derived_seed, move_aside
 from .lock import LOCK_NAME, RANKS_LOCK, FolderLock, RanksLock, rank_lock_name
 from .prompts import left_pad, template_halves
+from .provenance import PLAN_FORMAT, plan_diffs, plan_record, read_plan
 from .tasks import TaskLibrary, TaskSplit
 
 PLAN_TIMEOUT_S = 600.0  # how long a rank > 0 waits for rank 0's plan.json
-INDEX_NAME = "index.json"
-INDEX_FORMAT = 1
 BATCHING = "prompt_length"  # plan.json settings.batching: batches cut by prompt length (module docstring)
 
 
@@ -92,7 +83,7 @@ class BehaviorConfig:
     do_sample: bool = False
     temperature: float = 0.7
     top_p: float = 0.9
-    shard_size: int = 64            # records per shard
+    part_size: int = 64             # records per part file
     cache_hidden: bool = False
     tasks: tuple | None = None      # only these tasks (e.g. ("continue",) for a BLSP-style baseline)
 
@@ -147,7 +138,7 @@ def generate_behaviors(utterances: list[Utterance], library: TaskLibrary, llm, t
     ``llm`` source and ``init_seed``), recorded as the teacher's fingerprint; without it the
     folder records no teacher and ``check_teacher`` refuses it. A folder made with other settings
     is refused, or with ``overwrite`` moved aside first (module docstring). ``rank`` of ``world``:
-    this process writes shards ``k % world == rank`` (default: ``rank_world()``, from the
+    this process writes parts ``k % world == rank`` (default: ``rank_world()``, from the
     launcher's environment); a rank other than 0 waits up to ``plan_timeout`` seconds for rank 0's
     ``plan.json``."""
     out = Path(out_dir)
@@ -166,7 +157,7 @@ def generate_behaviors(utterances: list[Utterance], library: TaskLibrary, llm, t
             if ranks_held:  # no ranks of a launch write meanwhile
                 held.enter_context(RanksLock(out, fcntl.LOCK_EX))
         jobs = plan(utterances, split, library, cfg)
-        record = _provenance(jobs, split, library, llm, cfg, model_config)
+        record = plan_record(jobs, split, library, llm, cfg, model_config, BATCHING)
         if rank == 0:
             with contextlib.ExitStack() as moving:
                 def before_move():  # ranks of another launch may still write the old files
@@ -175,20 +166,20 @@ def generate_behaviors(utterances: list[Utterance], library: TaskLibrary, llm, t
 
                 replaced = _check_folder(out, record, split, overwrite, before_move)
                 # plan.json first: a run killed before split.json is written still resumes
-                atomic_write_text(out / "plan.json", json.dumps(record, indent=2))
-                split.save(out / "split.json")
+                atomic_write_text(out / PLAN_NAME, json.dumps(record, indent=2))
+                split.save(out / SPLIT_NAME)
         else:
             _wait_for_plan(out, record, split, overwrite, plan_timeout, rank)
             held.enter_context(FolderLock(out, f"behaviors, rank {rank} of {world}", name=rank_lock_name(rank)))
             held.enter_context(RanksLock(out, fcntl.LOCK_SH))
             _check_folder(out, record, split, False)  # still the plan it waited for
         summary = _generate(jobs, library, llm, tokenizer, out, cfg, progress, rank, world)
-        n_shards = summary["shards"]
-        if _all_shards_there(out, n_shards, cfg.cache_hidden):  # this rank finished last
-            index = write_index(out, n_shards)
+        n_parts, folder = summary["parts"], BehaviorsFolder(out)
+        if folder.all_parts_there(n_parts, cfg.cache_hidden):  # this rank finished last
+            index = folder.write_index(n_parts)
             summary["index"] = str(out / INDEX_NAME)
             if progress and world > 1:
-                print(f"behaviors (rank {rank} of {world}): all {n_shards} shards are there; wrote "
+                print(f"behaviors (rank {rank} of {world}): all {n_parts} parts are there; wrote "
                       f"{out / INDEX_NAME} ({index['records']} records)")
     if replaced is not None:
         summary["replaced"] = str(replaced)
@@ -219,17 +210,13 @@ def _check_rank(rank: int, world: int) -> None:
         raise ValueError(f"rank {rank!r} of world {world!r}: need 0 <= rank < world")
 
 
-def rank_shards(n_shards: int, rank: int, world: int) -> list[int]:
-    """The shards rank ``rank`` of ``world`` writes: ``k % world == rank``."""
-    return list(range(rank, n_shards, world))
-
-
-def shard_name(k: int, ext: str = "jsonl") -> str:
-    return f"shard-{k:05d}.{ext}"
+def rank_parts(n_parts: int, rank: int, world: int) -> list[int]:
+    """The parts rank ``rank`` of ``world`` writes: ``k % world == rank``."""
+    return list(range(rank, n_parts, world))
 
 
 def batches(jobs: list[dict], library: TaskLibrary, tokenizer, batch_size: int) -> list[list[int]]:
-    """The positions of ``jobs`` (one shard) in batches of ``batch_size``: longest prompt first
+    """The positions of ``jobs`` (one part) in batches of ``batch_size``: longest prompt first
     (tokens, as ``answer`` builds them), equal lengths in plan order."""
     lengths = prompt_lengths(jobs, library, tokenizer)
     order = sorted(range(len(jobs)), key=lambda i: -lengths[i])
@@ -250,20 +237,21 @@ def prompt_lengths(jobs: list[dict], library: TaskLibrary, tokenizer) -> list[in
 
 def _generate(jobs, library, llm, tokenizer, out: Path, cfg: BehaviorConfig, progress: bool,
               rank: int = 0, world: int = 1) -> dict:
-    shards = [jobs[i:i + cfg.shard_size] for i in range(0, len(jobs), cfg.shard_size)]
-    mine = rank_shards(len(shards), rank, world)
-    todo = [k for k in mine if not (out / shard_name(k)).exists()
-            or (cfg.cache_hidden and not (out / shard_name(k, "safetensors")).exists())]
-    n_mine = sum(len(shards[k]) for k in mine)
+    parts = [jobs[i:i + cfg.part_size] for i in range(0, len(jobs), cfg.part_size)]
+    folder = BehaviorsFolder(out)
+    mine = rank_parts(len(parts), rank, world)
+    todo = [k for k in mine if not folder.part(k).exists()
+            or (cfg.cache_hidden and not folder.part(k, "safetensors").exists())]
+    n_mine = sum(len(parts[k]) for k in mine)
     t0, n_tokens, n_done = time.time(), 0, 0
-    bar = tqdm(total=n_mine, initial=n_mine - sum(len(shards[k]) for k in todo),
+    bar = tqdm(total=n_mine, initial=n_mine - sum(len(parts[k]) for k in todo),
                desc="behaviors" if world == 1 else f"behaviors {rank}/{world}", unit="prompt",
                disable=not progress)
     for k in todo:
-        shard, by_pos, hidden = shards[k], {}, {}
-        for b, positions in enumerate(batches(shard, library, tokenizer, cfg.batch_size)):
-            batch = [shard[i] for i in positions]
-            # the seed key is the batch's position in the shard (its first job's index)
+        part, by_pos, hidden = parts[k], {}, {}
+        for b, positions in enumerate(batches(part, library, tokenizer, cfg.batch_size)):
+            batch = [part[i] for i in positions]
+            # the seed key is the batch's position in the part (its first job's index)
             records = answer(batch, library, llm, tokenizer, cfg,
                              derived_seed(cfg.seed, f"{k}/{b * cfg.batch_size}"),
                              hidden=hidden if cfg.cache_hidden else None)
@@ -273,21 +261,21 @@ def _generate(jobs, library, llm, tokenizer, out: Path, cfg: BehaviorConfig, pro
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - t0, 1e-9):.0f}")
         if cfg.cache_hidden:
-            _write_hidden(out / shard_name(k, "safetensors"), {j["id"]: hidden[j["id"]] for j in shard})
-        atomic_write_text(out / shard_name(k), "".join(
-            json.dumps(by_pos[i], ensure_ascii=False) + "\n" for i in range(len(shard))))
+            _write_hidden(folder.part(k, "safetensors"), {j["id"]: hidden[j["id"]] for j in part})
+        atomic_write_text(folder.part(k), "".join(
+            json.dumps(by_pos[i], ensure_ascii=False) + "\n" for i in range(len(part))))
     bar.close()
     elapsed = time.time() - t0
-    summary = {"prompts": len(jobs), "generated": n_done, "shards": len(shards),
+    summary = {"prompts": len(jobs), "generated": n_done, "parts": len(parts),
                "new_tokens": n_tokens, "seconds": round(elapsed, 2),
                "tokens_per_s": round(n_tokens / elapsed, 1) if elapsed > 0 else None,
-               "rank": rank, "world": world, "rank_shards": len(mine), "rank_prompts": n_mine}
+               "rank": rank, "world": world, "rank_parts": len(mine), "rank_prompts": n_mine}
     if progress and world == 1:
         print(f"behaviors: {n_done} generated now, {len(jobs)} in all, {n_tokens} tokens in "
               f"{elapsed:.1f} s ({summary['tokens_per_s']} tokens/s) -> {out}")
     elif progress:
         print(f"behaviors (rank {rank} of {world}): {n_done} generated now, {n_mine} of "
-              f"{len(jobs)} prompts ({len(mine)} of {len(shards)} shards) are this rank's, "
+              f"{len(jobs)} prompts ({len(mine)} of {len(parts)} parts) are this rank's, "
               f"{n_tokens} tokens in {elapsed:.1f} s ({summary['tokens_per_s']} tokens/s) -> {out}")
     return summary
 
@@ -307,7 +295,7 @@ def _wait_for_plan(out: Path, record: dict, split: TaskSplit, overwrite: bool, t
     aside)."""
     deadline, last = time.monotonic() + timeout, None
     while True:
-        if (out / "plan.json").is_file() and (out / "split.json").is_file():
+        if (out / PLAN_NAME).is_file() and (out / SPLIT_NAME).is_file():
             try:
                 _check_folder(out, record, split, False)
                 return
@@ -318,42 +306,9 @@ def _wait_for_plan(out: Path, record: dict, split: TaskSplit, overwrite: bool, t
         if time.monotonic() >= deadline:
             why = f" (last seen: {last})" if last is not None else ""
             raise PlanTimeoutError(
-                f"rank {rank}: {out / 'plan.json'} (rank 0 writes it) did not appear within "
+                f"rank {rank}: {out / PLAN_NAME} (rank 0 writes it) did not appear within "
                 f"{timeout:g} s{why}; did rank 0 fail? Its error comes first")
         time.sleep(min(0.2, max(timeout / 10, 0.01)))
-
-
-def _all_shards_there(out: Path, n_shards: int, hidden: bool) -> bool:
-    exts = ("jsonl", "safetensors") if hidden else ("jsonl",)
-    return all((out / shard_name(k, ext)).exists() for k in range(n_shards) for ext in exts)
-
-
-def write_index(out_dir: str | os.PathLike, n_shards: int) -> dict:
-    """Write ``index.json`` for a folder whose ``n_shards`` shards are all there (module
-    docstring), atomically; returns it. Hidden states count when every shard has them."""
-    out = Path(out_dir)
-    hidden = all((out / shard_name(k, "safetensors")).exists() for k in range(n_shards))
-    files, total = [], 0
-    for k in range(n_shards):
-        sha, lines = sha256_and_lines(out / shard_name(k))
-        files.append({"name": shard_name(k), "records": lines, "sha256": sha})
-        total += lines
-        if hidden:
-            path = out / shard_name(k, "safetensors")
-            files.append({"name": path.name, "records": _safetensors_count(path),
-                          "sha256": sha256_and_lines(path)[0]})
-    index = {"format": INDEX_FORMAT, "shards": n_shards, "records": total, "hidden_states": hidden,
-             "files": files}
-    atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2) + "\n")
-    return index
-
-
-def _safetensors_count(path: Path) -> int:
-    """Tensors in a safetensors file, from its header."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    return sum(k != "__metadata__" for k in header)
 
 
 def answer(batch: list[dict], library: TaskLibrary, llm, tokenizer, cfg: BehaviorConfig, seed: int,
@@ -409,192 +364,6 @@ def answer(batch: list[dict], library: TaskLibrary, llm, tokenizer, cfg: Behavio
     return records
 
 
-ID_FIELDS = ("prefix_ids", "transcript_ids", "suffix_ids", "response_ids")
-
-
-def check_record_ids(record: dict, vocab: int, where: str) -> None:
-    """Every token id of a behavior record is an int in ``[0, vocab)`` (a negative id would be
-    read as a speech-frame reference, one past the table fails only in the step): else a
-    ValueError naming ``where`` (file and line, or shard and cut), the record and the field."""
-    for field in ID_FIELDS:
-        ids = record.get(field)
-        if not isinstance(ids, list):
-            raise ValueError(f"{where}: record {record.get('id')!r}: {field} must be a list of token ids, "
-                             f"got {type(ids).__name__}")
-        for k, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"{where}: record {record.get('id')!r}: {field}[{k}] = {t!r} is not a "
-                                 f"token id of the LLM's vocabulary [0, {vocab})")
-
-
-def read_behaviors(out_dir: str | os.PathLike, vocab: int | None = None) -> list[dict]:
-    """All records of a behaviors folder, in plan order. With an ``index.json`` (module
-    docstring) the shard names and record counts must be the ones it lists. With ``vocab``, every
-    token id is checked to be in ``[0, vocab)`` (``check_record_ids``, naming file and line)."""
-    out = Path(out_dir)
-    files = sorted(out.glob("shard-*.jsonl"))
-    listed = _indexed_shards(out, files)
-    if not files:
-        raise FileNotFoundError(f"no behavior shards in {out} (run `mtbi-fast behaviors`)")
-    records = []
-    for f in files:
-        n = len(records)
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{f}:{lineno}: not valid JSON ({exc.msg})") from None
-                if vocab is not None:
-                    if not isinstance(record, dict):
-                        raise ValueError(f"{f}:{lineno}: a behavior record is a JSON object")
-                    check_record_ids(record, vocab, f"{f}:{lineno}")
-                records.append(record)
-        if listed is not None and len(records) - n != listed[f.name]:
-            raise ValueError(f"{f} has {len(records) - n} records, {out / INDEX_NAME} lists "
-                             f"{listed[f.name]}: the shard changed after the index was written")
-    return records
-
-
-def _indexed_shards(out: Path, files: list[Path]) -> dict | None:
-    """{shard name: records} from ``index.json`` (None without one), after checking that the
-    folder's ``shard-*.jsonl`` are exactly the ones it lists."""
-    path = out / INDEX_NAME
-    if not path.is_file():
-        return None
-    try:
-        index = json.loads(path.read_text())
-        listed = {f["name"]: f["records"] for f in index["files"] if f["name"].endswith(".jsonl")}
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a behaviors index ({exc})") from None
-    present = {f.name for f in files}
-    missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
-    if missing:
-        raise FileNotFoundError(
-            f"{out / missing[0]} is missing: {path} lists {len(listed)} shards and "
-            f"{len(missing)} of them are not there ({', '.join(missing[:5])}"
-            f"{', ...' if len(missing) > 5 else ''}); rerun `mtbi-fast behaviors` into {out}")
-    if extra:
-        raise ValueError(f"{out / extra[0]} is not in {path} ({len(extra)} shard file"
-                         f"{'s' if len(extra) > 1 else ''} it does not list: "
-                         f"{', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})")
-    return listed
-
-
-# ---------------------------------------------------------------------------------------------
-# provenance
-
-PLAN_FORMAT = 2
-TEACHER_IDENTITY = ("config_sha256", "tokenizer_sha256", "weights", "commit")  # what check_teacher compares
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json")
-_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # weight files: 64 KiB at 16 evenly spaced offsets + the tail
-
-
-def teacher_fingerprint(model_config) -> dict:
-    """Who the teacher is, from a model config (the run config's ``model`` section, a dict or a
-    ``ModelConfig``): ``source`` (its ``llm`` entry; informational, a folder may move) and the
-    identity that ``check_teacher`` compares, computed without building the model:
-
-    - ``config_sha256``: the LLM's config (a tiny model: the transformers config arguments; a
-      folder: ``config.json`` without ``transformers_version`` and ``_name_or_path``);
-    - ``tokenizer_sha256``: the tokenizer files (a tiny model: the bundled tokenizer);
-    - ``weights``: ``"random init (seed N)"`` for a tiny model (``init_seed`` decides them);
-      ``"sha256:..."`` of a folder's weight files: names, sizes and 17 samples of 64 KiB of
-      each, the first, the last and 15 evenly spaced (about 1 MiB read a file: any change of
-      shape or dtype and any change of values that touches a sample shows; a full hash of a 7B
-      model would take a minute);
-    - ``commit``: for a hub source, the commit its revision resolved to (its snapshot's files are
-      hashed as a folder's).
-    """
-    if is_dataclass(model_config):
-        model_config = asdict(model_config)
-    source = model_config.get("llm") or {"tiny": {}}
-    kind, value, revision = parse_source(source, "llm")
-    if kind == "tiny":
-        return {"source": {"tiny": dict(value or {})},
-                "config_sha256": _sha_json({**TINY_LLM, **(value or {})}),
-                "tokenizer_sha256": sha256_files([ASSETS / "tiny_tokenizer.json"], names=True, digest_each=True),
-                "weights": f"random init (seed {int(model_config.get('init_seed', 0))})", "commit": None}
-    commit = None
-    if kind == "hub":  # its snapshot, as a folder; the commit it resolved to is part of its identity
-        folder, commit = hub_snapshot(value, revision)
-        kind, value = "path", str(folder)
-    if kind == "path" and not Path(value).is_dir():
-        raise FileNotFoundError(f"model folder not found: {value}")
-    folder, config = source_config(kind, value, "llm")
-    for key in ("transformers_version", "_name_or_path"):
-        config.pop(key, None)
-    weights = sorted(p for p in folder.iterdir() if p.is_file() and (
-        p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json")))
-    if not weights:
-        raise FileNotFoundError(f"model folder {folder} has no weight files (*.safetensors, *.bin)")
-    out = {"source": {kind: str(folder.resolve()) if kind == "path" else value},
-           "config_sha256": _sha_json(config),
-           "tokenizer_sha256": sha256_files([folder / n for n in TOKENIZER_FILES if (folder / n).is_file()], names=True,
-                                         digest_each=True),
-           "weights": "sha256:" + _sha_weights(weights), "commit": commit}
-    if commit is not None:
-        out["source"] = {"hub": source["hub"], "revision": revision}
-    return out
-
-
-def check_teacher(behaviors_dir: str | os.PathLike, model_config) -> None:
-    """Raises ``ValueError`` naming the folder and the differing fields unless the behaviors in
-    ``behaviors_dir`` were made by the LLM that ``model_config`` (a run config's ``model``
-    section) describes. The trainer calls it when ``data.teacher_cache`` is on: the cached hidden
-    states are that LLM's, and another LLM's would be imitated without a word."""
-    folder = Path(behaviors_dir)
-    recorded = read_plan(folder).get("teacher")
-    if recorded is None:
-        raise ValueError(f"{folder}/plan.json records no teacher LLM (made by an older mtbi-fast, "
-                         "or by a library call without model_config); make the behaviors again "
-                         "with `mtbi-fast behaviors --config RUN.yaml ... --overwrite`")
-    now = teacher_fingerprint(model_config)
-    diffs = _diff({f"teacher.{k}": recorded.get(k) for k in TEACHER_IDENTITY},
-                  {f"teacher.{k}": now.get(k) for k in TEACHER_IDENTITY})
-    if diffs:
-        raise ValueError(f"{folder} was made by another LLM ({_short(recorded.get('source'))}) than "
-                         f"model.llm ({_short(now['source'])}) describes: {'; '.join(diffs)}; make "
-                         "the behaviors with this model config (`mtbi-fast behaviors --config ...`)")
-
-
-def read_plan(behaviors_dir: str | os.PathLike) -> dict:
-    """The folder's ``plan.json`` (what was asked, with which LLM and settings)."""
-    path = Path(behaviors_dir) / "plan.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {Path(behaviors_dir)} is not a behaviors folder "
-                                "made by `mtbi-fast behaviors`")
-    try:
-        out = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg})") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return out
-
-
-def _provenance(jobs, split: TaskSplit, library: TaskLibrary, llm, cfg: BehaviorConfig,
-                model_config) -> dict:
-    """What plan.json records (module docstring)."""
-    params = next(iter(llm.parameters()), None)
-    settings = {"per_utterance": cfg.per_utterance, "split": cfg.split,
-                "tasks": list(cfg.tasks) if cfg.tasks is not None else None, "seed": cfg.seed,
-                "shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
-                "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample,
-                "temperature": cfg.temperature if cfg.do_sample else None,
-                "top_p": cfg.top_p if cfg.do_sample else None,
-                "dtype": str(params.dtype).removeprefix("torch.") if params is not None else None,
-                "batching": BATCHING}
-    asked = [(j["id"], j["text"], library.tasks[j["task"]][j["wording"]]) for j in jobs]
-    return {"format": PLAN_FORMAT,
-            "teacher": teacher_fingerprint(model_config) if model_config is not None else None,
-            "settings": settings, "task_split_sha256": _sha_json(split.to_dict()),
-            "jobs": len(jobs), "jobs_sha256": _sha_json(asked),
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
-
-
 def _check_folder(out: Path, record: dict, split: TaskSplit, overwrite: bool,
                   before_move=None) -> Path | None:
     """Refuse (or with ``overwrite`` move aside) what ``out`` holds unless it was made with the
@@ -602,11 +371,9 @@ def _check_folder(out: Path, record: dict, split: TaskSplit, overwrite: bool,
     ``before_move()`` runs before anything is moved (rank 0: no other launch's ranks write)."""
     if not out.is_dir():
         return None
-    present = [p for p in out.iterdir() if not (p.name == LOCK_NAME or p.name.startswith(LOCK_NAME + "."))]
-    if not any(p.name in ("plan.json", "split.json", INDEX_NAME) or p.name.startswith("shard-")
-               for p in present):
+    if not BehaviorsFolder(out).holds_behaviors():
         return None  # nothing of a behaviors run here
-    plan_path, diffs = out / "plan.json", []
+    plan_path, diffs = out / PLAN_NAME, []
     if not plan_path.is_file():
         diffs = ["plan.json is missing (these files record no teacher or settings)"]
     else:
@@ -617,8 +384,8 @@ def _check_folder(out: Path, record: dict, split: TaskSplit, overwrite: bool,
         if not diffs and old.get("format") != PLAN_FORMAT:
             diffs = ["plan.json is from an older mtbi-fast and records no teacher or settings"]
         elif not diffs:
-            diffs = _diff(_flat(old), _flat(record))
-    split_path = out / "split.json"
+            diffs = plan_diffs(old, record)
+    split_path = out / SPLIT_NAME
     if not diffs and split_path.is_file():
         try:
             same = json.loads(split_path.read_text()) == split.to_dict()
@@ -633,54 +400,12 @@ def _check_folder(out: Path, record: dict, split: TaskSplit, overwrite: bool,
                          "output folder, or --overwrite (overwrite=True) to move the old files aside")
     if before_move is not None:
         before_move()
-    # plan.json first: a move cut short leaves shards without a plan, which is refused again
-    aside = move_aside(out, first="plan.json",
+    # plan.json first: a move cut short leaves parts without a plan, which is refused again
+    aside = move_aside(out, first=PLAN_NAME,
                        keep=lambda p: p.name == LOCK_NAME or p.name.startswith(LOCK_NAME + "."))
     print(f"behaviors: {out} was made differently ({'; '.join(diffs)}); its files were moved to "
           f"{aside}")
     return aside
-
-
-def _flat(record: dict) -> dict:
-    """The fields of a plan.json that must match for a resume (cache_hidden may change)."""
-    teacher = record.get("teacher")
-    out = {f"teacher.{k}": (teacher or {}).get(k) for k in TEACHER_IDENTITY}
-    out["teacher"] = "recorded" if teacher is not None else "not recorded"
-    out.update({f"settings.{k}": v for k, v in (record.get("settings") or {}).items()})
-    for key in ("task_split_sha256", "jobs", "jobs_sha256"):
-        out[key] = record.get(key)
-    return out
-
-
-def _diff(old: dict, new: dict) -> list[str]:
-    return [f"{k} (recorded {_short(old.get(k))}, now {_short(new.get(k))})"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
-def _short(v) -> str:
-    if isinstance(v, str) and v.startswith("sha256:"):
-        v = v[:19]
-    elif isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
-        v = v[:12]
-    return json.dumps(v) if not isinstance(v, str) else repr(v)
-
-
-def _sha_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def _sha_weights(paths) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        size = p.stat().st_size
-        h.update(f"{p.name}\0{size}\0".encode())
-        offsets = {0, max(0, size - _SAMPLE_BYTES)}
-        offsets |= {size * i // _SAMPLES for i in range(_SAMPLES)}
-        with open(p, "rb") as f:
-            for off in sorted(offsets):
-                f.seek(off)
-                h.update(f.read(_SAMPLE_BYTES))
-    return h.hexdigest()
 
 
 def _write_hidden(path: Path, states: dict[str, torch.Tensor]):

@@ -66,7 +66,7 @@ def _add_behaviors(sub):
     b = sub.add_parser("behaviors", help="the frozen LLM answers task prompts about transcripts",
                        description="The frozen LLM answers task prompts about transcripts. Under "
                        "torchrun or deepspeed (RANK, WORLD_SIZE, LOCAL_RANK set) each rank writes "
-                       "every WORLD_SIZE-th shard on cuda:LOCAL_RANK (CPU without CUDA); the files "
+                       "every WORLD_SIZE-th part on cuda:LOCAL_RANK (CPU without CUDA); the files "
                        "are the ones a single process writes.")
     b.add_argument("--manifest", required=True, help="utterance manifest (JSONL) or Lhotse CutSet")
     b.add_argument("--tasks", default="configs/tasks.yaml", help="task library (YAML)")
@@ -80,7 +80,8 @@ def _add_behaviors(sub):
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--shard-size", type=int, default=64)
+    b.add_argument("--part-size", "--shard-size", dest="part_size", type=int, default=64,
+                   help="records per part file (part-NNNNN.jsonl; --shard-size is its former name)")
     b.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy")
     b.add_argument("--cache-hidden", action="store_true",
                    help="also store the teacher's hidden states at the response positions")
@@ -422,7 +423,7 @@ def _behaviors(args) -> int:
         llm.to(f"cuda:{local_rank}")
     cfg = BehaviorConfig(per_utterance=args.per_utterance, split=args.split, seed=args.seed,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         shard_size=args.shard_size, do_sample=args.sample,
+                         part_size=args.part_size, do_sample=args.sample,
                          cache_hidden=args.cache_hidden, tasks=only)
     generate_behaviors(utts, library, llm, tokenizer, args.output, cfg,
                        model_config=model_cfg.to_dict(), overwrite=args.overwrite,

@@ -15,15 +15,13 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import soundfile as sf
 import torch
-from safetensors.torch import load_file
 
 from mtbi_fast.audio import SAMPLE_RATE, load_audio, spec_augment
-from mtbi_fast.behaviors import read_behaviors
+from mtbi_fast.behaviors_folder import BehaviorsFolder
 from mtbi_fast.hf_code.modeling_mtbi_speech import adapter_frames
 from mtbi_fast.data import DURATION_TOLERANCE, Utterance
 from mtbi_fast.lhotse_io import read_utterances
@@ -165,7 +163,8 @@ class MTBIData(BatchBuilder):
         utts = read_utterances(manifest, require_words=True)  # JSONL manifest or Lhotse CutSet
         check_durations(utts, model, manifest)
         self.utts = {u.id: u for u in utts}
-        self.records = read_behaviors(behaviors, vocab=self.vocab)
+        folder = BehaviorsFolder(behaviors)
+        self.records = folder.records(vocab=self.vocab)
         if tasks is not None:  # a baseline on fewer tasks (e.g. [continue]: BLSP-style alignment)
             self.records = [r for r in self.records if r["task"] in tasks]
             if not self.records:
@@ -175,7 +174,7 @@ class MTBIData(BatchBuilder):
             raise ValueError(f"{behaviors}: behaviors refer to utterances not in {manifest}: {missing[:5]}")
         check_fits(self.records, self.utts, model, max_tokens, overlong, behaviors)
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU, FEATURE_CACHE_CLIPS
-        self.cache = load_hidden_cache(behaviors) if teacher_cache else None
+        self.cache = folder.hidden_states() if teacher_cache else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -305,17 +304,3 @@ def check_durations(utts, model: SpeechLLM, manifest) -> None:
                          f"than {what}: "
                          f"{', '.join(bad[:20])}{', ...' if len(bad) > 20 else ''}; remove "
                          f"{'them' if len(bad) > 1 else 'it'} from the manifest or cut the audio")
-
-def load_hidden_cache(behaviors: str) -> dict[str, torch.Tensor]:
-    """The teacher's hidden states cached with the behaviors (``shard-*.safetensors``): a tensor
-    [response tokens, hidden] per behavior id."""
-    files = sorted(Path(behaviors).glob("shard-*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"data.teacher_cache is on but {behaviors} has no hidden-state "
-                                "shards; run `mtbi-fast behaviors ... --cache-hidden`")
-    cache = {}
-    for f in files:
-        cache.update(load_file(str(f)))
-    return cache
-
-

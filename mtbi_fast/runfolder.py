@@ -31,6 +31,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from mtbi_fast.behaviors_folder import BehaviorsFolder
 from mtbi_fast.io import atomic_write_text, move_aside, sha256_files
 from mtbi_fast.lock import LOCK_NAME
 
@@ -152,8 +153,8 @@ def check_same_run(recorded: dict, cfg: dict, fingerprint: dict, out: Path, what
 
 def data_fingerprint(cfg: dict) -> dict[str, str]:
     """sha256 of the bytes the trainer reads, per data key: each manifest, and each behaviors
-    folder's ``shard-*.jsonl`` records (plus its ``shard-*.safetensors`` teacher states when
-    ``data.teacher_cache`` reads them). Contents, not paths or times: a folder that moved, or a
+    folder's record files (plus its teacher states when ``data.teacher_cache`` reads them:
+    ``BehaviorsFolder.fingerprint_files``). Contents, not paths or times: a folder that moved, or a
     file rewritten with the same bytes, is the same data. Audio files are known by their
     manifest lines (path, duration), not read."""
     d = cfg["data"]
@@ -161,10 +162,10 @@ def data_fingerprint(cfg: dict) -> dict[str, str]:
         files = {"data.train_shards": [Path(d["train_shards"]) / "shards.json"]}
     else:
         files = {"data.train_manifest": [Path(d["train_manifest"])],
-                 "data.behaviors": _behavior_files(d["behaviors"], d["teacher_cache"])}
+                 "data.behaviors": BehaviorsFolder(d["behaviors"]).fingerprint_files(d["teacher_cache"])}
     if d["eval_manifest"] and d["eval_behaviors"]:
         files["data.eval_manifest"] = [Path(d["eval_manifest"])]
-        files["data.eval_behaviors"] = _behavior_files(d["eval_behaviors"], False)
+        files["data.eval_behaviors"] = BehaviorsFolder(d["eval_behaviors"]).fingerprint_files(False)
     out = {key: sha256_files(paths, names=len(paths) > 1 or key.endswith("behaviors"), separator=b"\0")
            for key, paths in files.items()}
     return {**out, **model_fingerprint(cfg)}
@@ -514,13 +515,6 @@ def _listing(names: list[str]) -> str:
 
 def _named(out: Path) -> str:
     return f"{out} (a link to {out.resolve()})" if out.is_symlink() else str(out)
-
-
-def _behavior_files(folder: str, with_states: bool) -> list[Path]:
-    files = sorted(Path(folder).glob("shard-*.jsonl"))
-    if with_states:
-        files += sorted(Path(folder).glob("shard-*.safetensors"))
-    return files
 
 
 def _jsonable(obj):

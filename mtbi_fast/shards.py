@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .behaviors_folder import PLAN_NAME, SPLIT_NAME, BehaviorsFolder
 from .data import Utterance
 from .io import atomic_write_text, move_aside, sha256_files
 from .lhotse_io import manifest_to_cutset, read_utterances
@@ -70,19 +71,19 @@ def write_shards(manifest: str | os.PathLike, behaviors: str | os.PathLike, out_
                  workers: int = 1, progress: bool = True) -> dict:
     """Write (or finish) the shards of ``manifest``'s utterances with their ``behaviors`` into
     ``out_dir`` (module docstring); returns the index (``shards.json``). ``teacher_hidden``: also
-    the teacher's cached states (the behaviors folder's ``shard-*.safetensors``). ``workers``:
+    the teacher's cached states (the behaviors folder's ``part-*.safetensors``). ``workers``:
     processes writing shards at once (the files are the same for any number)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    out, behaviors = Path(out_dir), Path(behaviors)
-    bfiles = sorted(behaviors.glob("shard-*.jsonl"))
+    out, folder = Path(out_dir), BehaviorsFolder(behaviors)
+    behaviors = folder.path
+    bfiles = folder.record_files()
     if not bfiles:
-        raise FileNotFoundError(f"no behavior shards in {behaviors} (run `mtbi-fast behaviors`)")
+        raise FileNotFoundError(f"no behavior files in {behaviors} (run `mtbi-fast behaviors`)")
     if teacher_hidden:
-        missing = [f.with_suffix(".safetensors").name for f in bfiles
-                   if not f.with_suffix(".safetensors").is_file()]
+        missing = [folder.states_of(f).name for f in bfiles if not folder.states_of(f).is_file()]
         if missing:
             raise FileNotFoundError(f"{behaviors}: no cached teacher states ({', '.join(missing[:3])}); "
                                     f"run `mtbi-fast behaviors ... --cache-hidden` first")
@@ -90,14 +91,14 @@ def write_shards(manifest: str | os.PathLike, behaviors: str | os.PathLike, out_
     with FolderLock(out, "shard"):
         t0 = time.time()
         utts = {u.id: u for u in read_utterances(manifest, require_words=True)}
-        ids, n_records = _utterances_with_behaviors(bfiles, utts, manifest)
-        _check_behaviors_complete(behaviors, n_records)
+        ids, n_records = _utterances_with_behaviors(folder, utts, manifest)
+        folder.check_complete(n_records)
         settings = {"format": FORMAT, "shard_size": shard_size, "teacher_hidden": teacher_hidden,
                     "manifest_sha256": sha256_files([Path(manifest)]),
                     "behaviors_sha256": sha256_files(bfiles), "utterances": len(ids)}
         _check_settings(out, settings, overwrite)
         atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
-        for name in ("plan.json", "split.json"):  # the teacher's provenance (check_teacher)
+        for name in (PLAN_NAME, SPLIT_NAME):  # the teacher's provenance (check_teacher)
             if (behaviors / name).is_file():
                 atomic_write_text(out / name, (behaviors / name).read_text(encoding="utf-8"))
         shards = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
@@ -107,7 +108,7 @@ def write_shards(manifest: str | os.PathLike, behaviors: str | os.PathLike, out_
         bar = tqdm(total=len(ids), initial=sum(len(shards[k]) for k in range(len(shards)) if k not in todo),
                    desc="shard", unit="utt", disable=None if progress else True)  # None: a terminal only
         written = 0
-        groups = _records_by_utterance(bfiles, teacher_hidden)
+        groups = _records_by_utterance(folder, teacher_hidden)
         # the workers die with this process (kill -9 included): none writes after the lock is gone
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=pool_initializer,
                                    initargs=(os.getpid(),)) if workers > 1 else None
@@ -273,12 +274,12 @@ def _shard_complete(out: Path, k: int, teacher_hidden: bool) -> bool:
         (out / SHAR / name).is_file() for name in _shard_files(k, teacher_hidden).values())
 
 
-def _utterances_with_behaviors(bfiles: list[Path], utts: dict[str, Utterance], manifest) -> list[str]:
+def _utterances_with_behaviors(folder: BehaviorsFolder, utts: dict[str, Utterance], manifest) -> list[str]:
     """The ids of the utterances that have behaviors, in the behaviors' order (which must group
     each utterance's records together, as ``mtbi-fast behaviors`` writes them), and the number
     of records."""
     ids, seen, n = [], set(), 0
-    for f, lineno, r in _iter_records(bfiles):
+    for f, lineno, r in folder.iter_records():
         n += 1
         u = r.get("utt_id")
         if u not in utts:
@@ -294,23 +295,11 @@ def _utterances_with_behaviors(bfiles: list[Path], utts: dict[str, Utterance], m
     return ids, n
 
 
-def _check_behaviors_complete(behaviors: Path, n_records: int) -> None:
-    """All the behaviors the folder's plan asked for are there: a behaviors run still going (or
-    killed) would otherwise give shards with some utterances or records missing."""
-    plan = behaviors / "plan.json"
-    if not plan.is_file():
-        return
-    jobs = json.loads(plan.read_text(encoding="utf-8")).get("jobs")
-    if isinstance(jobs, int) and n_records != jobs:
-        raise ValueError(f"{behaviors} holds {n_records} of the {jobs} behaviors its plan.json asks "
-                         f"for: `mtbi-fast behaviors` has not finished there (run it again to finish)")
-
-
-def _records_by_utterance(bfiles: list[Path], teacher_hidden: bool) -> Iterator[tuple[str, list, np.ndarray | None]]:
+def _records_by_utterance(folder: BehaviorsFolder, teacher_hidden: bool) -> Iterator[tuple[str, list, np.ndarray | None]]:
     """(utterance id, its records, its cached states as uint16 bf16 bits or None), in order."""
     current, records, states = None, [], []
     open_file, handle = None, None
-    for f, _, r in _iter_records(bfiles):
+    for f, _, r in folder.iter_records():
         if r["utt_id"] != current:
             if current is not None:
                 yield current, records, _concat(states) if teacher_hidden else None
@@ -319,9 +308,9 @@ def _records_by_utterance(bfiles: list[Path], teacher_hidden: bool) -> Iterator[
         if teacher_hidden:
             if open_file != f:
                 from safetensors import safe_open
-                handle, open_file = safe_open(str(f.with_suffix(".safetensors")), "pt"), f
+                handle, open_file = safe_open(str(folder.states_of(f)), "pt"), f
             if r["id"] not in handle.keys():
-                raise ValueError(f"{f.with_suffix('.safetensors')}: no cached states for behavior {r['id']!r}")
+                raise ValueError(f"{folder.states_of(f)}: no cached states for behavior {r['id']!r}")
             states.append(handle.get_tensor(r["id"]))
     if current is not None:
         yield current, records, _concat(states) if teacher_hidden else None
@@ -338,16 +327,6 @@ def _concat(states) -> np.ndarray:
 
     t = torch.cat([s.to(torch.bfloat16) for s in states]) if states else torch.zeros(0, 0, dtype=torch.bfloat16)
     return t.view(torch.int16).numpy().view(np.uint16)
-
-
-def _iter_records(bfiles: list[Path]):
-    for f in bfiles:
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                try:
-                    yield f, lineno, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{f}:{lineno}: not valid JSON ({exc.msg})") from None
 
 
 def _check_settings(out: Path, settings: dict, overwrite: bool) -> None:

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from .audio import SAMPLE_RATE, wave_from_samples
-from .behaviors import check_record_ids
+from .behaviors_folder import check_record_ids
 from .data import Utterance
 from .dataset import BatchBuilder, Item, check_fits, features_or_bad_audio
 from .errors import USER_ERRORS

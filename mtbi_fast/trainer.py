@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mtbi_fast.behaviors import check_teacher
+from mtbi_fast.provenance import check_teacher
 from mtbi_fast.config import interleave_schedule
 from mtbi_fast.dataset import BatchBuilder, MicroBatches, MTBIData
 from mtbi_fast.errors import USER_ERRORS

@@ -106,7 +106,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
 
 
 def test_behaviors_only_tasks(tmp_path, capsys):
-    from mtbi_fast.behaviors import read_behaviors
+    from mtbi_fast.behaviors_folder import read_behaviors
     from mtbi_fast.tasks import TaskLibrary
 
     clips = ROOT / "tests" / "data" / "clips.jsonl"
@@ -156,7 +156,7 @@ def test_behaviors_folder_in_use_and_made_differently(tmp_path, capsys):
     assert "teacher.weights" not in err
     assert cli(behaviors_args(clips, out, "configs/tiny_train.yaml", "--overwrite")) == 0
     assert f"its files were moved to {tmp_path}/b.replaced-" in capsys.readouterr().out
-    from mtbi_fast.behaviors import check_teacher
+    from mtbi_fast.provenance import check_teacher
 
     check_teacher(out, yaml.safe_load((ROOT / "configs" / "tiny_train.yaml").read_text())["model"])
 

@@ -21,9 +21,9 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     assert {r["model"] for r in result["rows"]} == {"teacher", "mtbi", "untrained"}
     assert set(result["deltas"]) == {"mtbi"} and "Difference from the untrained model" in report
     # a second run resumes from what is there: nothing is regenerated or retrained
-    stamp = (out / "behaviors" / "shard-00000.jsonl").stat().st_mtime
+    stamp = (out / "behaviors" / "part-00000.jsonl").stat().st_mtime
     assert cli(["demo", "--tiny", "--output", str(out)]) == 0
-    assert (out / "behaviors" / "shard-00000.jsonl").stat().st_mtime == stamp
+    assert (out / "behaviors" / "part-00000.jsonl").stat().st_mtime == stamp
     assert "Held-out imitation KL" in capsys.readouterr().out
 
 
@@ -31,7 +31,7 @@ def test_tiny_demo_with_baselines(tmp_path):
     """--baselines: continuation-only and no-interleaving runs, evaluated in the same table."""
     out = tmp_path / "demo"
     assert cli(["demo", "--tiny", "--baselines", "--output", str(out)]) == 0
-    tasks = {json.loads(line)["task"] for line in (out / "behaviors-continue" / "shard-00000.jsonl")
+    tasks = {json.loads(line)["task"] for line in (out / "behaviors-continue" / "part-00000.jsonl")
              .read_text().splitlines()}
     assert tasks == {"continue"}
     ratios = {json.loads(line).get("ratio") for line in (out / "run-no-interleave" / "metrics.jsonl")

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors, read_behaviors
+from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors
+from mtbi_fast.behaviors_folder import read_behaviors
 from mtbi_fast.data import read_manifest
 from mtbi_fast.evaluate import (Embedder, asr_prompt, evaluate, evaluate_asr, repeat_wer, repeat_wer_parts,
                                 rouge_l, whisper_normalizer, whisper_wer)

@@ -110,12 +110,12 @@ def test_training_killed_anywhere_resumes_to_the_same_run(corpus, tmp_path, deep
 
 def test_behaviors_killed_anywhere_resume_to_the_same_files(corpus, tmp_path):
     args = ["behaviors", "--manifest", corpus / "train.jsonl", "--config", CONFIG,
-            "--per-utterance", 4, "--max-new-tokens", 24, "--shard-size", 3, "--batch-size", 2,
+            "--per-utterance", 4, "--max-new-tokens", 24, "--part-size", 3, "--batch-size", 2,
             "--cache-hidden"]
     ref = tmp_path / "ref"
     _, work = run(cli(*args, "-o", ref), ready=ref / "plan.json")
     want = {p.name: p.read_bytes() for p in sorted(ref.iterdir()) if p.name != ".lock"}
-    assert sum(n.startswith("shard-") for n in want) >= 10
+    assert sum(n.startswith("part-") for n in want) >= 10
     rng = random.Random(f"{SEED}-behaviors")
     killed = 0
     for trial in range(3):

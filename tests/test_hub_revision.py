@@ -10,7 +10,8 @@ import torch
 import transformers
 
 import mtbi_fast.hub as hub
-from mtbi_fast.behaviors import BehaviorConfig, check_teacher, generate_behaviors, read_plan
+from mtbi_fast.behaviors import BehaviorConfig, generate_behaviors
+from mtbi_fast.provenance import check_teacher, read_plan
 from mtbi_fast.cli import main as cli
 from mtbi_fast.data import read_manifest, write_manifest
 from mtbi_fast.model import ModelConfig

@@ -74,8 +74,8 @@ def test_librispeech_path_end_to_end(tmp_path):
     beh = tmp_path / "beh"
     sh(tool("torchrun"), "--nproc_per_node", "2", "-m", "mtbi_fast.cli", "behaviors", "--manifest",
        data / "cuts.jsonl.gz", "--config", CONFIG, "-o", beh, "--per-utterance", "2", "--max-new-tokens", "8",
-       "--shard-size", "4", "--cache-hidden")
-    assert (beh / "index.json").is_file() and len(list(beh.glob("shard-*.jsonl"))) == 3
+       "--part-size", "4", "--cache-hidden")
+    assert (beh / "index.json").is_file() and len(list(beh.glob("part-*.jsonl"))) == 3
 
     # 3. shards, 4. training streamed from them
     shards = tmp_path / "shards"

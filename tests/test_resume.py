@@ -62,7 +62,7 @@ def test_resume_checks_the_config_and_the_data(data, tmp_path, capsys):
     # other behaviors (one record changed) under another path: refused by content
     beh = tmp_path / "beh-edited"
     shutil.copytree(data / "beh", beh)
-    shard = beh / "shard-00000.jsonl"
+    shard = beh / "part-00000.jsonl"
     shard.write_text(shard.read_text().replace('"task": "', '"task": "x', 1))
     assert run(data, out, "train.steps=6", "train.save_every=2", f"data.behaviors={beh}", *QUIET) == 2
     assert re.search(r"data\.behaviors \(other contents\)", error_line(capsys))

@@ -56,13 +56,13 @@ def stream_overrides(data, shards, out, *extra):
 
 def test_shards_are_lhotse_shar_with_the_behaviors(data, shards):
     index = read_index(shards)
-    records = [json.loads(line) for line in (data / "beh" / "shard-00000.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (data / "beh" / "part-00000.jsonl").read_text().splitlines()]
     assert (index["cuts"], index["records"], len(index["shards"])) == (12, len(records), 4)
     assert [s["cuts"] for s in index["shards"]] == [3, 3, 3, 3]
     assert index["teacher_hidden"] and sum(index["tasks"].values()) == len(records)
 
     from safetensors.torch import load_file
-    states = load_file(str(data / "beh" / "shard-00000.safetensors"))
+    states = load_file(str(data / "beh" / "part-00000.safetensors"))
     cuts = list(lhotse.CutSet.from_shar(in_dir=shards / "shar"))  # Lhotse alone reads it
     assert [c.id for c in cuts] == sorted({r["utt_id"] for r in records})
     by_utt = collections.defaultdict(list)
@@ -128,8 +128,8 @@ def test_shard_refuses_bad_sizes(data, tmp_path, kw, message):
 def test_shard_refuses_unfinished_behaviors(data, tmp_path):
     beh = tmp_path / "beh"
     shutil.copytree(data / "beh", beh)
-    lines = (beh / "shard-00000.jsonl").read_text().splitlines(True)
-    (beh / "shard-00000.jsonl").write_text("".join(lines[:-3]))
+    lines = (beh / "part-00000.jsonl").read_text().splitlines(True)
+    (beh / "part-00000.jsonl").write_text("".join(lines[:-3]))
     (beh / "index.json").unlink(missing_ok=True)
     with pytest.raises(ValueError, match=rf"holds {len(lines) - 3} of the {len(lines)} behaviors its plan.json"):
         write_shards(data / "train.jsonl", beh, tmp_path / "out", progress=False)
@@ -138,7 +138,7 @@ def test_shard_refuses_unfinished_behaviors(data, tmp_path):
 def test_shard_refuses_behaviors_of_unknown_utterances(data, tmp_path):
     lines = (data / "train.jsonl").read_text().splitlines(True)
     (tmp_path / "few.jsonl").write_text("".join(lines[:5]))
-    with pytest.raises(ValueError, match=r"shard-00000\.jsonl:\d+: behavior .* refers to utterance .* not in"):
+    with pytest.raises(ValueError, match=r"part-00000\.jsonl:\d+: behavior .* refers to utterance .* not in"):
         write_shards(tmp_path / "few.jsonl", data / "beh", tmp_path / "out", progress=False)
 
 
@@ -146,7 +146,7 @@ def test_shard_refuses_behaviors_of_unknown_utterances(data, tmp_path):
 
 def test_two_ranks_two_workers_see_every_example_once_per_epoch(data, shards, model):
     d = ShardData(shards, builder(model), seed=3, examples=4, shuffle_cuts=2)
-    records = {json.loads(line)["id"] for line in (data / "beh" / "shard-00000.jsonl").read_text().splitlines()}
+    records = {json.loads(line)["id"] for line in (data / "beh" / "part-00000.jsonl").read_text().splitlines()}
     per_epoch = collections.defaultdict(collections.Counter)
     for rank in (0, 1):
         items = StreamingBatches(d, lambda step: 0.5, grad_accum=1, world=2, rank=rank, workers=2)
@@ -446,7 +446,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_both_readers(data, shar
 
     beh = tmp_path / "beh"
     shutil.copytree(data / "beh", beh)
-    first = sorted(beh.glob("shard-*.jsonl"))[0]
+    first = sorted(beh.glob("part-*.jsonl"))[0]
     lines = first.read_text().splitlines()
     for field, bad in (("response_ids", -3), ("prefix_ids", 512)):
         record = json.loads(lines[1])

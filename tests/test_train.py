@@ -628,7 +628,7 @@ def test_examples_that_can_never_fit_are_refused_before_step_0(data, tmp_path):
     """A record whose prompt alone (as speech or as text) leaves no room in packing.max_tokens is
     refused when the data is read, naming it, not at the step that meets it; a run may resume with
     a larger packing.max_tokens."""
-    from mtbi_fast.behaviors import read_behaviors
+    from mtbi_fast.behaviors_folder import read_behaviors
     from mtbi_fast.data import read_manifest
 
     utts = {u.id: u for u in read_manifest(data / "train.jsonl")}
