@@ -189,10 +189,6 @@ class SpeechEncoder(nn.Module):
     def layers(self) -> nn.ModuleList:
         raise NotImplementedError
 
-    @property
-    def max_frames(self) -> int | None:
-        return self.front.max_frames
-
     def packed(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """Features of several clips -> (their encoder states back to back [sum n_i, d_model], [n_i])."""
         raise NotImplementedError
@@ -249,13 +245,13 @@ class SpeechEncoder(nn.Module):
         return self
 
     def check_lengths(self, features: list[torch.Tensor]) -> list[int]:
-        """Each clip's encoder frames; a clip over ``max_frames`` or under one frame is an error."""
+        """Each clip's encoder frames; a clip over ``front.max_frames`` or under one frame is an error."""
         out = []
         for i, f in enumerate(features):
             n = self.front.frames(self.front.length(f))
             if n < 1:
                 raise ValueError(f"clip {i}: features of {self.front.length(f)} steps give no encoder frame")
-            if self.max_frames is not None and n > self.max_frames:
+            if self.front.max_frames is not None and n > self.front.max_frames:
                 steps = self.front.length(f)
                 raise ValueError(f"clip {i}: {steps} {self.front.unit} ({steps * self.front.samples_per_step / SAMPLE_RATE:.1f}"
                                  f" s) is longer than the encoder's {self.front.max_steps}")

@@ -143,6 +143,20 @@ def test_max_audio_seconds_of_a_waveform_encoder_is_the_configs():
     assert model.max_seconds == 12.0 and model.frame_rate == 50.0 / 4
 
 
+def test_clips_over_max_audio_seconds_are_listed_for_a_waveform_encoder():
+    """A waveform encoder has no limit of its own: model.max_audio_seconds is the limit, and the
+    error names it and the clips over it."""
+    from mtbi_fast.data import Utterance
+    from mtbi_fast.dataset import check_durations
+
+    model = SpeechLLM.from_config(ModelConfig(encoder={"tiny": {"model_type": "hubert"}}, max_audio_seconds=20))
+    utts = [Utterance("a", str(CLIP), "x", 12.0), Utterance("b", str(CLIP), "x", 25.0)]
+    with pytest.raises(ValueError, match=r"^m.jsonl: 1 utterance is longer than the model's limit of 20 s "
+                                         r"\(model.max_audio_seconds\): b \(25.0 s\); remove it"):
+        check_durations(utts, model, "m.jsonl")
+    check_durations(utts[:1], model, "m.jsonl")
+
+
 def test_settings_that_need_whisper_are_refused_for_a_waveform_encoder(data, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"model.adapter.kind: audioflamingo3 applies a Whisper encoder's "
                                          r"final LayerNorm; this encoder is waveform"):
