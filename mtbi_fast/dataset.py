@@ -27,6 +27,7 @@ from mtbi_fast.data import DURATION_TOLERANCE, Utterance
 from mtbi_fast.lhotse_io import read_utterances
 from mtbi_fast.errors import USER_ERRORS
 from mtbi_fast.interleave import RatioSchedule, example_pair, transcript
+from mtbi_fast.io import derived_seed
 from mtbi_fast.packing import pack, truncate_together
 
 if TYPE_CHECKING:  # the model is read for plain values only, never kept
@@ -75,7 +76,7 @@ class BatchBuilder:
                 skipped.append(str(exc))  # left out; the other examples are what they would be
                 continue
             if self.spec_augment is not None:  # masks seeded by example and step (resumable)
-                ga = torch.Generator().manual_seed(self.seed * 6007 + salt * 15_485_863 + item.key)
+                ga = torch.Generator().manual_seed(derived_seed(self.seed, f"spec_augment/{salt}/{item.key}"))
                 feat = spec_augment(feat, generator=ga, **self.spec_augment)
             s, t = self.example_pair(item, feat, ratio, salt)
             students.append(s)
@@ -100,7 +101,7 @@ class BatchBuilder:
         """The item's student (interleaved) and teacher (text) examples, truncated together."""
         r, u = item.record, item.utterance
         n_frames = adapter_frames(self.front.frames(self.front.length(features)), self.stride, self.adapter_kind)
-        g = torch.Generator().manual_seed(self.seed * 7919 + salt * 104_729 + item.key)
+        g = torch.Generator().manual_seed(derived_seed(self.seed, f"interleave/{salt}/{item.key}"))
         s, t = example_pair(r["id"], u.words, n_frames, self.frame_rate, ratio,
                             r["prefix_ids"], r["suffix_ids"], r["response_ids"], self.tokenize,
                             mean_span=self.mean_span, generator=g, duration=u.duration)
@@ -191,7 +192,7 @@ class MTBIData(BatchBuilder):
     def _permutation(self, epoch: int) -> list[int]:
         """The epoch's record order (one randperm per epoch, kept for the current epoch)."""
         if getattr(self, "_perm_epoch", None) != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(derived_seed(self.seed, f"epoch/{epoch}"))
             self._perm = torch.randperm(len(self.records), generator=g).tolist()
             self._perm_epoch = epoch
         return self._perm

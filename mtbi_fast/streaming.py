@@ -54,6 +54,7 @@ from .data import Utterance
 from .dataset import BatchBuilder, Item, check_fits, features_or_bad_audio
 from .errors import USER_ERRORS
 from .interleave import RatioSchedule
+from .io import derived_seed
 from .lhotse_io import cut_words
 from .shards import HIDDEN_FIELD, read_index, shard_paths
 
@@ -120,7 +121,7 @@ class ShardData:
                              f"{readers} readers (ranks x data.num_workers) that read it; write more, "
                              f"smaller shards (`mtbi-fast shard --shard-size`) or use fewer workers")
         order = list(range(n))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        random.Random(derived_seed(self.seed, f"shards/{epoch}")).shuffle(order)
         return order[reader::readers]
 
     def batches(self, reader: int, readers: int, start: Position) -> Iterator[tuple[list[Item], Position, int]]:
@@ -235,7 +236,7 @@ class ShardData:
     def _micro_batches(self, items: list[Item], reader: int, epoch: int, start: int) -> list[list[Item]]:
         """The window's items shuffled (and bucketed by length) into micro-batches: of
         ``examples`` examples, or with ``token_budget`` of as many examples as fit it."""
-        rng = random.Random(hash_seed(self.seed, epoch, reader, start))
+        rng = random.Random(derived_seed(self.seed, f"window/{epoch}/{reader}/{start}"))
         items = list(items)
         rng.shuffle(items)
         if self.length_buckets:
@@ -349,11 +350,6 @@ def _cut_name(cuts_file: str, k: int) -> str:
     except (OSError, EOFError, ValueError, KeyError):
         pass
     return f"cut number {k + 1} of the shard"
-
-
-def hash_seed(*parts: int) -> int:
-    """One integer seed from several (stable across processes and Python versions)."""
-    return zlib.crc32(",".join(str(p) for p in parts).encode())
 
 
 _SKIP_HINT = " (set data.skip_bad_shards: true to leave bad cuts out, counted in metrics.jsonl)"
