@@ -1,7 +1,8 @@
 """mtbi-fast: kernel-backed MTBI trainer for speech LLMs.
 
-The Triton kernels live in ``kernels/`` and install under the import name ``mtbi_kernels`` (a
-top-level ``kernels`` package would shadow the PyPI package of that name, which transformers probes).
+The Triton kernels live in ``kernels/mtbi_kernels/`` and install as ``mtbi_kernels``. ``kernels/``
+itself holds no ``__init__.py``: a package named ``kernels`` at the repository root would shadow the
+PyPI package of that name (a dependency of transformers >= 5.25) whenever the root is on sys.path.
 """
 
 from pathlib import Path
@@ -22,7 +23,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["mtbi_fast", "mtbi_fast.hf_code", "mtbi_kernels"],
-    package_dir={"mtbi_fast": "mtbi_fast", "mtbi_kernels": "kernels"},
+    package_dir={"mtbi_fast": "mtbi_fast", "mtbi_kernels": "kernels/mtbi_kernels"},
     package_data={"mtbi_fast": ["assets/*.json"]},
     install_requires=[
         "torch>=2.4",

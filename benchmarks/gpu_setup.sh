@@ -13,8 +13,8 @@
 # (deepspeed + hjson, pydantic, pydantic-core, annotated-types, typing-inspection; liger-kernel;
 # soundfile + cffi + pycparser; jiwer + rapidfuzz; gguf; typing-extensions) when one of deepspeed, liger_kernel,
 # soundfile, jiwer is not importable, and makes the Triton kernels importable as `mtbi_kernels`
-# (the project is not pip-installed there; its kernels folder is `kernels/`) with a symlink
-# SITE/mtbi_kernels -> kernels. Then it reports which packages import.
+# (the project is not pip-installed there; the package is `kernels/mtbi_kernels/`) with a symlink
+# SITE/mtbi_kernels -> kernels/mtbi_kernels. Then it reports which packages import.
 # Exit status: non-zero when an install failed or mtbi_fast / mtbi_kernels / deepspeed do not
 # import afterwards (torchaudio is optional: only resampling non-16 kHz audio needs it).
 set -euo pipefail
@@ -61,8 +61,8 @@ if [[ -n $need ]]; then
 fi
 
 if [[ -n $(missing mtbi_kernels) ]]; then
-    ln -sfn "$PWD/kernels" "$site/mtbi_kernels"
-    echo "linked $site/mtbi_kernels -> $PWD/kernels"
+    ln -sfn "$PWD/kernels/mtbi_kernels" "$site/mtbi_kernels"
+    echo "linked $site/mtbi_kernels -> $PWD/kernels/mtbi_kernels"
 fi
 
 # import each one for real and say which fail (a wheel that does not work here is worth knowing)

@@ -3,6 +3,8 @@ import each other without a cycle, and the kernels and the exported model's code
 mtbi_fast. Read from the source with ``ast``, imports inside functions included."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -10,10 +12,9 @@ ROOT = Path(__file__).parents[1]
 
 def modules() -> dict[str, Path]:
     out = {}
-    for folder in ("mtbi_fast", "kernels"):
-        for f in sorted((ROOT / folder).rglob("*.py")):
-            parts = f.relative_to(ROOT).with_suffix("").parts
-            name = ".".join(("mtbi_kernels", *parts[1:]) if folder == "kernels" else parts)
+    for base, folder in ((ROOT, "mtbi_fast"), (ROOT / "kernels", "mtbi_kernels")):
+        for f in sorted((base / folder).rglob("*.py")):
+            name = ".".join(f.relative_to(base).with_suffix("").parts)
             out[name.removesuffix(".__init__")] = f
     return out
 
@@ -79,3 +80,21 @@ def test_the_kernels_and_the_exported_code_never_import_mtbi_fast():
                 if name.startswith("mtbi_fast.hf_code") and target.startswith("mtbi_fast.hf_code"):
                     continue
                 assert not target.startswith("mtbi_fast"), f"{path.relative_to(ROOT)}:{line} imports {target}"
+
+
+def test_the_repository_root_shadows_no_installed_package():
+    """`python -m ...` from the root puts the root first on sys.path: a regular package there named
+    like an installed one (``kernels``: transformers >= 5.25 imports the PyPI package) would win."""
+    probe = ("import importlib.util, sys\n"
+             "for name in sys.argv[1:]:\n"
+             "    spec = importlib.util.find_spec(name)\n"
+             "    print(name, spec.origin if spec and spec.origin else '-')")
+    tops = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith("."))
+    out = subprocess.run([sys.executable, "-c", probe, *tops], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    allowed = {"mtbi_fast"}  # the package itself, installed editable from here
+    shadowing = [line for line in out if line and line.split()[0] not in allowed
+                 and line.split()[1].startswith(str(ROOT))]
+    assert shadowing == []
+    assert (ROOT / "kernels" / "mtbi_kernels" / "__init__.py").is_file()
+    assert not (ROOT / "kernels" / "__init__.py").exists()

@@ -1,6 +1,7 @@
 """mtbi_kernels: Triton kernels and their launchers for mtbi-fast.
 
-Installed under the import name ``mtbi_kernels`` (the source folder is ``kernels/``). This package
+Installed under the import name ``mtbi_kernels`` from ``kernels/mtbi_kernels/`` (``kernels/`` has no
+``__init__.py``, so it never shadows the PyPI ``kernels`` package transformers imports). This package
 imports torch and triton only (through ``runtime``, its one guarded Triton import), never
 ``mtbi_fast``.
 
