@@ -1,48 +1,17 @@
 """``mtbi-fast behaviors``: the frozen LLM's answers to task prompts about each transcript.
 
 For every utterance of a manifest, ``per_utterance`` (task, wording) pairs are drawn from the
-split's training part (or a held-out part, for evaluation) with a generator seeded by the run seed
-and the utterance id, so the plan does not depend on what ran before. The LLM answers each prompt,
-with the transcript in place of ``{transcript}``, through its chat template: batched generation
-with left padding, greedy or seeded sampling. The prompt tokens are exactly what training uses:
-``prefix_ids + transcript_ids + suffix_ids`` (the template split at the transcript).
+split's training part (or a held-out part) with a generator seeded by the run seed and the
+utterance id (``plan``). The LLM answers each prompt, the transcript in place of
+``{transcript}``, through its chat template: batched generation with left padding, greedy or
+seeded sampling, the longest prompts first. The prompt tokens are exactly what training uses:
+``prefix_ids + transcript_ids + suffix_ids``.
 
-Output folder (the format: ``behaviors_folder.BehaviorsFolder``): ``split.json`` (the recorded
-task split), ``plan.json`` (what was asked: ``provenance``), and ``part-00000.jsonl``, ... one
-record a line (``id``, ``utt_id``, ``task``, ``wording``, ``split``, ``prompt``, ``prefix_ids``,
-``transcript_ids``, ``suffix_ids``, ``response``, ``response_ids``), ``part_size`` records a part.
-Each part is written to a temporary name and renamed when complete, so a killed run resumes
-where it stopped with nothing duplicated or lost, and gives the same files as an uninterrupted
-run. With ``cache_hidden`` each part also gets ``part-NNNNN.safetensors``: the teacher's final
-hidden states at the response positions (bf16, one tensor per record id).
-
-Batches: a part's jobs are ordered by prompt length in tokens, longest first (a stable sort: ties
-keep plan order; the longest batch runs first, so a batch too big for memory fails at once), and
-cut into ``batch_size`` batches, so left padding wastes little; the records are written back in
-plan order. Batch ``b`` of part ``k`` samples with a seed derived from the run seed and
-``(k, b)``, so a part's bytes depend on the plan and settings alone.
-
-Ranks: under a launcher (``torchrun --nproc_per_node N``, ``deepspeed --num_gpus N``: the
-``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` variables; ``rank_world``) rank ``r`` of ``W`` writes
-the parts ``k`` with ``k % W == r``, and a part's bytes do not depend on ``W``: any world size
-writes the files a single process writes. No process group: the ranks meet through the folder
-(a shared file system across machines). Rank 0 checks the folder and writes ``plan.json`` and
-``split.json``; the other ranks wait for them (``plan_timeout``) and refuse a plan that differs
-from their own. A killed rank's rerun (or the whole launch's) redoes only its missing parts.
-A world of one (no ``RANK``, or ``WORLD_SIZE=1``) is the plain single-process run. Whichever rank
-sees every part there writes ``index.json`` (identical content, so two at once is harmless).
-
-A rerun into a folder made with anything different (``provenance.plan_diffs``) is refused with
-the differing fields listed; with ``overwrite=True`` the old files are moved aside to
-``<folder>.replaced-<time>`` first. A rerun with identical settings resumes. Only
-``cache_hidden`` may change between runs (it adds the missing hidden-state files, which are the
-same with or without it).
-
-One run at a time: the single process, or rank 0, holds ``.lock`` (``FolderLock``); rank ``r > 0``
-holds ``.lock.rank-NNNNN`` (``r``) and a shared lock on ``.lock.ranks`` once the plan is there. A
-second run into the folder is refused naming the holder: its rank 0 (or single process) at
-``.lock``, its rank ``r`` at ``.lock.rank-r``; a single process while ranks of a launch still
-write (``.lock.ranks``), and ``overwrite`` before it moves anything while they do.
+The folder's format is ``behaviors_folder.BehaviorsFolder``'s, what ``plan.json`` records and
+compares is ``provenance``'s. Parts are written whole and renamed, so a killed run resumes with
+nothing duplicated; under a launcher rank r of W writes the parts k with k % W == r, and a part's
+bytes depend on neither W nor what ran before; one run at a time holds the folder (``lock``).
+The format, the batching, ranks, provenance and locks: docs/data.md#behaviors.
 """
 
 from __future__ import annotations

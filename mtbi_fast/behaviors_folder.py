@@ -30,7 +30,7 @@ from .io import atomic_write_text, sha256_and_lines
 from .provenance import read_plan
 
 PART_PREFIX = "part-"
-LEGACY_PREFIX = "shard-"  # behaviors folders made before 2026-12-03
+LEGACY_PREFIX = "shard-"  # the older name of the JSONL files: such folders are read and resumed as they are
 PLAN_NAME, SPLIT_NAME, INDEX_NAME = "plan.json", "split.json", "index.json"
 INDEX_FORMAT = 1
 ID_FIELDS = ("prefix_ids", "transcript_ids", "suffix_ids", "response_ids")

@@ -15,15 +15,18 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from .errors import DEBUG_ENV, guard
 from .version import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and getattr(args, "overrides", None) is not None and \
+            all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides += rest  # section.key=value after an option (`train CONFIG --no-resume a.b=1`)
+    elif rest:
+        parser.parse_args(argv)  # the usual error for what is left
     with _debug_env(args.debug):  # nested commands (training) see it too
         return guard(lambda: _run(parser, args), debug=args.debug)
 
@@ -97,6 +100,8 @@ def _add_train(sub):
     tr.add_argument("--no-resume", action="store_true")
     tr.add_argument("--overwrite", action="store_true",
                     help="with --no-resume: move the old run aside instead of refusing")
+    tr.add_argument("--print-config", action="store_true",
+                    help="print the merged, checked config the run would use and exit")
 
 
 def _add_infer(sub):
@@ -306,7 +311,8 @@ def _train(args) -> int:
     from . import train
 
     return train.main(["--config", args.config, *(["--no-resume"] if args.no_resume else []),
-                       *(["--overwrite"] if args.overwrite else []), *args.overrides])
+                       *(["--overwrite"] if args.overwrite else []),
+                       *(["--print-config"] if args.print_config else []), *args.overrides])
 
 
 def _model_folder(path: str) -> Path:
@@ -339,24 +345,6 @@ def _export(args) -> int:
         url = push_to_hub(out, args.push_to_hub, private=args.private)
         print(f"pushed to {url}")
     return 0
-
-
-def _model_section(path: str) -> dict:
-    """The ``model`` section of a run config, or a model-only config (a mapping with ``llm`` or
-    ``encoder``), read from ``path``; errors name the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config not found: {path}")
-    try:
-        cfg = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
-        return cfg["model"]
-    if isinstance(cfg, dict) and ("llm" in cfg or "encoder" in cfg):
-        return cfg
-    raise ValueError(f"{path}: no 'model' section (a run config) and no 'llm' or 'encoder' key "
-                     "(a model config)")
 
 
 def _models(args) -> int:
@@ -399,12 +387,13 @@ def _models(args) -> int:
 
 def _behaviors(args) -> int:
     from .behaviors import BehaviorConfig, generate_behaviors, rank_world, task_pool
+    from .config import model_section
     from .hub import load_teacher
     from .lhotse_io import read_utterances
     from .model import ModelConfig
     from .tasks import TaskLibrary
 
-    model_cfg = ModelConfig.from_dict(_model_section(args.config))
+    model_cfg = ModelConfig.from_dict(model_section(args.config))
     utts = read_utterances(args.manifest)  # a JSONL manifest or a Lhotse CutSet
     library = TaskLibrary.load(args.tasks)
     only = None
@@ -578,7 +567,9 @@ def _manifest(args) -> int:
         return 0
     limit = None
     if args.config:
-        limit, why = max_audio_seconds(_model_section(args.config))
+        from .config import model_section
+
+        limit, why = max_audio_seconds(model_section(args.config))
         print(f"longest clip the model takes: {limit:g} s ({why})")
     t0 = time.time()
     kw = dict(decode=args.decode, max_seconds=limit, progress=sys.stderr.isatty())

@@ -1,137 +1,154 @@
-"""The run config: one YAML file (``configs/tiny_train.yaml``, ``configs/demo_train.yaml``, ...) plus
-``section.key=value`` overrides, with defaults filled in and every key checked.
+"""The run config: one YAML file (``configs/tiny_train.yaml``, ``configs/demo_train.yaml``, ...),
+its ``defaults:`` base files, plus ``section.key=value`` overrides, with defaults filled in and
+every key checked.
 
-Sections: ``model`` (``ModelConfig``'s keys: encoder, LLM, adapter, loss, ...), ``data``,
-``interleave``, ``packing``, ``train``, ``deepspeed`` (a DeepSpeed JSON, or null for a plain
-PyTorch run) and ``output_dir``. Unknown keys and wrong types are errors naming the key; every
-numeric key is checked against its range (``RANGES``); relative paths that do not exist from the
-current folder are taken relative to the config file.
+Each section is a dataclass (``DataConfig``, ``InterleaveConfig``, ``PackingConfig``,
+``TrainConfig``; the model section is ``ModelConfig``) whose fields carry their default, types and
+range (``settings.setting``); ``load_config`` returns the checked mapping (what a run folder's
+``config.yaml`` holds) and ``RunConfig.from_dict`` the typed sections the trainer reads.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import inspect
-import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from mtbi_fast.audio import spec_augment
 from mtbi_fast.interleave import RatioSchedule
-from mtbi_fast.loss import TEMPERATURE_RANGE, ImitationLoss
+from mtbi_fast.loss import ImitationLoss
 from mtbi_fast.model import ModelConfig
+from mtbi_fast.settings import (NONE, Bound, bounds_of, choice_problem, defaults, setting,
+                                type_name, type_problem)
 from mtbi_fast.tracking import check_trackers
 
-SCHEMA = {
-    "model": dict,
-    "data": {"reader": str, "train_manifest": (str, type(None)), "behaviors": (str, type(None)),
-             "train_shards": (str, type(None)), "shuffle_cuts": int, "length_buckets": bool,
-             "skip_bad_shards": bool, "eval_manifest": (str, type(None)),
-             "eval_behaviors": (str, type(None)), "teacher_cache": bool, "tasks": (list, type(None)),
-             "spec_augment": (dict, type(None)), "num_workers": int, "prefetch_factor": int,
-             "skip_bad_audio": bool, "verify_shards": bool},
-    "interleave": {"schedule": str, "start": (int, float), "end": (int, float), "steps": int,
-                   "mean_span": (int, float)},
-    "packing": {"max_tokens": int, "examples_per_step": int, "token_budget": (int, type(None)),
-                "overlong": str},
-    "train": {"steps": int, "lr": (int, float), "weight_decay": (int, float),
-              "warmup_steps": int, "grad_accum": int, "clip_grad": (int, float, type(None)), "seed": int,
-              "log_every": int, "eval_every": int, "eval_examples": int, "save_every": int,
-              "keep_last": int, "peak_tflops": (int, float, type(None)), "report_to": list},
-    "deepspeed": (str, type(None)),
-    "output_dir": str,
-}
-# data.num_workers: 2 batch-building processes per rank (with prefetch_factor 2, up to 4
-# micro-batches built ahead of the step) hide the CPU work behind the GPU step, and 8 ranks on a
-# node add only 16 single-threaded processes. A fixed value rather than one picked by device, so
-# that config.yaml says what ran (the batches are the same for any value). 0 builds the batches in
-# the training process (debugging; tiny runs, where a worker costs more to start than it saves).
-DEFAULTS = {
-    "data": {"reader": "auto", "train_manifest": None, "behaviors": None, "train_shards": None,
-             "shuffle_cuts": 128, "length_buckets": True, "skip_bad_shards": False,
-             "eval_manifest": None, "eval_behaviors": None, "teacher_cache": False, "tasks": None,
-             "spec_augment": None, "num_workers": 2, "prefetch_factor": 2, "skip_bad_audio": False,
-             "verify_shards": False},
-    "interleave": {"schedule": "cosine", "start": 0.8, "end": 0.0, "steps": 1000, "mean_span": 3.0},
-    "packing": {"max_tokens": 1024, "examples_per_step": 8, "token_budget": None, "overlong": "truncate"},
-    "train": {"steps": 1000, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 50, "grad_accum": 1,
-              "clip_grad": 1.0, "seed": 0, "log_every": 10, "eval_every": 0, "eval_examples": 16,
-              "save_every": 0, "keep_last": 2, "peak_tflops": None, "report_to": ["tensorboard"]},
-    "deepspeed": None,
-}
+@dataclass(frozen=True)
+class DataConfig:
+    """``data``: the training data (a manifest and a behaviors folder read into memory, or a shard
+    folder streamed), the held-out pair, and how batches are read."""
+
+    reader: str = setting("auto", str, choices=("auto", "memory", "streaming"))
+    train_manifest: str | None = setting(None, (str, None), path=True)
+    behaviors: str | None = setting(None, (str, None), path=True)
+    train_shards: str | None = setting(None, (str, None), path=True)
+    shuffle_cuts: int = setting(128, int, Bound("int", 1))
+    length_buckets: bool = setting(True, bool)
+    skip_bad_shards: bool = setting(False, bool)
+    eval_manifest: str | None = setting(None, (str, None), path=True)
+    eval_behaviors: str | None = setting(None, (str, None), path=True)
+    teacher_cache: bool = setting(False, bool)
+    tasks: list | None = setting(None, (list, None))
+    spec_augment: dict | None = setting(None, (dict, None))
+    num_workers: int = setting(2, int, Bound("int", 0))  # batch-building processes per rank (docs/training.md)
+    prefetch_factor: int = setting(2, int, Bound("int", 1))
+    skip_bad_audio: bool = setting(False, bool)
+    verify_shards: bool = setting(False, bool)
+
+
+@dataclass(frozen=True)
+class InterleaveConfig:
+    """``interleave``: the text-ratio schedule (``RatioSchedule``) and the mean text span."""
+
+    schedule: str = setting("cosine", str)
+    start: float = setting(0.8, (int, float))
+    end: float = setting(0.0, (int, float))
+    steps: int = setting(1000, int)
+    mean_span: float = setting(3.0, (int, float), Bound("number", 0, False))
+
+    def schedule_args(self) -> dict:
+        """The arguments of ``RatioSchedule.from_config``."""
+        return {"schedule": self.schedule, "start": self.start, "end": self.end, "steps": self.steps}
+
+
+@dataclass(frozen=True)
+class PackingConfig:
+    """``packing``: tokens per packed row and examples (or tokens) per micro-batch."""
+
+    max_tokens: int = setting(1024, int, Bound("int", 2))
+    examples_per_step: int = setting(8, int, Bound("int", 1))
+    token_budget: int | None = setting(None, (int, None), Bound("int", 1))  # null: examples_per_step
+    overlong: str = setting("truncate", str, choices=("error", "truncate"))
+
+
+# The upper bounds are the values a real run can use; beyond them a value only poisons the run
+# (an AdamW overflow, a seed past torch's 64-bit generator).
+@dataclass(frozen=True)
+class TrainConfig:
+    """``train``: optimizer, schedule, logging, held-out evaluation and checkpoints."""
+
+    steps: int = setting(1000, int, Bound("int", 1))
+    lr: float = setting(1e-3, (int, float), Bound("number", 0, False, high=10.0))
+    weight_decay: float = setting(0.0, (int, float), Bound("number", 0, high=10.0))
+    warmup_steps: int = setting(50, int, Bound("int", 0))
+    grad_accum: int = setting(1, int, Bound("int", 1))
+    clip_grad: float | None = setting(1.0, (int, float, None), Bound("number", 0, False, high=1e6))  # null: none
+    seed: int = setting(0, int, Bound("int", 0, high=2**63 - 1))
+    log_every: int = setting(10, int, Bound("int", 1))
+    eval_every: int = setting(0, int, Bound("int", 0))       # 0: no held-out evaluation
+    eval_examples: int = setting(16, int, Bound("int", 1))
+    save_every: int = setting(0, int, Bound("int", 0))       # 0: no checkpoints (final/ only)
+    keep_last: int = setting(2, int, Bound("int", 1))
+    peak_tflops: float | None = setting(None, (int, float, None), Bound("number", 0, False, high=1e6))  # null: the card's
+    report_to: list = setting(["tensorboard"], list)
+
+
+SECTIONS = {"data": DataConfig, "interleave": InterleaveConfig, "packing": PackingConfig, "train": TrainConfig}
+TOP_KEYS = {"model": (dict,), "deepspeed": (str, NONE), "output_dir": (str,)}  # deepspeed: a JSON, or null
 REQUIRED = ("model", "data", "output_dir")
-# Numeric keys and their ranges: (key, "int" or "number", lower bound, bound allowed, null allowed),
-# and an upper bound (inclusive) for the keys in UPPER. Numbers must also be finite. A model key
-# missing from the config takes ModelConfig's default.
-RANGES = (
-    ("data.num_workers", "int", 0, True, False),
-    ("data.prefetch_factor", "int", 1, True, False),
-    ("data.shuffle_cuts", "int", 1, True, False),
-    ("interleave.mean_span", "number", 0, False, False),
-    ("packing.max_tokens", "int", 2, True, False),
-    ("packing.examples_per_step", "int", 1, True, False),
-    ("packing.token_budget", "int", 1, True, True),     # null: examples_per_step examples a micro-batch
-    ("train.steps", "int", 1, True, False),
-    ("train.lr", "number", 0, False, False),
-    ("train.weight_decay", "number", 0, True, False),
-    ("train.warmup_steps", "int", 0, True, False),
-    ("train.grad_accum", "int", 1, True, False),
-    ("train.clip_grad", "number", 0, False, True),      # null: no clipping
-    ("train.seed", "int", 0, True, False),
-    ("train.log_every", "int", 1, True, False),
-    ("train.eval_every", "int", 0, True, False),        # 0: no held-out evaluation
-    ("train.eval_examples", "int", 1, True, False),
-    ("train.save_every", "int", 0, True, False),        # 0: no checkpoints (final/ only)
-    ("train.keep_last", "int", 1, True, False),
-    ("train.peak_tflops", "number", 0, False, True),   # null: the card's dense bf16 peak (flops.py)
-    ("model.adapter.stride", "int", 1, True, False),
-    ("model.adapter.hidden", "int", 1, True, True),
-    ("model.train_encoder_layers", "int", 0, True, False),
-    ("model.max_audio_seconds", "number", 0, False, False),
-    ("model.init_seed", "int", 0, True, False),
-    ("model.loss.temperature", "number", 0, False, False),
-    ("model.loss.kl_weight", "number", 0, True, False),
-    ("model.loss.ce_weight", "number", 0, True, False),
-    ("model.loss.chunk_size", "int", 1, True, True),
-    ("model.loss.memory_budget", "int", 1, True, True),
-)
-# Upper bounds a real run can use; beyond them a value only poisons the run (a learning rate of
-# 1e300 overflows AdamW, a temperature of 1e-300 divides the logits into inf, a seed past 2**63
-# overflows torch's generator). The temperature's bounds are the loss's own (loss.TEMPERATURE_RANGE).
-UPPER = {
-    "train.lr": 10.0, "train.weight_decay": 10.0, "train.clip_grad": 1e6, "train.seed": 2**63 - 1,
-    "train.peak_tflops": 1e6,
-    "model.loss.temperature": TEMPERATURE_RANGE[1], "model.loss.kl_weight": 1e3, "model.loss.ce_weight": 1e3,
-    "model.init_seed": 2**63 - 1,
-}
-LOWER_MIN = {"model.loss.temperature": TEMPERATURE_RANGE[0]}  # a lower bound above the open 0
+INCLUDE_KEY = "defaults"  # a run config's base files, merged under it
+DEFAULTS = {**{name: defaults(section) for name, section in SECTIONS.items()}, "deepspeed": None}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A checked run config as typed sections (``RunConfig.from_dict(load_config(path))``)."""
+
+    model: ModelConfig
+    data: DataConfig
+    interleave: InterleaveConfig
+    packing: PackingConfig
+    train: TrainConfig
+    deepspeed: str | None
+    output_dir: str
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "RunConfig":
+        return cls(model=ModelConfig.from_dict(cfg["model"]),
+                   **{name: section(**cfg[name]) for name, section in SECTIONS.items()},
+                   deepspeed=cfg["deepspeed"], output_dir=cfg["output_dir"])
+
+
+def _bounds() -> dict[str, Bound]:
+    out = {}
+    for name, section in SECTIONS.items():
+        out.update(bounds_of(section, name))
+    out.update(bounds_of(ModelConfig, "model"))
+    return out
+
+
+BOUNDS = _bounds()  # every numeric key's range, by dotted key; a model key left out takes ModelConfig's default
+PATH_KEYS = tuple(f"{name}.{f.name}" for name, section in SECTIONS.items()
+                  for f in dataclasses.fields(section) if f.metadata["path"]) + ("deepspeed",)
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-PATH_KEYS = ("data.train_manifest", "data.behaviors", "data.train_shards", "data.eval_manifest", "data.eval_behaviors",
-             "deepspeed")
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
-    """The run config: YAML file + ``section.key=value`` overrides, defaults filled in, checked.
-    Unknown keys and wrong types are errors naming the key."""
+    """The run config: YAML file (with its ``defaults:`` base files) + ``section.key=value``
+    overrides, defaults filled in, checked. Unknown keys and wrong types are errors naming the key."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config not found: {path}")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not a valid config: {_yaml_problem(exc)}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: a config is a mapping of sections, got {type(cfg).__name__}")
+    cfg = read_config_file(path)
     _apply_overrides(cfg, overrides)
     _fill_defaults(cfg, path)
     _numbers_from_strings(cfg)
     _check_schema(cfg, path)
     ModelConfig.from_dict(cfg["model"], where="model")
     _check_spec_augment(cfg["data"]["spec_augment"], path)
-    RatioSchedule.from_config(interleave_schedule(cfg))
+    RatioSchedule.from_config(InterleaveConfig(**cfg["interleave"]).schedule_args())
     _check_ranges(cfg, path)
     _check_reader(cfg["data"], path)
     if cfg["packing"]["token_budget"] is not None and cfg["data"]["reader"] != "streaming":
@@ -146,10 +163,69 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     return cfg
 
 
-def interleave_schedule(cfg: dict) -> dict:
-    """The ``interleave`` section without the trainer's own key (``mean_span``): the arguments of
-    ``RatioSchedule.from_config``."""
-    return {k: v for k, v in cfg["interleave"].items() if k != "mean_span"}
+def read_config_file(path: Path, chain: tuple = ()) -> dict:
+    """A config file as a mapping, its ``defaults:`` base files merged under it: each base (a path
+    relative to the including file's folder, read the same way) in order, then the file's own
+    keys. Sections merge key by key; a key's value replaces the base's whole (as an override does).
+    A base's relative paths are taken from its own folder when they exist from there."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}" if not chain else
+                                f"{chain[-1]}: {INCLUDE_KEY}: {path} not found")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not a valid config: {_yaml_problem(exc)}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: a config is a mapping of sections, got {type(cfg).__name__}")
+    bases = cfg.pop(INCLUDE_KEY, None)
+    if bases is None:
+        return cfg
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ValueError(f"{path}: {INCLUDE_KEY} must be a list of config files (e.g. {INCLUDE_KEY}: "
+                         f"[demo.yaml]), got {bases!r}")
+    merged: dict = {}
+    for name in bases:
+        base = path.parent / name
+        if base.resolve() in {p.resolve() for p in (*chain, path)}:
+            raise ValueError(f"{path}: {INCLUDE_KEY}: {name} includes itself "
+                             f"({' -> '.join(str(p) for p in (*chain, path, base))})")
+        merged = _merge(merged, _paths_from(read_config_file(base, (*chain, path)), base.parent))
+    return _merge(merged, cfg)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = {**out[key], **value} if both else value
+    return out
+
+
+def _paths_from(cfg: dict, folder: Path) -> dict:
+    """``cfg`` with its relative paths that exist only from ``folder`` made ``folder``'s."""
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        v = node.get(leaf) if isinstance(node, dict) else None
+        if isinstance(v, str) and not os.path.isabs(v) and not Path(v).exists() and (folder / v).exists():
+            node[leaf] = str(folder / v)
+    return cfg
+
+
+def model_section(path: str | os.PathLike) -> dict:
+    """The ``model`` section of a run config (its ``defaults:`` files included), or a model-only
+    config (a mapping with ``llm`` or ``encoder``); errors name the file."""
+    cfg = read_config_file(Path(path))
+    if isinstance(cfg.get("model"), dict):
+        return cfg["model"]
+    if "llm" in cfg or "encoder" in cfg:
+        return cfg
+    raise ValueError(f"{path}: no 'model' section (a run config) and no 'llm' or 'encoder' key "
+                     "(a model config)")
 
 
 def _apply_overrides(cfg: dict, overrides: list[str]) -> None:
@@ -170,15 +246,13 @@ def _apply_overrides(cfg: dict, overrides: list[str]) -> None:
 
 
 def _fill_defaults(cfg: dict, path: Path) -> None:
-    for section, default in DEFAULTS.items():
-        if isinstance(default, dict):
-            given = cfg.get(section) or {}
-            if not isinstance(given, dict):
-                raise ValueError(f"{path}: {section} must be a mapping of keys (e.g. {section}.steps=5), "
-                                 f"got {given!r}")
-            cfg[section] = {**copy.deepcopy(default), **given}
-        else:
-            cfg.setdefault(section, default)
+    for name, section in SECTIONS.items():
+        given = cfg.get(name) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{path}: {name} must be a mapping of keys (e.g. {name}.steps=5), "
+                             f"got {given!r}")
+        cfg[name] = {**defaults(section), **given}
+    cfg.setdefault("deepspeed", None)
     if "model" in cfg and not isinstance(cfg["model"], dict):
         raise ValueError(f"{path}: model must be a mapping of keys, got {cfg['model']!r}")
 
@@ -186,8 +260,8 @@ def _fill_defaults(cfg: dict, path: Path) -> None:
 def _numbers_from_strings(cfg: dict) -> None:
     """A numeric key written as YAML reads ``1e-4`` (a string to YAML 1.1, which wants ``1.0e-4``)
     is taken as the number it means."""
-    for key, kind, *_ in RANGES:
-        if kind != "number":
+    for key, bound in BOUNDS.items():
+        if bound.kind != "number":
             continue
         *parents, leaf = key.split(".")
         node = cfg
@@ -208,55 +282,43 @@ def _yaml_problem(exc: Exception) -> str:
 
 def _check_schema(cfg: dict, path: Path) -> None:
     """Known sections and keys only, the required ones present, each of its type."""
+    known = {**SECTIONS, **TOP_KEYS}
     for key in cfg:
-        if key not in SCHEMA:
-            raise ValueError(f"{path}: unknown key {key!r} (allowed: {sorted(SCHEMA)})")
+        if key not in known:
+            raise ValueError(f"{path}: unknown key {key!r} (allowed: {sorted(known)})")
     for key in REQUIRED:
         if key not in cfg:
             raise ValueError(f"{path}: missing required section {key!r}")
-    for section, spec in SCHEMA.items():
-        if isinstance(spec, dict):
-            for k, v in cfg[section].items():
-                if k not in spec:
-                    raise ValueError(f"{path}: unknown key {section}.{k} (allowed: {sorted(spec)})")
-                if not isinstance(v, spec[k]) or (isinstance(v, bool) and spec[k] is not bool):
-                    raise ValueError(f"{path}: {section}.{k} must be {_type_name(spec[k])}, got "
-                                     f"{type(v).__name__} {v!r}")
-            for k in spec:
-                if k not in cfg[section]:
-                    raise ValueError(f"{path}: missing required key {section}.{k}")
-        elif not isinstance(cfg[section], spec):
-            raise ValueError(f"{path}: {section} must be {_type_name(spec)}, got {cfg[section]!r}")
+    for name, section in SECTIONS.items():
+        fields = {f.name: f.metadata["types"] for f in dataclasses.fields(section)}
+        for k, v in cfg[name].items():
+            if k not in fields:
+                raise ValueError(f"{path}: unknown key {name}.{k} (allowed: {sorted(fields)})")
+            problem = type_problem(f"{name}.{k}", v, fields[k])
+            if problem:
+                raise ValueError(f"{path}: {problem}")
+    for key, types in TOP_KEYS.items():
+        if not isinstance(cfg[key], types):
+            raise ValueError(f"{path}: {key} must be {type_name(types)}, got {cfg[key]!r}")
 
 
 def _check_ranges(cfg: dict, path: Path) -> None:
-    """Every numeric key within its range (``RANGES``), packing.overlong one of its values:
-    errors name the key."""
-    for key, kind, low, inclusive, nullable in RANGES:
+    """Every numeric key within its range (``BOUNDS``), every key with choices one of them: errors
+    name the key."""
+    for key, bound in BOUNDS.items():
         node, *parents, leaf = [cfg, *key.split(".")]
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node or (nullable and node[leaf] is None):
-            continue
-        v = node[leaf]
-        ok_type = (isinstance(v, int) if kind == "int" else isinstance(v, (int, float))) \
-            and not isinstance(v, bool)
-        high = UPPER.get(key)
-        low_in = LOWER_MIN.get(key)
-        if (not ok_type or not math.isfinite(v) or v < low or (v == low and not inclusive)
-                or (high is not None and v > high) or (low_in is not None and v < low_in)):
-            if low_in is not None:
-                what = f"a number in [{low_in:g}, {high:g}]"
-            elif kind == "int":
-                what = f"an int >= {low}" + (f" and <= {high}" if high is not None else "")
-            else:
-                what = f"a finite number {'>=' if inclusive else '>'} {low}" + \
-                    (f" and <= {high:g}" if high is not None else "")
-            raise ValueError(f"{path}: {key} must be {what}{' (or null)' if nullable else ''}, "
-                             f"got {v!r}")
-    if cfg["packing"]["overlong"] not in ("error", "truncate"):
-        raise ValueError(f"{path}: packing.overlong must be 'error' or 'truncate', got "
-                         f"{cfg['packing']['overlong']!r}")
+        if isinstance(node, dict) and leaf in node:
+            problem = bound.problem(key, node[leaf])
+            if problem:
+                raise ValueError(f"{path}: {problem}")
+    for name, section in SECTIONS.items():
+        for f in dataclasses.fields(section):
+            problem = f.metadata["choices"] and choice_problem(f"{name}.{f.name}", cfg[name][f.name],
+                                                               f.metadata["choices"])
+            if problem:
+                raise ValueError(f"{path}: {problem}")
 
 
 def _check_reader(d: dict, path: Path) -> None:
@@ -265,8 +327,6 @@ def _check_reader(d: dict, path: Path) -> None:
     the reader the run uses."""
     memory = d["train_manifest"] is not None and d["behaviors"] is not None
     streaming = d["train_shards"] is not None
-    if d["reader"] not in ("auto", "memory", "streaming"):
-        raise ValueError(f"{path}: data.reader must be 'auto', 'memory' or 'streaming', got {d['reader']!r}")
     if d["reader"] == "auto":
         if memory and streaming:
             raise ValueError(f"{path}: data.train_shards and data.train_manifest/data.behaviors are both "
@@ -317,16 +377,4 @@ def _check_spec_augment(sa: dict | None, path: Path) -> None:
 def _resolve_paths(cfg: dict, base: Path) -> None:
     """A relative path that does not exist from the current folder but does from the config's
     folder is made that one."""
-    for key in PATH_KEYS:
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        v = node.get(leaf)
-        if v is not None and not os.path.isabs(v) and not Path(v).exists() and (base / v).exists():
-            node[leaf] = str(base / v)
-
-
-def _type_name(t) -> str:
-    ts = t if isinstance(t, tuple) else (t,)
-    return " or ".join("null" if x is type(None) else x.__name__ for x in ts)
+    _paths_from(cfg, base)

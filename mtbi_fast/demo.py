@@ -48,6 +48,7 @@ ROOT_ENV = "MTBI_FAST_ROOT"
 # what the demo needs from a source checkout, relative to it
 CONFIGS = {"full": "configs/demo_train.yaml", "tiny": "configs/demo_tiny_train.yaml"}
 NEEDED = ("configs/tasks.yaml", "configs/ds_zero2.json", *CONFIGS.values(),
+          "configs/demo.yaml", "configs/tiny_train.yaml",  # the run configs' defaults: files
           "data/demo/train.jsonl", "data/demo/test.jsonl", "data/demo/audio")
 # the demo's own settings (the training run's are in its config): behaviors per utterance and
 # their length, utterances trained on and evaluated, answer length in the evaluation

@@ -7,38 +7,7 @@
 Model FLOPs count the work the model needs, as torchtitan's MFU does: not what a kernel happens to
 spend on padding, masking, recomputation (gradient checkpointing, a flash kernel's backward) or
 elementwise work. One multiply-add is 2 FLOPs; biases, norms, activations, softmax and embedding
-lookups count nothing. The parts ``step_flops`` returns (integers):
-
-- ``llm_forward``: the LLM decoder's linear layers over the student batch's real tokens
-  (``n_tokens``, not the rows' padding tails): 2 x (matmul parameters of the decoder) per token.
-  A layer has the q/k/v/o projections (hidden size, attention heads, key/value heads, head_dim =
-  ``config.head_dim`` or hidden / heads) and the MLP: 3 x hidden x intermediate for a gated
-  (SwiGLU) MLP (Llama, Qwen2, Mistral, ... or any LLM with a ``gate_proj``), else 2. The LM head
-  is counted in ``loss``. LoRA adapters (``model.config.lora``) add 2 x their trained matmul
-  parameters per token (read from the ``lora_A`` / ``lora_B`` weights of the decoder).
-- ``llm_backward``: the LLM is frozen, so its backward forms activation gradients only: 1x the
-  forward linear FLOPs (the input-gradient matmul of each layer, no weight gradients). LoRA adds
-  4 x its parameters per token (activation and weight gradients).
-- ``attention``: the student's attention score and value products (QK^T, PV), counted apart from
-  the linear layers, per layer and per example (a packed sequence of true length n; the rows'
-  padding tails are not examples): causal pairs n(n + 1) / 2, forward 4 x head_dim x heads per
-  pair, backward 2x forward (dQ, dK, dV, dP). Forward + backward. Sliding windows are not modeled.
-- ``encoder``: the family's own count (``SpeechEncoder.flops``, per clip from its features'
-  length): its convolutions, then each layer 2 x (4 d^2 + 2 d ffn) per frame plus non-causal
-  attention 4 x d x n^2. Frozen parts run forward only; the top
-  ``model.config.train_encoder_layers`` layers (trained) add a backward of 2x their forward
-  (weight and activation gradients), and nothing below them runs backward.
-- ``adapter``: its weights are trained: 2 (forward) + 2 (weight gradients) + 2 (activation
-  gradients) x its matmul parameters per speech frame (F = ``student.frame_offsets[-1]``; the conv
-  adapter's Conv1d counts stride x d_enc^2 per frame), except that the first matmul forms no input
-  gradient when the encoder is frozen (nothing below it needs one): 6PF - 2 P_first F then.
-- ``loss``: the imitation loss's three GEMMs through the LM head over the M counted rows
-  (``student.target_ids``): student logits, teacher logits, and the hidden gradient G @ W:
-  6 x M x H x V (V: the head's rows). A trained head adds its weight gradient, 2 x M x H x V.
-- ``teacher``: an online teacher (``teacher``, its packed text batch) is one LLM forward over its
-  real tokens: its linear layers (2 x parameters per token, no LoRA: the teacher is the base LLM)
-  and its causal attention forward. A cached teacher (``teacher=None``) costs 0.
-- ``total``: the sum.
+lookups count nothing. What each part of ``step_flops`` counts is in its docstring.
 
 Padding is never counted (the rows' tails, the encoder convolutions' padded batch), so MFU is
 useful work over peak. ``torch.utils.flop_counter.FlopCounterMode`` differs where noted in
@@ -113,8 +82,38 @@ def step_flops(model, student, teacher=None, feature_lengths: list[int] | None =
     frames F being a clip of F x adapter stride encoder frames, exact when the clip's length is a
     multiple of that).
 
-    Returns integer FLOPs per part (module docstring): llm_forward, llm_backward, attention,
-    encoder, adapter, loss, teacher, and total (their sum)."""
+    Returns integer FLOPs per part:
+
+    - ``llm_forward``: the LLM decoder's linear layers over the student batch's real tokens
+      (``n_tokens``, not the rows' padding tails): 2 x (matmul parameters of the decoder) per token.
+      A layer has the q/k/v/o projections (hidden size, attention heads, key/value heads, head_dim =
+      ``config.head_dim`` or hidden / heads) and the MLP: 3 x hidden x intermediate for a gated
+      (SwiGLU) MLP (Llama, Qwen2, Mistral, ... or any LLM with a ``gate_proj``), else 2. The LM head
+      is counted in ``loss``. LoRA adapters (``model.config.lora``) add 2 x their trained matmul
+      parameters per token (read from the ``lora_A`` / ``lora_B`` weights of the decoder).
+    - ``llm_backward``: the LLM is frozen, so its backward forms activation gradients only: 1x the
+      forward linear FLOPs (the input-gradient matmul of each layer, no weight gradients). LoRA adds
+      4 x its parameters per token (activation and weight gradients).
+    - ``attention``: the student's attention score and value products (QK^T, PV), counted apart from
+      the linear layers, per layer and per example (a packed sequence of true length n; the rows'
+      padding tails are not examples): causal pairs n(n + 1) / 2, forward 4 x head_dim x heads per
+      pair, backward 2x forward (dQ, dK, dV, dP). Forward + backward. Sliding windows are not modeled.
+    - ``encoder``: the family's own count (``SpeechEncoder.flops``, per clip from its features'
+      length): its convolutions, then each layer 2 x (4 d^2 + 2 d ffn) per frame plus non-causal
+      attention 4 x d x n^2. Frozen parts run forward only; the top
+      ``model.config.train_encoder_layers`` layers (trained) add a backward of 2x their forward
+      (weight and activation gradients), and nothing below them runs backward.
+    - ``adapter``: its weights are trained: 2 (forward) + 2 (weight gradients) + 2 (activation
+      gradients) x its matmul parameters per speech frame (F = ``student.frame_offsets[-1]``; the conv
+      adapter's Conv1d counts stride x d_enc^2 per frame), except that the first matmul forms no input
+      gradient when the encoder is frozen (nothing below it needs one): 6PF - 2 P_first F then.
+    - ``loss``: the imitation loss's three GEMMs through the LM head over the M counted rows
+      (``student.target_ids``): student logits, teacher logits, and the hidden gradient G @ W:
+      6 x M x H x V (V: the head's rows). A trained head adds its weight gradient, 2 x M x H x V.
+    - ``teacher``: an online teacher (``teacher``, its packed text batch) is one LLM forward over its
+      real tokens: its linear layers (2 x parameters per token, no LoRA: the teacher is the base LLM)
+      and its causal attention forward. A cached teacher (``teacher=None``) costs 0.
+    - ``total``: the sum."""
     llm = _base_llm(model.llm)
     cfg = _text_config(llm)
     linear = _decoder_params(llm, cfg)

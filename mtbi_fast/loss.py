@@ -76,7 +76,7 @@ LOSS_BACKENDS = {
                           ("cuda",), lambda: _triton_impl()),
 }
 BACKENDS = ("auto", *LOSS_BACKENDS)
-# Former names, still accepted: "chunked" is "torch" (renamed 2026-12-03, docs/loss.md).
+# Other names accepted for a backend: "chunked" is "torch" (docs/loss.md).
 BACKEND_ALIASES = {"chunked": "torch"}
 # Backends that were removed, and what to use instead (named in the error when one is asked for).
 RETIRED_BACKENDS = {

@@ -44,9 +44,10 @@ from .embeddings import check_pack_source, pack_embeddings
 from .hf_code.modeling_mtbi_speech import ADAPTER_KINDS, MtbiSpeechAdapter
 from .encoders import SpeechEncoder, host_to, load_encoder
 from .hub import cast_weights, load_llm, parse_source, resolve_dtype
-from .loss import ImitationLoss, gathered
+from .loss import TEMPERATURE_RANGE, ImitationLoss, gathered
 from .packing import PackedBatch, gather_loss_rows, model_inputs
 from .prompts import left_pad, prompt_halves
+from .settings import Bound
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -66,13 +67,17 @@ class ModelConfig:
 
     encoder: dict = field(default_factory=lambda: {"tiny": {}})
     llm: dict = field(default_factory=lambda: {"tiny": {}})
-    adapter: dict = field(default_factory=dict)        # kind: stack|conv|audioflamingo3, stride, hidden
-    train_encoder_layers: int = 0                     # top k encoder layers trained
+    adapter: dict = field(default_factory=dict, metadata={"bounds": {  # kind: stack|conv|audioflamingo3
+        "stride": Bound("int", 1), "hidden": Bound("int", 1, nullable=True)}})  # hidden null: the kind's own
+    train_encoder_layers: int = field(default=0, metadata={"bound": Bound("int", 0)})  # top k encoder layers trained
     lora: dict | None = None                          # peft LoraConfig arguments
-    loss: dict = field(default_factory=dict)           # ImitationLoss arguments
+    loss: dict = field(default_factory=dict, metadata={"bounds": {  # ImitationLoss arguments
+        "temperature": Bound("number", 0, False, high=TEMPERATURE_RANGE[1], floor=TEMPERATURE_RANGE[0]),
+        "kl_weight": Bound("number", 0, high=1e3), "ce_weight": Bound("number", 0, high=1e3),
+        "chunk_size": Bound("int", 1, nullable=True), "memory_budget": Bound("int", 1, nullable=True)}})
     attn_implementation: str = "auto"                 # auto: flash-attn if installed, else varlen SDPA
-    max_audio_seconds: float = 30.0
-    init_seed: int = 0                                 # random init of tiny models and the adapter
+    max_audio_seconds: float = field(default=30.0, metadata={"bound": Bound("number", 0, False)})
+    init_seed: int = field(default=0, metadata={"bound": Bound("int", 0, high=2**63 - 1)})  # tiny models, adapter
     dtype: str = "float32"                             # frozen weights (auto: bf16 where native)
     gradient_checkpointing: bool = False               # recompute the frozen LLM's layers in backward
     fused_ops: str = "auto"                            # auto|liger|compile|none (apply_fused_ops)

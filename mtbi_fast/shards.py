@@ -4,33 +4,13 @@ the streaming reader (``mtbi_fast.streaming``) trains from.
     write_shards("train.jsonl", "behaviors/", "shards/", shard_size=1000)
     index = read_index("shards/")        # shards.json: the shards, their counts and checksums
 
-Layout of the output folder::
-
-    shar/cuts.000000.jsonl.gz         Lhotse cuts: recording, one supervision with the word
-                                      alignment (supervision.alignment["word"]), custom fields
-    shar/recording.000000.tar         the audio, one flac per cut
-    shar/behaviors.000000.jsonl.gz    the cut's behavior records (a Shar "jsonl" custom field)
-    shar/teacher_hidden.000000.tar    optional: the teacher's cached states, one .npy per cut
-    shard_settings.json               what the shards are made from (checked on a rerun)
-    shard_summaries/000000.json       each finished shard's counts and sha256 checksums
-    plan.json, split.json             the behaviors folder's provenance (teacher, task split)
-    shards.json                       the index, written last
-
-``shar/`` holds nothing but Shar files, so Lhotse reads it as it is:
-``CutSet.from_shar(in_dir="shards/shar")`` gives every cut with its audio, word alignment,
-``cut.behaviors`` and (``cut.load_teacher_hidden()``) the cached states. The cached states of a
-cut are its records' states concatenated in record order ([sum of the records' response tokens,
-hidden]), stored as the bf16 bit pattern in a uint16 array (numpy has no bf16; view it as
-``torch.bfloat16``).
-
-Utterances are sharded in the behaviors' plan order (sorted by utterance id), ``shard_size``
-cuts a shard; an utterance without behaviors is left out (counted). The files of a shard are a
-function of its inputs (no times in them), whichever process wrote them: ``workers`` processes
-write shards side by side. Each shard is written into a
-temporary folder and its files renamed into ``shar/``, the cuts file last: a shard whose cuts file
-exists is complete. A killed run, run again with the same inputs and settings, writes only the
-missing shards; one with different inputs or settings is refused (``overwrite`` moves the old
-folder's contents aside first).
+``shar/`` holds Shar files only (cuts with word alignments and their behavior records, flac
+audio, optionally the teacher's cached states), so ``CutSet.from_shar(in_dir="shards/shar")``
+reads it as it is; ``shards.json`` (the index, written last), ``shard_settings.json`` and the
+behaviors' ``plan.json`` / ``split.json`` sit beside it. A shard's files are a function of its
+inputs, whichever of the ``workers`` processes wrote them; each shard is written aside and renamed,
+its cuts file last, so a killed run rewrites only the missing shards, and a rerun with other
+inputs or settings is refused. The layout, the checks and resume: docs/data.md#the-shard-folder.
 """
 
 from __future__ import annotations

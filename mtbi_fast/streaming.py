@@ -5,35 +5,14 @@ that does not grow with the corpus.
     loader = DataLoader(StreamingBatches(data, schedule, grad_accum=1, world=2, rank=0, workers=2),
                         batch_size=None, num_workers=2)
 
-**Readers.** Every (rank, DataLoader worker) pair is one reader, ``R = world * workers`` in all
-(``workers`` is 1 without worker processes). In epoch ``e`` the shards are put in an order
-seeded by (seed, e) and reader ``q`` reads every R-th of them from the q-th on: the readers of an
-epoch read disjoint shards that together are all of them, so every utterance is seen once per
-epoch. A folder needs at least R shards. Each reader's stream is endless, one epoch after another
-(readers with less data start their next epoch sooner).
-
-**Shuffling and bucketing.** A reader takes its cuts ``shuffle_cuts`` at a time (a *window*,
-which never spans two epochs). The window's examples (one per behavior record) are shuffled with a
-generator seeded by (seed, epoch, reader, window); with ``length_buckets`` they are then sorted by
-their length (prompt, response and the whole transcript as speech frames: the most the example
-can take), cut into micro-batches and the micro-batches shuffled, so each micro-batch packs
-examples of similar length. A micro-batch holds ``examples`` examples, or with ``token_budget``
-as many as fit that many tokens (Lhotse's dynamic batching by duration, in tokens). The last
-micro-batch of a window may hold fewer. Memory: one window's cuts (their
-compressed audio) and their encoder features.
-
-**Position and resume.** A reader's position is (epoch, first cut of the current window,
-micro-batches of it already given): every batch carries the position after it (``batch["stream"]``),
-the trainer records the position of the last batch it used from each reader, and a checkpoint
-saves them. Resuming re-reads the window from its first cut and continues exactly where the run
-stopped: the batches are those of an uninterrupted run. It needs the same number of ranks and
-workers (the shards each reader reads depend on both).
-
-**Bad data.** A shard that cannot be read (a truncated tar, a file missing), a cut whose audio is
-missing or whose supervision has no word alignment are errors naming the shard file and the cut;
-with ``skip_bad_shards`` the cut (or the rest of the shard) is left out instead and counted in the
-batch's ``skipped_cuts``. Audio that fails to decode follows ``skip_bad_audio`` as in the
-in-memory reader.
+Every (rank, DataLoader worker) pair is a reader; in each epoch the readers read disjoint shards
+that together are all of them (the order seeded by the seed and the epoch). A reader takes its
+cuts ``shuffle_cuts`` at a time (a window), shuffles the window's examples, with
+``length_buckets`` groups them by length, and cuts them into micro-batches (``examples`` each, or
+as many as fit ``token_budget`` tokens). Each batch carries the reader's position after it; a
+checkpoint saves the positions, and a resumed run continues exactly where it stopped (the same
+ranks and workers). Bad shards or cuts are errors naming them, or with ``skip_bad_shards`` left
+out and counted. docs/data.md#the-streaming-reader
 """
 
 from __future__ import annotations

@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="start clean even when output_dir holds a run: that run is moved "
                              "aside to <output_dir>.replaced-<time>, never deleted")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config as the run would use it (defaults: files merged, "
+                             "overrides applied, defaults filled in, checked) and exit")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a user error instead of one line")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
@@ -55,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        return 0
     trainer = Trainer(cfg)
     t0 = time.time()
     last = trainer.train(resume=not args.no_resume, overwrite=args.overwrite)

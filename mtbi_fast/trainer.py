@@ -1,40 +1,17 @@
-"""The MTBI training loop: one run of a checked config (``mtbi_fast.config.load_config``) into its
-``output_dir``.
+"""The MTBI training loop: one run of a checked config (``config.load_config``, read as
+``config.RunConfig``) into its ``output_dir``.
 
-Each step takes the next ``packing.examples_per_step`` behavior records of a seeded, endless
-shuffle (micro-batch ``(step * grad_accum + k) * world + rank``: a pure function of the step, so a
-resumed run sees exactly the batches an uninterrupted run sees; the streaming reader,
-``data.reader: streaming``, reads them from shards and resumes from the positions its checkpoints
-record: ``mtbi_fast.streaming``), interleaves each utterance at the
-scheduled text ratio, packs student and teacher versions, and minimizes the imitation loss. The
-batches (audio decode, encoder features, SpecAugment, interleaving, packing) are built ahead of the step by
-``data.num_workers`` DataLoader worker processes; the time the loop still waits for them is logged
-(``data_wait_s``, ``data_wait_share``). Under DeepSpeed ZeRO-3 the frozen LLM is partitioned from
-the start (built under ``zero.Init``) and only the adapter (and LoRA / top encoder layers when
-enabled) is optimized.
+Each step takes ``train.grad_accum`` micro-batches (in memory: ``dataset.MicroBatches``, a pure
+function of the step; streamed: ``streaming.StreamingBatches``, from the positions the checkpoints
+record), built ahead by ``data.num_workers`` DataLoader workers, and minimizes the imitation loss
+on the packed student batch against the teacher; under DeepSpeed ZeRO-3 the frozen LLM is
+partitioned from the start and only the trained parts are optimized.
 
-``metrics.jsonl`` has one row per logged step (step, loss, kl, ce, tokens_per_s, tflops, mfu, lr,
-ratio, data_wait_s, data_wait_share, skipped_audio; streaming also skipped_cuts) and evaluation rows
-from step 0 on (step, eval_kl). ``tflops`` is the model FLOPs of the window's steps
-(``mtbi_fast.flops.step_flops``: LLM forward and activation-only backward, attention at the real
-sequence lengths, encoder, adapter, loss, an online teacher) per second and per process, ``mfu``
-that over the card's dense bf16 peak (``flops.PEAK_TFLOPS``, or ``train.peak_tflops``; null where
-neither knows the device).
-
-A step reads nothing back from the GPU: the loss, KL, CE and a count of non-finite losses are summed
-on the device and read at the logging interval, before an evaluation and before a checkpoint (a
-window with a NaN or inf loss stops the run there, naming its steps, so no checkpoint ever holds
-what it did). Off a GPU, where a read costs nothing, a non-finite loss stops the run at its step,
-before the weights are updated. On a GPU the loss therefore runs with ``check_finite=False`` unless the config sets
-``model.loss.check_finite``.
-The rows go to the trackers of ``train.report_to`` too (``mtbi_fast.tracking``). The run folder's other files,
-checkpoints and resume: ``mtbi_fast.runfolder``. ``.lock`` holds the folder for one training at a
-time.
-
-Before step 0: ``output_dir`` is writable and the DeepSpeed JSON parses (before the model is
-built), and no utterance is longer than the speech encoder takes. Audio that fails to decode
-mid-run is a one-line error naming the utterance and file, or, with ``data.skip_bad_audio: true``,
-an example left out of its batch and counted (``skipped_audio``).
+A step reads nothing back from the GPU: loss, KL, CE and a count of non-finite losses are summed on
+the device and read at the logging interval, before an evaluation and before a checkpoint (a
+non-finite loss stops the run there, so no checkpoint holds it). ``metrics.jsonl`` and the
+trackers get one row per logged step (MFU from ``flops.step_flops``) and the held-out KL rows; the
+run folder's files, checkpoints and resume are ``runfolder``'s. docs/training.md#what-a-run-writes
 """
 
 from __future__ import annotations
@@ -54,13 +31,13 @@ import torch
 from tqdm import tqdm
 
 from mtbi_fast.provenance import check_teacher
-from mtbi_fast.config import interleave_schedule
+from mtbi_fast.config import RunConfig
 from mtbi_fast.dataset import BatchBuilder, MicroBatches, MTBIData
 from mtbi_fast.errors import USER_ERRORS
 from mtbi_fast.flops import mfu, peak_tflops, step_flops
 from mtbi_fast.interleave import RatioSchedule
 from mtbi_fast.lock import FolderLock, FolderLockedError
-from mtbi_fast.model import ModelConfig, SpeechLLM
+from mtbi_fast.model import SpeechLLM
 from mtbi_fast.runfolder import (check_output_dir, checkpoint_step, data_fingerprint, load_trainer_state, prepare_run,
                                  load_stream_positions, publish_checkpoint, read_deepspeed_config,
                                  run_record, save_stream_positions, save_trainer_state,
@@ -74,8 +51,9 @@ class Trainer:
     ``train()`` runs (or resumes) the loop and releases the lock."""
 
     def __init__(self, cfg: dict):
-        self.cfg = cfg
-        self.out = Path(cfg["output_dir"])
+        self.cfg = cfg  # the checked mapping (load_config): config.yaml, run.json, the trackers
+        self.run = RunConfig.from_dict(cfg)  # the same, as typed sections: what the trainer reads
+        self.out = Path(self.run.output_dir)
         self.ds_config = None
         self.world, self.rank = 1, 0
         self._lock = None
@@ -83,23 +61,24 @@ class Trainer:
         # before anything is built: a folder we cannot write, or a broken DeepSpeed JSON, would
         # otherwise show only after the model has loaded
         check_output_dir(self.out)
-        if cfg["data"]["teacher_cache"]:  # the cached states must be this run's LLM's
-            d = cfg["data"]  # a shard folder holds the plan.json of the behaviors it was made from
-            check_teacher(d["train_shards"] if d["reader"] == "streaming" else d["behaviors"], cfg["model"])
-        self.sharding = "plain PyTorch" if not cfg["deepspeed"] else f"DeepSpeed config {cfg['deepspeed']}"
-        if cfg["deepspeed"] == "auto":
+        if self.run.data.teacher_cache:  # the cached states must be this run's LLM's
+            d = self.run.data  # a shard folder holds the plan.json of the behaviors it was made from
+            check_teacher(d.train_shards if d.reader == "streaming" else d.behaviors, cfg["model"])
+        ds = self.run.deepspeed
+        self.sharding = "plain PyTorch" if not ds else f"DeepSpeed config {ds}"
+        if ds == "auto":
             ds_json = self._auto_sharding()
         else:
-            ds_json = read_deepspeed_config(cfg["deepspeed"]) if cfg["deepspeed"] else None
+            ds_json = read_deepspeed_config(ds) if ds else None
         if ds_json is not None:
             self._init_distributed(ds_json)
         self.trackers = None  # opened when the run starts (rank 0)
         self._on_rank0(self._take_lock)
         try:
-            torch.manual_seed(cfg["train"]["seed"])
+            torch.manual_seed(self.run.train.seed)
             self.model = self._build_model()
             self.data, self.eval_data = self._build_data()
-            self.schedule = RatioSchedule.from_config(interleave_schedule(cfg))
+            self.schedule = RatioSchedule.from_config(self.run.interleave.schedule_args())
             self._build_optimizer()
         except BaseException:
             self.close()
@@ -109,7 +88,7 @@ class Trainer:
         self.skipped_audio = 0  # examples left out for bad audio (this process, this run)
         self.skipped_cuts = 0  # streaming: cuts of bad shards left out (this process, this run)
         self.stream_positions = {}  # streaming: each reader's position after its last batch used
-        self.peak, self.peak_source = peak_tflops(self._device(), cfg["train"]["peak_tflops"])
+        self.peak, self.peak_source = peak_tflops(self._device(), self.run.train.peak_tflops)
         self.totals = _Totals()  # this run's steps, seconds, tokens and model FLOPs (this process)
 
     # -- the run -----------------------------------------------------------------------------
@@ -136,29 +115,29 @@ class Trainer:
         if self.rank == 0:
             trim_metrics(self.out, self.step)
             self._open_trackers()
-        if self.cfg["train"]["eval_every"] and self.step == 0:
+        if self.run.train.eval_every and self.step == 0:
             self.evaluate()  # the starting point of the held-out curve
 
     def _loop(self) -> dict:
         """The steps from the current one to ``train.steps``, logging, evaluating and saving as
         configured; returns the last logged row."""
-        t = self.cfg["train"]
+        t = self.run.train
         device = self._device()
-        bar = tqdm(total=t["steps"], initial=self.step, desc="train", unit="step",
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step",
                    disable=self.rank != 0)
         window = _Window()
         last = {}
         batches = iter(self.train_loader(device))
         try:
-            while self.step < t["steps"]:
+            while self.step < t.steps:
                 ratio = self.schedule(self.step)
-                for _ in range(t["grad_accum"]):
+                for _ in range(t.grad_accum):
                     self._micro_step(batches, device, window)
                 self._optimizer_step()
                 window.n += 1
                 self.step += 1
                 bar.update(1)
-                if self.step % t["log_every"] == 0 or self.step == t["steps"]:
+                if self.step % t.log_every == 0 or self.step == t.steps:
                     last = self._log(window, ratio)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", kl=f"{last['kl']:.4f}",
                                     tok_s=f"{last['tokens_per_s']:.0f}", tflops=f"{last['tflops']:.1f}",
@@ -193,7 +172,7 @@ class Trainer:
     def _micro_step(self, batches, device: torch.device, window: _Window):
         """Forward and backward of the next micro-batch (under DeepSpeed also its engine step,
         which applies the optimizer at the accumulation boundary)."""
-        grad_accum = self.cfg["train"]["grad_accum"]
+        grad_accum = self.run.train.grad_accum
         batch, inputs = self._next_batch(batches, device, window)
         out = self.engine(batch["student"], **inputs)
         if self._reads_are_free(device) and not bool(torch.isfinite(out["loss"].detach())):
@@ -247,7 +226,7 @@ class Trainer:
         """Clip, step and zero the gradients (plain PyTorch; DeepSpeed's engine does this)."""
         if self.ds_config:
             return
-        clip = self.cfg["train"]["clip_grad"]
+        clip = self.run.train.clip_grad
         if clip is not None:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
         self.optimizer.step()
@@ -255,9 +234,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _evaluates_or_saves(self) -> bool:
-        t = self.cfg["train"]
-        return bool((t["eval_every"] and (self.step % t["eval_every"] == 0 or self.step == t["steps"]))
-                    or (t["save_every"] and self.step % t["save_every"] == 0))
+        t = self.run.train
+        return bool((t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps))
+                    or (t.save_every and self.step % t.save_every == 0))
 
     def _check_finite(self, window: _Window):
         """Stop with a one-line error when a loss of the window was NaN or inf (one host read)."""
@@ -272,10 +251,10 @@ class Trainer:
                 f"{first - 1} was saved; set model.loss.check_finite=true to find the first bad row")
 
     def _evaluate_and_save(self):
-        t = self.cfg["train"]
-        if t["eval_every"] and (self.step % t["eval_every"] == 0 or self.step == t["steps"]):
+        t = self.run.train
+        if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
             self.evaluate()
-        if t["save_every"] and self.step % t["save_every"] == 0:
+        if t.save_every and self.step % t.save_every == 0:
             self.save_checkpoint()
 
     def train_loader(self, device: torch.device) -> torch.utils.data.DataLoader:
@@ -284,37 +263,37 @@ class Trainer:
         teacher run in this process). One pass over it is the whole run, so its workers start
         once and live as long as the run. The streaming reader's batches go on from the readers'
         positions (``stream_positions``, restored from a checkpoint)."""
-        d, t = self.cfg["data"], self.cfg["train"]
-        workers = d["num_workers"]
-        first = self.step * t["grad_accum"]
+        d, t = self.run.data, self.run.train
+        workers = d.num_workers
+        first = self.step * t.grad_accum
         if isinstance(self.data, ShardData):
-            items = StreamingBatches(self.data, self.schedule, t["grad_accum"], self.world, self.rank,
+            items = StreamingBatches(self.data, self.schedule, t.grad_accum, self.world, self.rank,
                                      workers, start=first, positions=self.stream_positions)
             sampler = None
         else:
-            items = MicroBatches(self.data, self.schedule, self.cfg["packing"]["examples_per_step"],
-                                 t["grad_accum"], self.world, self.rank)
-            sampler = range(first, t["steps"] * t["grad_accum"])
+            items = MicroBatches(self.data, self.schedule, self.run.packing.examples_per_step,
+                                 t.grad_accum, self.world, self.rank)
+            sampler = range(first, t.steps * t.grad_accum)
         return torch.utils.data.DataLoader(
             items, batch_size=None, sampler=sampler,
-            num_workers=workers, prefetch_factor=d["prefetch_factor"] if workers else None,
+            num_workers=workers, prefetch_factor=d.prefetch_factor if workers else None,
             pin_memory=device.type == "cuda",  # pinned pages: asynchronous copies to the GPU
             # the loader draws its workers' base seed from this generator, not from the global
             # RNG, whose state the checkpoints save: a resumed run's RNG state then equals an
             # uninterrupted run's (the batches never depend on it)
-            generator=torch.Generator().manual_seed(t["seed"]))
+            generator=torch.Generator().manual_seed(t.seed))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Held-out imitation KL at ratio 0 (pure speech) on fixed eval examples."""
         if self.eval_data is None:
             return None
-        n = min(self.cfg["train"]["eval_examples"], len(self.eval_data))
+        n = min(self.run.train.eval_examples, len(self.eval_data))
         idx = list(range(n))[self.rank::self.world]
         kl, count = torch.zeros(2), 0
         device = self._device()
-        for start in range(0, len(idx), self.cfg["packing"]["examples_per_step"]):
-            chunk = idx[start:start + self.cfg["packing"]["examples_per_step"]]
+        for start in range(0, len(idx), self.run.packing.examples_per_step):
+            chunk = idx[start:start + self.run.packing.examples_per_step]
             batch = self.eval_data.batch(chunk, 0.0, salt=0)
             out = self.engine(batch["student"], features=[f.to(device) for f in batch["features"]],
                               teacher=batch["teacher"])
@@ -365,7 +344,7 @@ class Trainer:
     def _open_trackers(self):
         from mtbi_fast.tracking import Trackers
 
-        self.trackers = Trackers(self.cfg["train"]["report_to"], self.out, self.cfg)
+        self.trackers = Trackers(self.run.train.report_to, self.out, self.cfg)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -374,7 +353,7 @@ class Trainer:
         (``runfolder.prepare_run``): the checkpoint to resume (its folder name) or None."""
         self.fingerprint = data_fingerprint(self.cfg)
         start = prepare_run(self.out, self.cfg, self.fingerprint, resume, overwrite)
-        if start is not None and isinstance(self.data, ShardData) and not self.cfg["data"]["verify_shards"]:
+        if start is not None and isinstance(self.data, ShardData) and not self.run.data.verify_shards:
             from mtbi_fast.shards import read_index
 
             read_index(self.data.folder, verify="full", progress=True)  # resume: every byte checked
@@ -411,18 +390,18 @@ class Trainer:
         elif self.rank == 0:
             save_trainer_state(tmp, self.model, self.optimizer, self.scheduler, self.step)
         if isinstance(self.data, ShardData):  # each rank: where its readers are
-            save_stream_positions(tmp, self.rank, self.world, self.cfg["data"]["num_workers"],
+            save_stream_positions(tmp, self.rank, self.world, self.run.data.num_workers,
                                   self.stream_positions)
         self._barrier()
         self.export(tmp / "model")
         if self.rank == 0:
             publish_checkpoint(tmp, name, run_record(self.cfg, self.fingerprint, self.step),
-                               self.cfg["train"]["keep_last"])
+                               self.run.train.keep_last)
         self._barrier()
 
     def _load_checkpoint(self, folder: Path):
         """Every rank: the checkpoint ``_prepare`` chose and checked."""
-        step = checkpoint_step(folder, self.cfg["train"]["steps"])
+        step = checkpoint_step(folder, self.run.train.steps)
         if self.ds_config:
             with weights_only_deepspeed_loads(self.engine):
                 path, client = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
@@ -435,7 +414,7 @@ class Trainer:
             load_trainer_state(folder, self.model, self.optimizer, self.scheduler, expected_step=step)
         if isinstance(self.data, ShardData):
             self.stream_positions = load_stream_positions(folder, self.rank, self.world,
-                                                          self.cfg["data"]["num_workers"])
+                                                          self.run.data.num_workers)
         self.step = step
         if self.rank == 0:
             print(f"resumed from {folder} at step {self.step}")
@@ -457,7 +436,7 @@ class Trainer:
 
     def _build_model(self) -> SpeechLLM:
         """The configured model; under ZeRO-3 partitioned from the start."""
-        model_cfg = ModelConfig.from_dict(self.cfg["model"])
+        model_cfg = self.run.model
         if not (self.ds_config and self.ds_config.get("zero_optimization", {}).get("stage") == 3):
             model = SpeechLLM.from_config(model_cfg)
             if not self.ds_config and torch.cuda.is_available():  # plain PyTorch on this rank's GPU
@@ -485,34 +464,34 @@ class Trainer:
     def _build_data(self) -> tuple[MTBIData | ShardData, MTBIData | None]:
         """The training data (read into memory, or streamed from shards: ``data.reader``) and,
         when configured, the held-out data."""
-        cfg, d = self.cfg, self.cfg["data"]
-        common = dict(seed=cfg["train"]["seed"], mean_span=cfg["interleave"]["mean_span"],
-                      max_tokens=cfg["packing"]["max_tokens"], overlong=cfg["packing"]["overlong"],
-                      skip_bad_audio=d["skip_bad_audio"])
-        if d["reader"] == "streaming":
-            builder = BatchBuilder(self.model, spec_augment=d["spec_augment"], **common)
-            data = ShardData(d["train_shards"], builder, seed=cfg["train"]["seed"],
-                             examples=cfg["packing"]["examples_per_step"], shuffle_cuts=d["shuffle_cuts"],
-                             length_buckets=d["length_buckets"], token_budget=cfg["packing"]["token_budget"],
-                             tasks=d["tasks"],
-                             teacher_cache=d["teacher_cache"], skip_bad_shards=d["skip_bad_shards"],
-                             max_seconds=self.model.max_seconds, verify="full" if d["verify_shards"] else "quick")
+        d = self.run.data
+        common = dict(seed=self.run.train.seed, mean_span=self.run.interleave.mean_span,
+                      max_tokens=self.run.packing.max_tokens, overlong=self.run.packing.overlong,
+                      skip_bad_audio=d.skip_bad_audio)
+        if d.reader == "streaming":
+            builder = BatchBuilder(self.model, spec_augment=d.spec_augment, **common)
+            data = ShardData(d.train_shards, builder, seed=self.run.train.seed,
+                             examples=self.run.packing.examples_per_step, shuffle_cuts=d.shuffle_cuts,
+                             length_buckets=d.length_buckets, token_budget=self.run.packing.token_budget,
+                             tasks=d.tasks,
+                             teacher_cache=d.teacher_cache, skip_bad_shards=d.skip_bad_shards,
+                             max_seconds=self.model.max_seconds, verify="full" if d.verify_shards else "quick")
         else:
-            data = MTBIData(d["train_manifest"], d["behaviors"], self.model,
-                            teacher_cache=d["teacher_cache"], tasks=d["tasks"],
-                            spec_augment=d["spec_augment"], **common)
+            data = MTBIData(d.train_manifest, d.behaviors, self.model,
+                            teacher_cache=d.teacher_cache, tasks=d.tasks,
+                            spec_augment=d.spec_augment, **common)
         eval_data = None
-        if d["eval_manifest"] and d["eval_behaviors"]:
-            eval_data = MTBIData(d["eval_manifest"], d["eval_behaviors"], self.model, **common)
+        if d.eval_manifest and d.eval_behaviors:
+            eval_data = MTBIData(d.eval_manifest, d.eval_behaviors, self.model, **common)
         return data, eval_data
 
     def _build_optimizer(self):
         """AdamW over the trainable parameters with warmup + cosine decay: DeepSpeed's engine, or
         plain PyTorch (``self.engine`` is then the model)."""
-        t = self.cfg["train"]
+        t = self.run.train
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
-        sched_fn = lr_lambda(t["warmup_steps"], t["steps"])
+        sched_fn = lr_lambda(t.warmup_steps, t.steps)
         if self.ds_config:
             import deepspeed
 
@@ -521,7 +500,7 @@ class Trainer:
                 lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn))
         else:
             self.engine = self.model
-            self.optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+            self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, sched_fn)
 
     def _auto_sharding(self) -> dict | None:
@@ -557,7 +536,7 @@ class Trainer:
         DeepSpeed config completed from the run config (batch sizes, clipping, optimizer)."""
         import deepspeed
 
-        t = self.cfg["train"]
+        t = self.run.train
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else a ~65 s JIT build
@@ -574,11 +553,11 @@ class Trainer:
             if cfg.get(key, {}).get("enabled") == "auto":
                 cfg[key]["enabled"] = on_gpu and key == "bf16"
         cfg["train_micro_batch_size_per_gpu"] = 1
-        cfg["gradient_accumulation_steps"] = t["grad_accum"]
-        cfg["train_batch_size"] = t["grad_accum"] * self.world
-        cfg["gradient_clipping"] = t["clip_grad"] or 0.0  # DeepSpeed: 0 = no clipping
+        cfg["gradient_accumulation_steps"] = t.grad_accum
+        cfg["train_batch_size"] = t.grad_accum * self.world
+        cfg["gradient_clipping"] = t.clip_grad or 0.0  # DeepSpeed: 0 = no clipping
         opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
-        opt.setdefault("params", {}).update(lr=t["lr"], weight_decay=t["weight_decay"])
+        opt.setdefault("params", {}).update(lr=t.lr, weight_decay=t.weight_decay)
         if not on_gpu:
             opt["params"]["torch_adam"] = True  # no fused-Adam JIT build on CPU
         self.ds_config = cfg
