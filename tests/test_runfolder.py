@@ -100,3 +100,26 @@ def test_output_dir_must_be_a_writable_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"output_dir .*file is not a writable folder"):
         check_output_dir(tmp_path / "file")
+
+
+def test_runs_recorded_before_the_streaming_keys_resume(data, tmp_path):
+    """A run recorded before data.reader and the other new keys existed is the same run."""
+    cfg = load_config(CONFIG, overrides(data, tmp_path / "o"))
+    old = json.loads(json.dumps(cfg))
+    for key in ("reader", "train_shards", "shuffle_cuts", "length_buckets", "skip_bad_shards"):
+        del old["data"][key]
+    del old["packing"]["token_budget"]
+    assert run_differences({"config": old}, cfg, {}) == []
+    cfg["data"]["shuffle_cuts"] = 7
+    assert run_differences({"config": old}, cfg, {}) == ["data.shuffle_cuts (<missing> -> 7)"]
+
+
+def test_a_model_key_spelled_at_its_default_is_the_same_run():
+    """A base file may spell out model keys a recorded run left to ModelConfig's defaults: resume
+    takes them as the same run; at another value they differ."""
+    cfg = load_config(CONFIG, PATHS)
+    recorded = {"config": json.loads(json.dumps(cfg))}
+    cfg["model"].update(init_seed=0, max_audio_seconds=30.0, train_encoder_layers=0)
+    assert run_differences(recorded, cfg, {}) == []
+    cfg["model"]["init_seed"] = 3
+    assert run_differences(recorded, cfg, {}) == ["model.init_seed (<missing> -> 3)"]

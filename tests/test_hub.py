@@ -1,5 +1,5 @@
-"""Hub sources pinned (``{hub: ID, revision: ...}``, mtbi_fast/hub.py): loaded from the Hugging
-Face cache at the commit the revision resolves to, which runs (``run.json``) and behaviors
+"""Model sources (mtbi_fast/hub.py): a converted model not fetched yet is a clear error; hub sources
+pinned (``{hub: ID, revision: ...}``) are loaded from the Hugging Face cache at the commit the revision resolves to, which runs (``run.json``) and behaviors
 (``plan.json``) record; a branch that moved upstream is refused on resume. The hub is a fake offline
 cache here (``models--org--name/snapshots/<sha>`` and ``refs/<branch>``)."""
 
@@ -92,3 +92,13 @@ def test_runs_and_behaviors_record_the_commit_and_refuse_a_moved_branch(fake_hub
     assert f"model.llm (hub:org/tiny@{SHA1} -> hub:org/tiny@{SHA2})" in err, err
     with pytest.raises(ValueError, match=f"teacher.commit \\(recorded '{SHA1}', now '{SHA2}'\\)"):
         check_teacher(tmp_path / "beh", model_cfg)
+
+
+@pytest.mark.parametrize("kind, name", [("llm", "smollm2-135m-instruct"), ("encoder", "whisper-tiny.en")])
+def test_a_converted_model_not_fetched_names_the_command(tmp_path, monkeypatch, kind, name):
+    from mtbi_fast.encoders import load_encoder
+
+    load = hub.load_llm if kind == "llm" else load_encoder
+    monkeypatch.setenv("MTBI_FAST_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=rf"run `mtbi-fast models fetch {name}` first"):
+        load({"name": name})

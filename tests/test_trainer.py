@@ -1,11 +1,11 @@
-"""The trainer (mtbi_fast/train.py, config.py, dataset.py, trainer.py): config checking, a
-single-process run, kill-and-resume, ZeRO-3 on 2 ranks, the DataLoader workers that build the
-batches."""
+"""The trainer (mtbi_fast/trainer.py and its entry point train.py): a single-process run, MFU in
+the metrics, non-finite losses, kill-and-resume, ZeRO-3 and deepspeed=auto on 2 ranks, data wait,
+bad audio, checks before the model is built. The config is tests/test_config.py's, the batches
+tests/test_dataset.py's, the run folder tests/test_runfolder.py's."""
 
 import dataclasses
 import json
 import os
-import pickle
 import re
 import socket
 import time
@@ -15,16 +15,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import mtbi_fast.dataset as dataset_mod
 import mtbi_fast.train as train_mod
 from mtbi_fast.cli import main as cli
 from mtbi_fast.config import load_config
 from mtbi_fast.data import read_manifest, write_manifest
 from mtbi_fast.dataset import MicroBatches
-from mtbi_fast.model import ModelConfig, SpeechLLM
+from mtbi_fast.model import SpeechLLM
 from mtbi_fast.trainer import Trainer
 
-from helpers import CONFIG, ROOT, metrics, overrides
+from helpers import CONFIG, ROOT, assert_same_batch, metrics, overrides
 
 def assert_data_wait(rows):
     for r in rows:
@@ -177,49 +176,6 @@ def test_missing_manifest_is_named(data, tmp_path):
 
 
 # ---- the input pipeline: DataLoader workers build the batches ----------------------------------
-
-def assert_same_batch(a, b):
-    assert a.keys() == b.keys()
-    assert len(a["features"]) == len(b["features"]) and all(torch.equal(x, y) for x, y in zip(a["features"], b["features"]))
-    for key in ("student", "teacher"):
-        for field in dataclasses.fields(a[key]):
-            x, y = getattr(a[key], field.name), getattr(b[key], field.name)
-            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, (key, field.name)
-    if "teacher_hidden" in a:
-        assert torch.equal(a["teacher_hidden"], b["teacher_hidden"])
-
-
-def test_workers_build_the_in_process_batches(data, tmp_path):
-    """Two workers give, tensor for tensor and from a resumed run's first step on, the batches
-    built in this process from their definition: the records of micro-batch
-    (step * grad_accum + k) * world + rank at the step's scheduled ratio, salted by the
-    micro-batch (SpecAugment on, cached teacher states)."""
-    settings = {"freq_masks": 1, "freq_width": 10, "time_masks": 1, "time_width": 0.2}
-    cfg = load_config(CONFIG, overrides(data, tmp_path / "w", "train.steps=6", "train.grad_accum=2",
-                                        "data.teacher_cache=true", "data.num_workers=2",
-                                        "data.spec_augment=" + json.dumps(settings)))
-    trainer = Trainer(cfg)
-    d, n, ratio = trainer.data, cfg["packing"]["examples_per_step"], trainer.schedule
-
-    def built_here(step, k, world=1, rank=0):
-        micro = (step * cfg["train"]["grad_accum"] + k) * world + rank
-        return d.batch(d.record_indices(micro, n), ratio(step), salt=micro)
-
-    trainer.step = 3  # as after resuming from the step-3 checkpoint
-    loader = trainer.train_loader(torch.device("cpu"))
-    assert (loader.num_workers, loader.prefetch_factor, loader.pin_memory) == (2, 2, False)
-    assert trainer.train_loader(torch.device("cuda")).pin_memory
-    got = list(loader)
-    assert len(got) == 6 and len({ratio(s) for s in (3, 4, 5)}) == 3
-    for batch, (step, k) in zip(got, [(s, k) for s in (3, 4, 5) for k in (0, 1)]):
-        assert_same_batch(batch, built_here(step, k))
-    # rank 1 of 2 takes every other micro-batch; the dataset pickles without the model
-    items = MicroBatches(d, ratio, n, grad_accum=2, world=2, rank=1)
-    for j in (0, 3, 7):
-        assert_same_batch(items[j], built_here(*divmod(j, 2), world=2, rank=1))
-    blob = pickle.dumps(items)
-    assert b"SpeechLLM" not in blob and b"torch.nn" not in blob
-    assert_same_batch(pickle.loads(blob)[5], items[5])
 
 
 def test_a_slow_input_pipeline_shows_as_data_wait(data, tmp_path, monkeypatch):
@@ -453,29 +409,6 @@ def test_skip_bad_audio_leaves_the_example_out_and_counts_it(data, tmp_path, bad
     assert sum(r["skipped_audio"] for r in rows) == 2  # 24 records, 6 steps of 4: each seen once
 
 
-# ---- correctness: truncation keeps student and teacher aligned ------------------------------------
-
-def test_truncated_responses_keep_student_and_online_teacher_aligned(data, tmp_path):
-    """Issue 14: at max_tokens=135 the speech prompt (longer than the text one) used to lose more
-    response tokens than the teacher's, and the model refused the batch."""
-    cfg = load_config(CONFIG, overrides(data, tmp_path / "t", "packing.max_tokens=135"))
-    trainer = Trainer(cfg)
-    d = trainer.data
-    idx = list(range(len(d)))
-    batch = d.batch(idx, 0.0, salt=1)
-    full = sum(len(d.records[i]["response_ids"]) for i in idx)
-    assert batch["student"].target_ids.numel() < full  # some responses were cut
-    assert torch.equal(batch["student"].target_ids, batch["teacher"].target_ids)
-    assert torch.equal(batch["student"].loss_example, batch["teacher"].loss_example)
-    with torch.no_grad():
-        out = trainer.model(batch["student"], features=batch["features"], teacher=batch["teacher"])
-    assert torch.isfinite(out["loss"])
-    # the cached teacher states are cut the same way
-    cached = load_config(CONFIG, overrides(data, tmp_path / "c", "packing.max_tokens=135",
-                                           "data.teacher_cache=true"))
-    b2 = Trainer(cached).data.batch(idx, 0.0, salt=1)
-    assert b2["teacher_hidden"].shape[0] == batch["student"].target_ids.numel()
-
 
 def test_teacher_cache_from_another_llm_is_refused(data, tmp_path):
     """Cached teacher states are the LLM's that made the behaviors: a run whose model.llm differs
@@ -485,37 +418,6 @@ def test_teacher_cache_from_another_llm_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match=r"beh was made by another LLM .*teacher\.config_sha256 "):
         Trainer(cfg)
     assert not (tmp_path / "other" / "checkpoints").exists()
-
-
-def test_mel_cache_is_bounded(data, tmp_path, monkeypatch):
-    """Each process (a DataLoader worker included) keeps only the last FEATURE_CACHE_CLIPS log-mels."""
-    monkeypatch.setattr(dataset_mod, "FEATURE_CACHE_CLIPS", 3)
-    trainer = Trainer(load_config(CONFIG, overrides(data, tmp_path / "m", "train.steps=1")))
-    ids = list(trainer.data.utts)[:5]
-    first = trainer.data.features(ids[0]).clone()
-    for u in ids[1:]:
-        trainer.data.features(u)
-    assert list(trainer.data._features) == ids[2:]
-    assert torch.equal(trainer.data.features(ids[0]), first)  # recomputed, the same
-    assert list(trainer.data._features) == ids[3:] + ids[:1]
-    trainer.close()
-
-
-def test_training_reads_a_lhotse_cutset_like_its_manifest(data, tmp_path):
-    """data.train_manifest may be a Lhotse CutSet (the speech community's manifests): the same
-    utterances as the JSONL manifest give the same training run."""
-    pytest.importorskip("lhotse")
-    from mtbi_fast.lhotse_io import manifest_to_cutset
-
-    manifest_to_cutset(read_manifest(data / "train.jsonl")).to_file(tmp_path / "cuts.jsonl.gz")
-    runs = {}
-    for name, manifest in (("jsonl", data / "train.jsonl"), ("cuts", tmp_path / "cuts.jsonl.gz")):
-        out = tmp_path / name
-        cfg = load_config(CONFIG, overrides(data, out, "train.steps=3", "train.eval_every=0",
-                                            f"data.train_manifest={manifest}"))
-        Trainer(cfg).train()
-        runs[name] = [{k: r[k] for k in ("step", "loss", "kl")} for r in metrics(out) if "loss" in r]
-    assert len(runs["jsonl"]) == 3 and runs["cuts"] == runs["jsonl"]
 
 
 def test_one_process_world_retries_a_port_taken_meanwhile(monkeypatch):
@@ -543,26 +445,3 @@ def test_one_process_world_retries_a_port_taken_meanwhile(monkeypatch):
     assert ports == ["29500"]
 
 
-def test_examples_that_can_never_fit_are_refused_before_step_0(data, tmp_path):
-    """A record whose prompt alone (as speech or as text) leaves no room in packing.max_tokens is
-    refused when the data is read, naming it, not at the step that meets it; a run may resume with
-    a larger packing.max_tokens."""
-    from mtbi_fast.behaviors_folder import read_behaviors
-    from mtbi_fast.data import read_manifest
-
-    utts = {u.id: u for u in read_manifest(data / "train.jsonl")}
-    records = read_behaviors(data / "beh")
-    cfg = load_config(CONFIG, overrides(data, tmp_path / "small", "packing.max_tokens=60"))
-    model = SpeechLLM.from_config(ModelConfig.from_dict(cfg["model"]))
-    longest = max(records, key=lambda r: len(r["prefix_ids"]) + len(r["suffix_ids"]) + max(
-        model.n_frames(round(utts[r["utt_id"]].duration * 16000)), len(r["transcript_ids"])))
-    with pytest.raises(ValueError, match=rf"behavior record\(s\) can never fit packing.max_tokens=60 "
-                                         rf"\(overlong: truncate\): .*{re.escape(longest['id'])} \(prompt \d+ tokens as "
-                                         r"speech, \d+ as text, response \d+\).*Raise packing.max_tokens"):
-        Trainer(cfg)
-    out = tmp_path / "run"
-    assert cli(["train", str(CONFIG), *overrides(data, out, "train.steps=2", "train.save_every=1",
-                                                 "train.eval_every=0")]) == 0
-    assert cli(["train", str(CONFIG), *overrides(data, out, "train.steps=3", "train.save_every=1",
-                                                 "train.eval_every=0", "packing.max_tokens=1024")]) == 0
-    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
