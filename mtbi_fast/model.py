@@ -455,7 +455,13 @@ class SpeechLLM(nn.Module):
         cfg_path = directory / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"no config.json in {directory} (not a save_pretrained folder)")
-        config = ModelConfig.from_dict(json.loads(cfg_path.read_text()), where=str(cfg_path))
+        raw = json.loads(cfg_path.read_text())
+        if isinstance(raw, dict) and "model_type" in raw:  # a transformers folder, not ours
+            raise ValueError(f"{directory} is a transformers model folder (model_type "
+                             f"{raw['model_type']!r}, e.g. an `mtbi-fast export`), not a run or "
+                             f"save_pretrained folder: `mtbi-fast serve {directory}` answers with it, "
+                             f"or pass the run folder it was exported from")
+        config = ModelConfig.from_dict(raw, where=str(cfg_path))
         model = cls.from_config(config)
         weights = directory / "model.safetensors"
         try:

@@ -142,6 +142,13 @@ def test_exported_runs_load_without_mtbi_fast_and_match_infer(runs, tmp_path, ca
     # merged LoRA == peft LoRA
     torch.testing.assert_close(got[exported["lora-merged"]]["logits"], got[exported["lora-peft"]]["logits"],
                                atol=2e-4, rtol=1e-4)
+    # infer takes the run, not its export: one line naming the folder and what to do
+    capsys.readouterr()
+    assert cli(["infer", "--model", str(exported["plain"]), "--audio", str(CLIP), "--prompt", PROMPT]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtbi-fast: error: ") and "\n" not in err
+    assert f"{exported['plain']} is a transformers model folder (model_type 'mtbi_speech'" in err
+    assert f"`mtbi-fast serve {exported['plain']}` answers with it" in err
 
 
 def test_a_waveform_encoder_run_exports_and_matches_infer(data, tmp_path, capsys):
