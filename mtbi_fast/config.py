@@ -101,7 +101,9 @@ SECTIONS = {"data": DataConfig, "interleave": InterleaveConfig, "packing": Packi
 TOP_KEYS = {"model": (dict,), "deepspeed": (str, NONE), "output_dir": (str,)}  # deepspeed: a JSON, or null
 REQUIRED = ("model", "data", "output_dir")
 INCLUDE_KEY = "defaults"  # a run config's base files, merged under it
-DEFAULTS = {**{name: defaults(section) for name, section in SECTIONS.items()}, "deepspeed": None}
+# every key's default, by section (the model's from ModelConfig, less encoder and llm, which a run must name)
+DEFAULTS = {**{name: defaults(section) for name, section in SECTIONS.items()}, "deepspeed": None,
+            "model": {k: v for k, v in ModelConfig().to_dict().items() if k not in ("encoder", "llm")}}
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         check_trackers(cfg["train"]["report_to"])
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    _resolve_paths(cfg, path.parent)
+    _paths_from(cfg, path.parent)  # relative paths that exist only from the config's folder
     return cfg
 
 
@@ -372,9 +374,3 @@ def _check_spec_augment(sa: dict | None, path: Path) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, kind)) or v < 0:
             raise ValueError(f"{path}: data.spec_augment.{k} must be {'an integer' if kind is int else 'a number'}"
                              f" >= 0, got {v!r}")
-
-
-def _resolve_paths(cfg: dict, base: Path) -> None:
-    """A relative path that does not exist from the current folder but does from the config's
-    folder is made that one."""
-    _paths_from(cfg, base)

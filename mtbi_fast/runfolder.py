@@ -188,11 +188,9 @@ def run_differences(recorded: dict, cfg: dict, fingerprint: dict) -> list[str]:
     """What differs between a recorded run (``run.json``) and this config and data, other than
     the keys in ``RESUME_MAY_CHANGE``: "key (old -> new)" items."""
     from mtbi_fast.config import DEFAULTS
-    from mtbi_fast.model import ModelConfig
 
     old, new = _flatten(recorded.get("config", {})), _flatten(_jsonable(cfg))
-    model = {k: v for k, v in ModelConfig().to_dict().items() if k not in ("encoder", "llm")}
-    defaults = _flatten({**DEFAULTS, "model": model})  # a key now spelled out at its default
+    defaults = _flatten(DEFAULTS)  # a key added since, or now spelled out, at its default
     diffs = []
     for key in sorted(set(old) | set(new)):
         if key in RESUME_MAY_CHANGE or key in DATA_KEYS:
